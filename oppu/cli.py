@@ -1,0 +1,54 @@
+"""The ``oppu`` command: a map of subcommand name -> module in ``oppu.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``;
+it is imported only when its command runs, so ``oppu score`` never pays for torch or ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from oppu.errors import ConfigError, DataError, OppuError
+
+COMMANDS = {
+    "quickstart": "oppu.commands.quickstart",
+    "synth": "oppu.commands.synth",
+    "prepare": "oppu.commands.prepare",
+    "score": "oppu.commands.score",
+    "token": "oppu.commands.token",
+}
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="oppu", description="One PEFT Per User on Ray.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    if argv and argv[0] in COMMANDS:  # build only the chosen command's parser: no heavy imports
+        names = [argv[0]]
+    else:
+        names = list(COMMANDS)
+    for name in names:
+        module = importlib.import_module(COMMANDS[name])
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args._module.run(args) or 0)
+    except (DataError, ConfigError) as exc:
+        print(f"oppu {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OppuError as exc:
+        print(f"oppu {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
