@@ -1,0 +1,213 @@
+"""The prepared data set: ``users.parquet`` (one row per user) and ``dataset.json`` beside it.
+
+The directory is a local path or any fsspec URI (``file:///...``, ``s3://bucket/prefix``), so a
+job on a cluster reads the same data set ``oppu prepare`` wrote on a laptop. ``dataset.json`` is
+written after ``users.parquet``: a directory without it is not a data set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oppu.data.records import UserData
+from oppu.errors import ConfigError, DataError
+from oppu.ids import validate_user_id
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
+
+    from oppu.tasks import Task
+
+USERS_FILE = "users.parquet"
+META_FILE = "dataset.json"
+FORMAT_VERSION = 1
+USER_COLUMNS = ("user_id", "role", "n_history", "n_queries", "history", "queries")
+
+
+@dataclass
+class PreparedDataset:
+    """A data set as ``read_dataset`` returns it: the task, every user, and ``dataset.json``."""
+
+    task: Task
+    users: list[UserData]
+    meta: dict[str, Any]
+    location: str  # the directory or URI it was read from
+    _by_id: dict[str, UserData] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._by_id = {user.user_id: user for user in self.users}
+
+    def test_users(self) -> list[UserData]:
+        return [user for user in self.users if user.role == "test"]
+
+    def base_users(self) -> list[UserData]:
+        return [user for user in self.users if user.role == "base"]
+
+    def user(self, user_id: str) -> UserData:
+        try:
+            return self._by_id[user_id]
+        except KeyError:
+            raise KeyError(f"user {user_id!r} is not in the data set at {self.location}") from None
+
+
+def _filesystem(directory: str | Path) -> tuple[AbstractFileSystem, str]:
+    """The fsspec filesystem and in-filesystem path of a directory given as a path or URI."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(directory))
+
+
+def _join(directory: str | Path, name: str) -> str:
+    return f"{str(directory).rstrip('/')}/{name}"
+
+
+def users_parquet_path(directory: str | Path) -> str:
+    """Where the users table of the data set in ``directory`` (path or URI) lives."""
+    return _join(directory, USERS_FILE)
+
+
+def assign_roles(users: list[UserData], n_test: int) -> list[UserData]:
+    """Mark the ``n_test`` users with the longest history ``test`` and every other user ``base``.
+
+    Ties in history length go to the smaller user id (string order), so the choice depends only
+    on the data. Returns new records in the input order.
+    """
+    if n_test < 0:
+        raise ConfigError(f"n_test: must be >= 0, got {n_test}")
+    if n_test >= len(users):
+        raise ConfigError(
+            f"n_test: {n_test} test users asked for but the data has only {len(users)} users; "
+            "base task adaptation needs at least one non-test user, so use n_test < "
+            f"{len(users)}")
+    ranked = sorted(users, key=lambda user: (-len(user.history), user.user_id))
+    test_ids = {user.user_id for user in ranked[:n_test]}
+    return [replace(user, role="test" if user.user_id in test_ids else "base") for user in users]
+
+
+def dataset_fingerprint(user: UserData) -> str:
+    """sha256 (hex) of the user's history: ids, fields and dates, in order.
+
+    An adapter trained on a history with the same fingerprint need not be trained again.
+    """
+    canonical = json.dumps([asdict(item) for item in user.history], sort_keys=True,
+                           ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def history_span(user: UserData) -> dict[str, Any]:
+    """What part of the user's behaviour an adapter saw, for its manifest.
+
+    Dates are ``None`` where the task's items carry none; the item ids then mark the span.
+    """
+    history = user.history
+    return {
+        "n_items": len(history),
+        "first_item_id": history[0].id if history else None,
+        "last_item_id": history[-1].id if history else None,
+        "first_date": history[0].date if history else None,
+        "last_date": history[-1].date if history else None,
+    }
+
+
+def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
+                  meta: dict[str, Any]) -> Path | str:
+    """Write ``users.parquet`` then ``dataset.json`` into ``out_dir`` (a path or fsspec URI).
+
+    ``meta`` adds keys to ``dataset.json`` (e.g. ``sources``, ``n_test``); the counts, the task
+    name and the creation time are computed here and take precedence. Returns ``out_dir`` as a
+    ``Path`` when it is local, else the URI as given.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from oppu.tasks import get_task
+
+    task = get_task(task_name)
+    seen: set[str] = set()
+    for user in users:
+        validate_user_id(user.user_id)
+        if user.user_id in seen:
+            raise DataError("duplicate user in the data set", user=user.user_id)
+        if user.role not in ("test", "base"):
+            raise DataError(f"role must be 'test' or 'base', got {user.role!r}",
+                            user=user.user_id, field="role")
+        seen.add(user.user_id)
+
+    rows = [user.to_row() for user in users]
+    schema = pa.schema([("user_id", pa.string()), ("role", pa.string()), ("n_history", pa.int64()),
+                        ("n_queries", pa.int64()), ("history", pa.large_string()),
+                        ("queries", pa.large_string())])
+    table = pa.Table.from_pylist(rows, schema=schema)
+
+    record = {
+        "sources": [],
+        **meta,
+        "task": task.name,
+        "n_users": len(users),
+        "n_test_users": sum(user.role == "test" for user in users),
+        "n_history_items": sum(len(user.history) for user in users),
+        "n_queries": sum(len(user.queries) for user in users),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "format_version": FORMAT_VERSION,
+    }
+
+    fs, root = _filesystem(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    with fs.open(_join(root, USERS_FILE), "wb") as handle:
+        handle.write(buffer.getvalue())
+    with fs.open(_join(root, META_FILE), "wb") as handle:
+        handle.write(json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8"))
+
+    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
+        return str(out_dir)
+    return Path(root)
+
+
+def read_dataset(directory: str | Path) -> PreparedDataset:
+    """Read the data set ``write_dataset`` wrote in ``directory`` (a path or fsspec URI)."""
+    import pyarrow.parquet as pq
+
+    from oppu.tasks import get_task
+
+    fs, root = _filesystem(directory)
+    meta_path, users_path = _join(root, META_FILE), _join(root, USERS_FILE)
+    if not fs.exists(meta_path):
+        raise DataError("not a prepared data set: dataset.json is missing (run `oppu prepare`)",
+                        file=_join(directory, META_FILE))
+    with fs.open(meta_path, "rb") as handle:
+        try:
+            meta = json.loads(handle.read().decode("utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON: {exc}", file=_join(directory, META_FILE)) from None
+    if not isinstance(meta, dict) or "task" not in meta:
+        raise DataError("dataset.json must be an object with a 'task'",
+                        file=_join(directory, META_FILE), field="task")
+    task = get_task(meta["task"])
+
+    if not fs.exists(users_path):
+        raise DataError("users.parquet is missing", file=users_parquet_path(directory))
+    with fs.open(users_path, "rb") as handle:
+        table = pq.read_table(io.BytesIO(handle.read()))
+    missing = [name for name in USER_COLUMNS if name not in table.column_names]
+    if missing:
+        raise DataError(f"users.parquet lacks columns {missing}", file=users_parquet_path(directory))
+
+    users = []
+    for row in table.to_pylist():
+        try:
+            users.append(UserData.from_row(row))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise DataError(f"unreadable user row: {exc}", file=users_parquet_path(directory),
+                            user=str(row.get("user_id"))) from None
+    if meta.get("n_users") is not None and meta["n_users"] != len(users):
+        raise DataError(f"dataset.json says {meta['n_users']} users but users.parquet holds "
+                        f"{len(users)}", file=_join(directory, META_FILE), field="n_users")
+    return PreparedDataset(task=task, users=users, meta=meta, location=str(directory))
