@@ -82,6 +82,7 @@ class Task:
     metric_names: tuple[str, str]
     higher_is_better: Mapping[str, bool]
     max_new_tokens: int
+    default_epochs: int  # personal-adapter epochs, the paper's Table 5
     query_format: QueryFormat
     prompt_template: str  # Appendix H body; str.format over the query fields
     item_template: str  # a retrieved history item as the reference code renders it, ending in "\n"
@@ -119,6 +120,13 @@ class Task:
     def trains_on_next_token(self) -> bool:
         """True where history items are plain text learnt by next-token prediction (LaMP-1, LaMP-7)."""
         return isinstance(self.history_rule, NextTokenHistory)
+
+    def item_query(self, fields: Mapping[str, str]) -> dict[str, str] | None:
+        """A history item seen as a query (its input part), or None where items are not query-shaped."""
+        if self.trains_on_next_token:
+            return None
+        require_fields(fields, self.item_fields, f"{self.name} history item")
+        return {name: fields[name] for name in self.query_fields}
 
     def parse_query(self, lamp_input: str) -> dict[str, str]:
         """The query fields cut out of LaMP's official ``input``; ``DataError(field="input")`` if malformed."""
@@ -172,8 +180,7 @@ class Task:
         rule = self.history_rule
         if isinstance(rule, NextTokenHistory):
             return TrainingSample(prompt="", target=rule.text_template.format(**fields))
-        item_as_query = {name: fields[name] for name in self.query_fields}
-        return TrainingSample(prompt=self.build_prompt(item_as_query, retrieved, profile),
+        return TrainingSample(prompt=self.build_prompt(self.item_query(fields), retrieved, profile),
                               target=" " + fields[rule.target_field])
 
     def parse_output(self, text: str) -> str:

@@ -46,6 +46,7 @@ LAMP_1 = Task(
     metric_names=_ACCURACY_F1,
     higher_is_better=_higher_is_better(_ACCURACY_F1),
     max_new_tokens=8,
+    default_epochs=3,
     query_format=CitationQuery(),
     prompt_template=(_CITATION_INSTRUCTION + "\npaper title: {title}\n"
                      "reference: [1] - {option1} [2] - {option2}\nanswer:"),
@@ -72,6 +73,7 @@ LAMP_2N = Task(
     metric_names=_ACCURACY_F1,
     higher_is_better=_higher_is_better(_ACCURACY_F1),
     max_new_tokens=16,
+    default_epochs=3,
     query_format=MarkerQuery(
         # LaMP's own input lists the categories in another order than the paper's prompt below.
         instruction=(f"{_NEWS_QUESTION} {_NEWS_ANSWER_RULE} categories: [women, religion, politics, "
@@ -113,6 +115,7 @@ LAMP_2M = Task(
     metric_names=_ACCURACY_F1,
     higher_is_better=_higher_is_better(_ACCURACY_F1),
     max_new_tokens=16,
+    default_epochs=3,
     query_format=MarkerQuery(instruction=f"{_MOVIE_QUESTION} {_MOVIE_TAGS} description: ",
                              marker="] description: ", field="description"),
     prompt_template=f"{_MOVIE_QUESTION} {_MOVIE_TAGS}\n" + "description: {description} tag:",
@@ -139,6 +142,7 @@ LAMP_3 = Task(
     metric_names=_MAE_RMSE,
     higher_is_better=_higher_is_better(_MAE_RMSE),
     max_new_tokens=4,
+    default_epochs=3,
     query_format=MarkerQuery(instruction=f"{_REVIEW_QUESTION} {_REVIEW_ANSWER_RULE} review: ",
                              marker="without further explanation. review: ", field="text"),
     prompt_template=f"{_REVIEW_QUESTION} {_REVIEW_ANSWER_RULE}\n" + "review: {text} score:",
@@ -164,6 +168,7 @@ LAMP_4 = Task(
     metric_names=_ROUGE,
     higher_is_better=_higher_is_better(_ROUGE),
     max_new_tokens=48,
+    default_epochs=2,
     query_format=MarkerQuery(instruction="Generate a headline for the following article: ",
                              marker="Generate a headline for the following article: ", field="text"),
     prompt_template="Generate a headline for the following article.\narticle: {text} headline:",
@@ -188,6 +193,7 @@ LAMP_5 = Task(
     metric_names=_ROUGE,
     higher_is_better=_higher_is_better(_ROUGE),
     max_new_tokens=48,
+    default_epochs=2,
     query_format=MarkerQuery(
         instruction="Generate a title for the following abstract of a paper: ",
         marker="Generate a title for the following abstract of a paper: ", field="abstract"),
@@ -215,6 +221,7 @@ LAMP_7 = Task(
     metric_names=_ROUGE,
     higher_is_better=_higher_is_better(_ROUGE),
     max_new_tokens=64,
+    default_epochs=2,
     query_format=MarkerQuery(instruction=_TWEET_INPUT_LEAD, marker=_TWEET_INPUT_LEAD, field="text"),
     prompt_template=("Following the given pattern, paraphrase the following text into tweet without "
                      "any explanation before or after it.\ntext: {text} tweet:"),
