@@ -1,0 +1,338 @@
+"""Versioned, verifiable personal adapters under one URI root.
+
+Layout::
+
+    {root}/{task}/{base_fingerprint}/{variant}/{user}/{version}/
+        adapter_config.json, adapter_model.safetensors, ..., manifest.json
+
+``version`` is ``v{UTC yyyymmddTHHMMSSffffff}-{8 hex}``, so sorting names is sorting by time and
+two writers of one key never pick the same folder. ``manifest.json`` (the sha256 of every other
+file) is written last: a folder without it is not a version, and a reader refuses a version whose
+files are missing or differ from their hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from oppu.errors import AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
+from oppu.ids import validate_user_id
+from oppu.store.objects import canonical_json, open_root, sha256_hex, write_atomic
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+# A path component that can never be "." / "..", hidden, or the token store's "_auth".
+TASK_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+VERSION_PATTERN = re.compile(r"v(\d{8}T\d{12})-[0-9a-f]{8}")
+_VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+
+
+def _check_component(name: str, value: object, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise UserIdError(f"invalid adapter {name} {str(value)[:64]!r}: must match {pattern.pattern}")
+    return value
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """What an adapter is stored under; every part is checked before any path is built."""
+
+    task: str
+    base_fingerprint: str
+    variant: str
+    user: str
+
+    def __post_init__(self) -> None:
+        _check_component("task", self.task, TASK_PATTERN)
+        _check_component("base fingerprint", self.base_fingerprint, FINGERPRINT_PATTERN)
+        _check_component("variant", self.variant, VARIANT_PATTERN)
+        object.__setattr__(self, "user", validate_user_id(self.user))
+
+    def relative_path(self) -> str:
+        return f"{self.task}/{self.base_fingerprint}/{self.variant}/{self.user}"
+
+    def __str__(self) -> str:
+        return self.relative_path()
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` records about one adapter version."""
+
+    user: str
+    task: str
+    variant: str
+    base_fingerprint: str
+    peft_method: str
+    peft_config: dict[str, Any]
+    train_config: dict[str, Any]
+    config_hash: str
+    data_hash: str
+    data_span: dict[str, Any]
+    metrics: dict[str, float]
+    files: dict[str, str] = field(metadata={"help": "file name -> sha256 hex of its bytes"})
+    created: str = field(metadata={"help": "ISO 8601 UTC time the version was published"})
+    version: str
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def key(self) -> AdapterKey:
+        return AdapterKey(self.task, self.base_fingerprint, self.variant, self.user)
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> Manifest:
+        try:
+            raw = json.loads(data)
+        except ValueError as exc:
+            raise AdapterIntegrityError(f"{where}: manifest is not valid JSON: {exc}") from exc
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(n for n in names if n != "format_version" and n not in raw)
+        if not isinstance(raw, dict) or missing:
+            raise AdapterIntegrityError(f"{where}: manifest lacks fields {missing}")
+        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise AdapterIntegrityError(
+                f"{where}: manifest format_version {raw['format_version']} is newer than this "
+                f"reader's {FORMAT_VERSION}")
+        return cls(**{n: raw[n] for n in names if n in raw})
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of a training config (what ``find`` compares)."""
+    try:
+        return sha256_hex(canonical_json(config))
+    except TypeError as exc:
+        raise ConfigError(f"adapter training config is not JSON-serialisable: {exc}") from exc
+
+
+def new_version_id(now: datetime | None = None) -> str:
+    now = now or datetime.now(UTC)
+    return f"v{now.strftime(_VERSION_TIME_FORMAT)}-{secrets.token_hex(4)}"
+
+
+def version_time(version: str) -> datetime:
+    match = VERSION_PATTERN.fullmatch(version)
+    if not match:
+        raise ValueError(f"not an adapter version id: {version!r}")
+    return datetime.strptime(match.group(1), _VERSION_TIME_FORMAT).replace(tzinfo=UTC)
+
+
+class AdapterStore:
+    """Publish, list, verify, fetch and delete personal adapters under ``root_uri``.
+
+    ``root_uri`` is a local path, ``file://...`` or ``s3://bucket/prefix`` (endpoint and
+    credentials from ``storage_options`` or the ``AWS_*`` environment). Calls block on I/O.
+    """
+
+    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None):
+        self.root_uri = root_uri
+        self._fs, self._root = open_root(root_uri, storage_options)
+
+    def __repr__(self) -> str:
+        return f"AdapterStore({self.root_uri!r})"
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def publish(self, key: AdapterKey, adapter_dir: str | Path, *, data_hash: str,
+                config: dict[str, Any], peft_method: str, data_span: dict[str, Any],
+                metrics: dict[str, float]) -> Manifest:
+        """Upload every file of the PEFT directory ``adapter_dir`` as a new version of ``key``."""
+        adapter_dir = Path(adapter_dir)
+        peft_config_path = adapter_dir / "adapter_config.json"
+        if not peft_config_path.is_file():
+            raise AdapterNotFound(f"{adapter_dir} is not a PEFT adapter directory: no adapter_config.json")
+        train_config_hash = config_hash(config)
+        version = new_version_id()
+        version_path = f"{self._key_path(key)}/{version}"
+        self._fs.makedirs(version_path, exist_ok=True)
+        file_hashes: dict[str, str] = {}
+        for local_file in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
+            name = local_file.relative_to(adapter_dir).as_posix()
+            if name == MANIFEST_NAME:
+                continue
+            # Hash the very bytes uploaded, so a file changing under us cannot desync the two.
+            data = local_file.read_bytes()
+            file_hashes[name] = sha256_hex(data)
+            if "/" in name:
+                self._fs.makedirs(f"{version_path}/{name.rsplit('/', 1)[0]}", exist_ok=True)
+            self._fs.pipe_file(f"{version_path}/{name}", data)
+        manifest = Manifest(
+            user=key.user, task=key.task, variant=key.variant, base_fingerprint=key.base_fingerprint,
+            peft_method=peft_method, peft_config=json.loads(peft_config_path.read_text()),
+            train_config=config, config_hash=train_config_hash, data_hash=data_hash,
+            data_span=data_span, metrics=metrics, files=file_hashes,
+            created=datetime.now(UTC).isoformat(), version=version)
+        write_atomic(self._fs, f"{version_path}/{MANIFEST_NAME}", manifest.to_json())
+        return manifest
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def versions(self, key: AdapterKey) -> list[str]:
+        """Complete versions of ``key`` (those with a manifest), oldest first."""
+        key_path = self._key_path(key)
+        self._fs.invalidate_cache(key_path)
+        found = self._fs.glob(f"{key_path}/v*/{MANIFEST_NAME}")
+        names = (path.rstrip("/").split("/")[-2] for path in found)
+        return sorted(name for name in names if VERSION_PATTERN.fullmatch(name))
+
+    def manifest(self, key: AdapterKey, version: str) -> Manifest:
+        """The manifest of one version; ``AdapterNotFound`` if it is not complete."""
+        if not VERSION_PATTERN.fullmatch(version):
+            raise AdapterNotFound(f"{key}: {version!r} is not a version id")
+        path = f"{self._key_path(key)}/{version}/{MANIFEST_NAME}"
+        try:
+            data = self._fs.cat_file(path)
+        except FileNotFoundError as exc:
+            raise AdapterNotFound(f"{key}: no complete version {version}") from exc
+        manifest = Manifest.from_json(data, where=f"adapter {key} version {version}")
+        recorded = (manifest.task, manifest.base_fingerprint, manifest.variant, manifest.user,
+                    manifest.version)
+        expected = (key.task, key.base_fingerprint, key.variant, key.user, version)
+        if recorded != expected:
+            raise AdapterIntegrityError(
+                f"adapter {key} version {version}: manifest describes "
+                f"{'/'.join(recorded)}, not the folder it is in")
+        return manifest
+
+    def latest(self, key: AdapterKey) -> Manifest | None:
+        """The manifest of the newest complete version, or None when there is none."""
+        versions = self.versions(key)
+        return self.manifest(key, versions[-1]) if versions else None
+
+    def find(self, key: AdapterKey, data_hash: str, config_hash: str) -> Manifest | None:
+        """The newest complete version trained on the same data and config (a rerun may skip it)."""
+        for version in reversed(self.versions(key)):
+            manifest = self.manifest(key, version)
+            if manifest.data_hash == data_hash and manifest.config_hash == config_hash:
+                return manifest
+        return None
+
+    def read_files(self, key: AdapterKey, version: str | None = None
+                   ) -> tuple[Manifest, dict[str, bytes]]:
+        """The manifest and the verified bytes of every file of a version (default: the newest)."""
+        manifest = self._resolve(key, version)
+        version_path = f"{self._key_path(key)}/{manifest.version}"
+        paths = {name: f"{version_path}/{name}" for name in manifest.files}
+        fetched = self._fs.cat(list(paths.values()), on_error="return")
+        files: dict[str, bytes] = {}
+        for name, expected_sha in manifest.files.items():
+            data = fetched.get(paths[name], FileNotFoundError(paths[name]))
+            if isinstance(data, FileNotFoundError):
+                raise AdapterIntegrityError(
+                    f"adapter {key} version {manifest.version}: file {name!r} listed in the "
+                    f"manifest is missing")
+            if isinstance(data, Exception):
+                raise data
+            actual_sha = sha256_hex(data)
+            if actual_sha != expected_sha:
+                raise AdapterIntegrityError(
+                    f"adapter {key} version {manifest.version}: file {name!r} has sha256 "
+                    f"{actual_sha}, the manifest says {expected_sha}")
+            files[name] = data
+        return manifest, files
+
+    def fetch(self, key: AdapterKey, dest_dir: str | Path | None = None,
+              version: str | None = None) -> Path:
+        """Download a verified version into ``dest_dir`` (default: a new temporary directory).
+
+        Nothing is written unless every file matched its hash, so ``dest_dir`` never holds a
+        half-verified adapter. The directory loads with ``PeftModel.from_pretrained``.
+        """
+        manifest, files = self.read_files(key, version)
+        dest = Path(dest_dir) if dest_dir is not None else Path(
+            tempfile.mkdtemp(prefix=f"oppu-adapter-{key.user}-"))
+        for name, data in files.items():
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        (dest / MANIFEST_NAME).write_bytes(manifest.to_json())
+        return dest
+
+    def users(self, task: str, base_fingerprint: str, variant: str) -> list[str]:
+        """Users with at least one complete adapter version under (task, base, variant)."""
+        _check_component("task", task, TASK_PATTERN)
+        _check_component("base fingerprint", base_fingerprint, FINGERPRINT_PATTERN)
+        _check_component("variant", variant, VARIANT_PATTERN)
+        variant_path = f"{self._root}/{task}/{base_fingerprint}/{variant}"
+        self._fs.invalidate_cache(variant_path)
+        found = self._fs.glob(f"{variant_path}/*/v*/{MANIFEST_NAME}")
+        return sorted({path.rstrip("/").split("/")[-3] for path in found})
+
+    # -- deleting --------------------------------------------------------------------------
+
+    def delete_user(self, user: str, task: str | None = None) -> int:
+        """Delete every version of every adapter of ``user`` (of one task, or all); return how many.
+
+        Manifests go first, so readers stop seeing the versions before their files disappear.
+        """
+        user = validate_user_id(user)
+        task_glob = "*" if task is None else _check_component("task", task, TASK_PATTERN)
+        self._fs.invalidate_cache(self._root)
+        user_dirs = [path for path in self._fs.glob(f"{self._root}/{task_glob}/*/*/{user}")
+                     if self._is_adapter_dir(path)]
+        manifests = [path for user_dir in user_dirs
+                     for path in self._fs.glob(f"{user_dir}/v*/{MANIFEST_NAME}")]
+        if manifests:
+            self._fs.rm(manifests)
+        version_dirs = [path for user_dir in user_dirs for path in self._fs.ls(user_dir, detail=False)]
+        for user_dir in user_dirs:
+            self._fs.rm(user_dir, recursive=True)
+        return len(version_dirs)
+
+    def gc_incomplete(self, older_than_s: float) -> int:
+        """Remove version folders without a manifest whose version time is over ``older_than_s`` ago.
+
+        These are the leftovers of writers that crashed mid-publish; younger ones may still be
+        uploading and are kept. Returns how many folders were removed.
+        """
+        now = datetime.now(UTC)
+        self._fs.invalidate_cache(self._root)
+        # withdirs: a writer may have died after creating its folder but before any upload.
+        paths = self._fs.find(self._root, withdirs=True)
+        version_files: dict[str, set[str]] = {}
+        for path in paths:
+            relative = path[len(self._root) + 1:].split("/")
+            if len(relative) < 5 or not VERSION_PATTERN.fullmatch(relative[4]):
+                continue
+            version_dir = "/".join([self._root, *relative[:5]])
+            names = version_files.setdefault(version_dir, set())
+            if len(relative) > 5:
+                names.add("/".join(relative[5:]))
+        removed = 0
+        for version_dir, names in sorted(version_files.items()):
+            age_s = (now - version_time(version_dir.rsplit("/", 1)[1])).total_seconds()
+            if MANIFEST_NAME not in names and age_s > older_than_s:
+                self._fs.rm(version_dir, recursive=True)
+                removed += 1
+        return removed
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _key_path(self, key: AdapterKey) -> str:
+        return f"{self._root}/{key.relative_path()}"
+
+    def _resolve(self, key: AdapterKey, version: str | None) -> Manifest:
+        if version is not None:
+            return self.manifest(key, version)
+        manifest = self.latest(key)
+        if manifest is None:
+            raise AdapterNotFound(f"no complete adapter version for {key} in {self.root_uri}")
+        return manifest
+
+    def _is_adapter_dir(self, path: str) -> bool:
+        task, fingerprint, variant = path[len(self._root) + 1:].split("/")[:3]
+        return bool(TASK_PATTERN.fullmatch(task) and FINGERPRINT_PATTERN.fullmatch(fingerprint)
+                    and VARIANT_PATTERN.fullmatch(variant))
