@@ -183,6 +183,14 @@ class Task:
         return TrainingSample(prompt=self.build_prompt(self.item_query(fields), retrieved, profile),
                               target=" " + fields[rule.target_field])
 
+    def query_sample(self, query: Mapping[str, str], gold: str, retrieved: Sequence[Mapping[str, str]] = (),
+                     profile: str | None = None) -> TrainingSample:
+        """A supervised sample from a query and its gold output (base-model task adaptation)."""
+        if not isinstance(gold, str):
+            raise DataError(f"{self.name} gold output must be text, got {type(gold).__name__}",
+                            field="output")
+        return TrainingSample(prompt=self.build_prompt(query, retrieved, profile), target=" " + gold)
+
     def parse_output(self, text: str) -> str:
         """The prediction LaMP scores, parsed leniently from a model's generation."""
         return self.output_parser(text)
