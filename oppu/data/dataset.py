@@ -15,13 +15,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oppu import fsutil
 from oppu.data.records import UserData
 from oppu.errors import ConfigError, DataError
 from oppu.ids import validate_user_id
 
 if TYPE_CHECKING:
-    from fsspec import AbstractFileSystem
-
     from oppu.tasks import Task
 
 USERS_FILE = "users.parquet"
@@ -56,20 +55,13 @@ class PreparedDataset:
             raise KeyError(f"user {user_id!r} is not in the data set at {self.location}") from None
 
 
-def _filesystem(directory: str | Path) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path of a directory given as a path or URI."""
-    from fsspec.core import url_to_fs
-
-    return url_to_fs(str(directory))
-
-
-def _join(directory: str | Path, name: str) -> str:
-    return f"{str(directory).rstrip('/')}/{name}"
-
-
 def users_parquet_path(directory: str | Path) -> str:
     """Where the users table of the data set in ``directory`` (path or URI) lives."""
-    return _join(directory, USERS_FILE)
+    return fsutil.join(str(directory), USERS_FILE)
+
+
+def dataset_json_path(directory: str | Path) -> str:
+    return fsutil.join(str(directory), META_FILE)
 
 
 def assign_roles(users: list[UserData], n_test: int) -> list[UserData]:
@@ -146,7 +138,7 @@ def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
     table = pa.Table.from_pylist(rows, schema=schema)
 
     record = {
-        "sources": [],
+        "sources": {},
         **meta,
         "task": task.name,
         "n_users": len(users),
@@ -157,18 +149,16 @@ def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
         "format_version": FORMAT_VERSION,
     }
 
-    fs, root = _filesystem(out_dir)
-    fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
-    with fs.open(_join(root, USERS_FILE), "wb") as handle:
+    fs, root = fsutil.filesystem(str(out_dir))
+    fs.makedirs(root, exist_ok=True)
+    if fs.exists(fsutil.join(root, META_FILE)):  # readers must never pair old metadata with new rows
+        fs.rm(fsutil.join(root, META_FILE))
+    with fs.open(fsutil.join(root, USERS_FILE), "wb") as handle:
         handle.write(buffer.getvalue())
-    with fs.open(_join(root, META_FILE), "wb") as handle:
-        handle.write(json.dumps(record, indent=2, ensure_ascii=False).encode("utf-8"))
-
-    if "://" in str(out_dir) and not str(out_dir).startswith("file://"):
-        return str(out_dir)
-    return Path(root)
+    fsutil.write_json(dataset_json_path(out_dir), record)
+    return str(out_dir) if fsutil.is_remote(str(out_dir)) else fsutil.local_path(str(out_dir))
 
 
 def read_dataset(directory: str | Path) -> PreparedDataset:
@@ -177,37 +167,35 @@ def read_dataset(directory: str | Path) -> PreparedDataset:
 
     from oppu.tasks import get_task
 
-    fs, root = _filesystem(directory)
-    meta_path, users_path = _join(root, META_FILE), _join(root, USERS_FILE)
-    if not fs.exists(meta_path):
+    meta_path, users_path = dataset_json_path(directory), users_parquet_path(directory)
+    if not fsutil.exists(meta_path):
         raise DataError("not a prepared data set: dataset.json is missing (run `oppu prepare`)",
-                        file=_join(directory, META_FILE))
-    with fs.open(meta_path, "rb") as handle:
-        try:
-            meta = json.loads(handle.read().decode("utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"malformed JSON: {exc}", file=_join(directory, META_FILE)) from None
+                        file=meta_path)
+    try:
+        meta = fsutil.read_json(meta_path)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc}", file=meta_path) from None
     if not isinstance(meta, dict) or "task" not in meta:
-        raise DataError("dataset.json must be an object with a 'task'",
-                        file=_join(directory, META_FILE), field="task")
+        raise DataError("dataset.json must be an object with a 'task'", file=meta_path, field="task")
     task = get_task(meta["task"])
 
-    if not fs.exists(users_path):
-        raise DataError("users.parquet is missing", file=users_parquet_path(directory))
-    with fs.open(users_path, "rb") as handle:
+    if not fsutil.exists(users_path):
+        raise DataError("users.parquet is missing", file=users_path)
+    fs, path = fsutil.filesystem(users_path)
+    with fs.open(path, "rb") as handle:
         table = pq.read_table(io.BytesIO(handle.read()))
     missing = [name for name in USER_COLUMNS if name not in table.column_names]
     if missing:
-        raise DataError(f"users.parquet lacks columns {missing}", file=users_parquet_path(directory))
+        raise DataError(f"users.parquet lacks columns {missing}", file=users_path)
 
     users = []
     for row in table.to_pylist():
         try:
             users.append(UserData.from_row(row))
         except (TypeError, ValueError, KeyError) as exc:
-            raise DataError(f"unreadable user row: {exc}", file=users_parquet_path(directory),
+            raise DataError(f"unreadable user row: {exc}", file=users_path,
                             user=str(row.get("user_id"))) from None
     if meta.get("n_users") is not None and meta["n_users"] != len(users):
         raise DataError(f"dataset.json says {meta['n_users']} users but users.parquet holds "
-                        f"{len(users)}", file=_join(directory, META_FILE), field="n_users")
+                        f"{len(users)}", file=meta_path, field="n_users")
     return PreparedDataset(task=task, users=users, meta=meta, location=str(directory))

@@ -1,0 +1,453 @@
+"""Read and validate LaMP files (official and the OPPU authors' per-user JSON) into ``UserData``.
+
+Every record is checked before anything is built from it, and every error names the file, the
+record id and the field (``DataError(file=, record=, field=, user=)``). With
+``collect_errors=True`` a reader keeps going past bad records: users with a bad record are
+dropped and ``(users, errors)`` is returned, so one bad user does not sink a whole run. Errors
+that make a whole file unreadable (malformed JSON, wrong top-level shape, another task's
+outputs) always raise.
+
+Readers return every user with role ``"base"``; roles are chosen afterwards
+(``oppu.data.dataset.assign_roles`` or ``oppu prepare``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from oppu.data.records import HistoryItem, Query, UserData
+from oppu.errors import ConfigError, DataError, UserIdError
+from oppu.ids import validate_user_id
+
+if TYPE_CHECKING:
+    from oppu.tasks import Task
+
+# Profile fields that LaMP stores as numbers in some releases (LaMP-3 review scores).
+NUMERIC_TEXT_FIELDS = frozenset({"score"})
+
+_YEAR = re.compile(r"\d{4}")
+_YEAR_MONTH = re.compile(r"(\d{4})[-/](\d{1,2})")
+
+
+def parse_date(text: str) -> datetime:
+    """A sortable naive-UTC ``datetime`` for the date formats LaMP uses.
+
+    ISO dates and times (``2016-05-22``, ``2016-05-22T10:00:00Z``), bare years (``2005``),
+    year-month (``2005-07``) and free text such as tweets' ``Tue Apr 07 02:13:08 PDT 2009``.
+    Raises ``ValueError`` when the text is not a date.
+    """
+    text = text.strip()
+    if _YEAR.fullmatch(text):
+        return datetime(int(text), 1, 1)
+    if match := _YEAR_MONTH.fullmatch(text):
+        return datetime(int(match[1]), int(match[2]), 1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        from dateutil import parser as date_parser
+
+        try:
+            # Time-zone abbreviations such as PDT are ambiguous; order by the local wall clock.
+            return date_parser.parse(text, ignoretz=True)
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"not a date: {text!r}") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+@dataclass
+class _Collector:
+    """Gathers errors per user; in strict mode the first error raises."""
+
+    strict: bool
+    errors: list[DataError] = field(default_factory=list)
+    bad_users: set[str] = field(default_factory=set)  # grouping keys of users to drop
+
+    def add(self, message: str, *, file: str, record: str | None, field: str | None = None,
+            user: str | None = None, user_key: str | None = None) -> None:
+        error = DataError(message, file=file, record=record, field=field, user=user)
+        if self.strict:
+            raise error
+        self.errors.append(error)
+        if user_key is not None:
+            self.bad_users.add(user_key)
+
+
+@dataclass
+class _Where:
+    """The record being validated, for error messages."""
+
+    file: str
+    record: str
+    user: str | None
+    user_key: str
+
+
+def _load_json(path: str | Path) -> Any:
+    import fsspec
+
+    try:
+        with fsspec.open(str(path), "rt", encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        raise DataError("file not found", file=str(path)) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
+                        file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text: {exc}", file=str(path)) from None
+
+
+def _record_id(value: Any) -> str | None:
+    """LaMP ids are strings; some files carry ints. Anything else is not an id."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _read_text(raw: dict, name: str, where: _Where, errors: _Collector, *,
+               field_label: str | None = None) -> str | None:
+    label = field_label or name
+    if name not in raw:
+        errors.add(f"missing field {name!r}", file=where.file, record=where.record, field=label,
+                   user=where.user, user_key=where.user_key)
+        return None
+    value = raw[name]
+    if name in NUMERIC_TEXT_FIELDS and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    if not isinstance(value, str):
+        errors.add(f"{name!r} must be a string, got {type(value).__name__}", file=where.file,
+                   record=where.record, field=label, user=where.user, user_key=where.user_key)
+        return None
+    return value
+
+
+def _read_output(raw: dict, name: str, where: _Where, errors: _Collector) -> str | None:
+    """A gold output: text, though some files store LaMP-3 ratings as numbers."""
+    value = raw.get(name)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        raw = {**raw, name: str(int(value)) if float(value).is_integer() else str(value)}
+    return _read_text(raw, name, where, errors)
+
+
+def _read_item(task: Task, raw: Any, label: str, where: _Where,
+               errors: _Collector) -> HistoryItem | None:
+    """One profile item, or ``None`` (with errors added) when it is bad."""
+    def bad(message: str, field_label: str) -> None:
+        errors.add(message, file=where.file, record=where.record, field=field_label,
+                   user=where.user, user_key=where.user_key)
+
+    if not isinstance(raw, dict):
+        bad(f"a profile item must be an object, got {type(raw).__name__}", label)
+        return None
+    item_id = _record_id(raw.get("id"))
+    if item_id is None:
+        bad(f"profile item needs an 'id' (string), got {raw.get('id')!r}", f"{label}.id")
+    fields = {name: _read_text(raw, name, where, errors, field_label=f"{label}.{name}")
+              for name in task.item_fields}
+    date, date_ok = None, True
+    if raw.get("date") is not None:
+        date_value = raw["date"]
+        if isinstance(date_value, int) and not isinstance(date_value, bool):
+            date_value = str(date_value)
+        if not isinstance(date_value, str):
+            bad(f"'date' must be a string, got {type(date_value).__name__}", f"{label}.date")
+            date_ok = False
+        else:
+            try:
+                parse_date(date_value)
+                date = date_value
+            except ValueError:
+                bad(f"'date' is not a date: {date_value[:64]!r}", f"{label}.date")
+                date_ok = False
+    if item_id is None or not date_ok or any(value is None for value in fields.values()):
+        return None
+    return HistoryItem(id=item_id, fields=fields, date=date)
+
+
+def _read_profile(task: Task, raw: dict, where: _Where, errors: _Collector,
+                  name: str = "profile") -> list[HistoryItem] | None:
+    if name not in raw:
+        errors.add(f"missing field {name!r}", file=where.file, record=where.record, field=name,
+                   user=where.user, user_key=where.user_key)
+        return None
+    if not isinstance(raw[name], list):
+        errors.add(f"{name!r} must be a list, got {type(raw[name]).__name__}", file=where.file,
+                   record=where.record, field=name, user=where.user, user_key=where.user_key)
+        return None
+    items = [_read_item(task, item, f"{name}[{index}]", where, errors)
+             for index, item in enumerate(raw[name])]
+    if any(item is None for item in items):
+        return None
+    return items
+
+
+def _read_input(task: Task, raw: dict, where: _Where, errors: _Collector) -> str | None:
+    text = _read_text(raw, "input", where, errors)
+    if text is None:
+        return None
+    try:
+        task.parse_query(text)
+    except (DataError, ValueError, KeyError) as exc:
+        reason = str(exc).removesuffix(" (field='input')")
+        errors.add(f"input is not a {task.name} query: {reason}", file=where.file, record=where.record,
+                   field="input", user=where.user, user_key=where.user_key)
+        return None
+    return text
+
+
+def _merge_history(profiles: list[tuple[str, list[HistoryItem]]], where_file: str, user: str,
+                   errors: _Collector, *, sort_by_date: bool = True) -> list[HistoryItem] | None:
+    """Union of the queries' profiles, deduplicated by item id, oldest first.
+
+    Sorted by date when every item has one (stable, so ties keep first-seen order); otherwise
+    kept in first-seen order, because a partial ordering would interleave dated and undated
+    items arbitrarily.
+    """
+    merged: dict[str, HistoryItem] = {}
+    ok = True
+    for query_id, profile in profiles:
+        for item in profile:
+            known = merged.get(item.id)
+            if known is None:
+                merged[item.id] = item
+            elif known != item:
+                errors.add(f"profile item {item.id!r} appears twice for this user with different "
+                           "content", file=where_file, record=query_id, field="profile",
+                           user=user, user_key=user)
+                ok = False
+    if not ok:
+        return None
+    history = list(merged.values())
+    if sort_by_date and all(item.date is not None for item in history):
+        history.sort(key=lambda item: parse_date(item.date))
+    return history
+
+
+def _visible_history(profile: list[HistoryItem], position: dict[str, int]) -> int:
+    return max((position[item.id] + 1 for item in profile), default=0)
+
+
+def _user_key(raw: dict, question_id: str | None, index: int, file: str,
+              errors: _Collector) -> tuple[str, str | None]:
+    """The grouping key and displayed user of a question (``user_id``, else the question id)."""
+    if "user_id" in raw:
+        shown = str(raw["user_id"])[:64]
+        try:
+            return validate_user_id(raw["user_id"]), shown
+        except UserIdError as exc:
+            key = f"#invalid-user:{index}"  # ':' never appears in a valid id
+            errors.add(str(exc), file=file, record=question_id or f"#{index}", field="user_id",
+                       user=shown, user_key=key)
+            return key, shown
+    if question_id is None:
+        return f"#invalid-user:{index}", None
+    try:
+        return validate_user_id(question_id), question_id
+    except UserIdError as exc:
+        key = f"#invalid-user:{index}"
+        errors.add(f"the question id is the user id here and {exc}", file=file,
+                   record=question_id, field="id", user=question_id, user_key=key)
+        return key, question_id
+
+
+def _lamp_task_names_match(task: Task, file_task: str) -> bool:
+    from oppu.tasks import get_task
+
+    # LaMP's own releases call the movie-tagging (and, earlier, news) task plain "LaMP_2".
+    if file_task.replace("-", "_").upper() == "LAMP_2":
+        return task.lamp_name.upper().startswith("LAMP_2")
+    try:
+        return get_task(file_task).name == task.name
+    except ConfigError:
+        return False
+
+
+def _read_golds(task: Task, outputs_path: str, errors: _Collector) -> dict[str, str | None]:
+    """Gold outputs by question id; ``None`` for a gold whose record is bad."""
+    raw = _load_json(outputs_path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("golds"), list):
+        raise DataError('an outputs file must be an object {"task": ..., "golds": [...]}',
+                        file=outputs_path, field="golds")
+    file_task = raw.get("task")
+    if not isinstance(file_task, str) or not _lamp_task_names_match(task, file_task):
+        raise DataError(f"outputs are for task {file_task!r}, not {task.name} ({task.lamp_name})",
+                        file=outputs_path, field="task")
+    golds: dict[str, str | None] = {}
+    for index, gold in enumerate(raw["golds"]):
+        if not isinstance(gold, dict):
+            errors.add(f"a gold must be an object, got {type(gold).__name__}", file=outputs_path,
+                       record=f"#{index}")
+            continue
+        gold_id = _record_id(gold.get("id"))
+        if gold_id is None:
+            errors.add(f"a gold needs an 'id' (string), got {gold.get('id')!r}", file=outputs_path,
+                       record=f"#{index}", field="id")
+            continue
+        where = _Where(outputs_path, gold_id, None, f"#gold:{gold_id}")
+        if gold_id in golds:
+            errors.add("duplicate gold id", file=outputs_path, record=gold_id, field="id")
+            golds[gold_id] = None
+            continue
+        golds[gold_id] = _read_output(gold, "output", where, errors)
+    return golds
+
+
+@dataclass
+class _Question:
+    id: str
+    input: str
+    profile: list[HistoryItem]
+
+
+def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, *,
+              collect_errors: bool = False) -> list[UserData] | tuple[list[UserData], list[DataError]]:
+    """Users of an official LaMP split (``*_questions.json`` + ``*_outputs.json``).
+
+    Queries are grouped into users by ``user_id`` (time-based split), else one question is one
+    user whose id is the question id. A user's history is the union of its queries' profiles,
+    deduplicated by item id and sorted by date where the items carry dates; a query's
+    ``visible_history`` is how many leading history items its own profile reaches.
+    Users come in order of their first question.
+    """
+    errors = _Collector(strict=not collect_errors)
+    questions_file, outputs_file = str(questions_path), str(outputs_path)
+    raw_questions = _load_json(questions_file)
+    if not isinstance(raw_questions, list):
+        raise DataError(f"a questions file must be a JSON list, got {type(raw_questions).__name__}",
+                        file=questions_file)
+    golds = _read_golds(task, outputs_file, errors)
+
+    questions_by_user: dict[str, list[_Question]] = {}
+    shown_user: dict[str, str | None] = {}
+    user_of_question: dict[str, str] = {}
+    for index, raw in enumerate(raw_questions):
+        if not isinstance(raw, dict):
+            errors.add(f"a question must be an object, got {type(raw).__name__}",
+                       file=questions_file, record=f"#{index}")
+            continue
+        question_id = _record_id(raw.get("id"))
+        key, user = _user_key(raw, question_id, index, questions_file, errors)
+        questions_by_user.setdefault(key, [])
+        shown_user.setdefault(key, user)
+        where = _Where(questions_file, question_id or f"#{index}", user, key)
+        if question_id is None:
+            errors.add(f"a question needs an 'id' (string), got {raw.get('id')!r}",
+                       file=questions_file, record=f"#{index}", field="id", user=user, user_key=key)
+            continue
+        if question_id in user_of_question:
+            first_key = user_of_question[question_id]
+            for dup_key in dict.fromkeys((first_key, key)):
+                errors.add("duplicate question id", file=questions_file, record=question_id,
+                           field="id", user=shown_user[dup_key], user_key=dup_key)
+            continue
+        user_of_question[question_id] = key
+        text = _read_input(task, raw, where, errors)
+        profile = _read_profile(task, raw, where, errors)
+        if question_id not in golds:
+            errors.add(f"question has no gold output in {outputs_file}", file=questions_file,
+                       record=question_id, field="output", user=user, user_key=key)
+        elif golds[question_id] is None:
+            errors.add(f"the question's gold record in {outputs_file} is bad (see its error)",
+                       file=questions_file, record=question_id, field="output", user=user,
+                       user_key=key)
+        if text is not None and profile is not None:
+            questions_by_user[key].append(_Question(question_id, text, profile))
+
+    for gold_id in golds:
+        if gold_id not in user_of_question:
+            errors.add("gold output has no question in " + questions_file, file=outputs_file,
+                       record=gold_id, field="id")
+
+    users = []
+    for key, questions in questions_by_user.items():
+        if key in errors.bad_users:
+            continue
+        history = _merge_history([(q.id, q.profile) for q in questions], questions_file, key, errors)
+        if history is None:
+            continue
+        position = {item.id: index for index, item in enumerate(history)}
+        queries = [Query(id=q.id, input=q.input, gold=golds[q.id],
+                         visible_history=_visible_history(q.profile, position)) for q in questions]
+        users.append(UserData(user_id=key, role="base", history=history, queries=queries))
+    return (users, errors.errors) if collect_errors else users
+
+
+def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = False
+                     ) -> list[UserData] | tuple[list[UserData], list[DataError]]:
+    """Users of the OPPU authors' per-user JSON (``user_top_100_history.json``, ``user_others.json``).
+
+    Each entry is ``{"user_id", "profile": [item...], "query": [{"id", "input", "gold"}...]}``
+    with the profile already in time order, which is kept. Every query sees the whole profile
+    (these are the users' test queries, later than all their history). An entry without
+    ``query`` is a user with history only.
+    """
+    errors = _Collector(strict=not collect_errors)
+    file = str(path)
+    raw_users = _load_json(file)
+    if not isinstance(raw_users, list):
+        raise DataError(f"a per-user file must be a JSON list, got {type(raw_users).__name__}",
+                        file=file)
+    users = []
+    seen_users: set[str] = set()
+    seen_queries: dict[str, tuple[str, str | None]] = {}
+    for index, raw in enumerate(raw_users):
+        if not isinstance(raw, dict):
+            errors.add(f"a user entry must be an object, got {type(raw).__name__}", file=file,
+                       record=f"#{index}")
+            continue
+        key, user = _user_key({"user_id": raw.get("user_id")}, None, index, file, errors)
+        where = _Where(file, user or f"#{index}", user, key)
+        if key in seen_users:
+            errors.add("duplicate user id", file=file, record=f"#{index}", field="user_id",
+                       user=user, user_key=key)
+            continue
+        seen_users.add(key)
+        profile = _read_profile(task, raw, where, errors)
+        history = None
+        if profile is not None:
+            history = _merge_history([(where.record, profile)], file, key, errors,
+                                     sort_by_date=False)
+
+        raw_queries = raw.get("query", [])
+        if not isinstance(raw_queries, list):
+            errors.add(f"'query' must be a list, got {type(raw_queries).__name__}", file=file,
+                       record=where.record, field="query", user=user, user_key=key)
+            raw_queries = []
+        queries = []
+        for q_index, raw_query in enumerate(raw_queries):
+            label = f"query[{q_index}]"
+            if not isinstance(raw_query, dict):
+                errors.add(f"a query must be an object, got {type(raw_query).__name__}", file=file,
+                           record=where.record, field=label, user=user, user_key=key)
+                continue
+            query_id = _record_id(raw_query.get("id"))
+            if query_id is None:
+                errors.add(f"a query needs an 'id' (string), got {raw_query.get('id')!r}",
+                           file=file, record=where.record, field=f"{label}.id", user=user,
+                           user_key=key)
+                continue
+            query_where = _Where(file, query_id, user, key)
+            if query_id in seen_queries:
+                first_key, first_user = seen_queries[query_id]
+                for dup_key, dup_user in dict.fromkeys(((first_key, first_user), (key, user))):
+                    errors.add("duplicate query id", file=file, record=query_id, field=f"{label}.id",
+                               user=dup_user, user_key=dup_key)
+                continue
+            seen_queries[query_id] = (key, user)
+            text = _read_input(task, raw_query, query_where, errors)
+            gold = _read_output(raw_query, "gold", query_where, errors)
+            if text is not None and gold is not None:
+                queries.append(Query(id=query_id, input=text, gold=gold,
+                                     visible_history=len(history or [])))
+        if history is not None and key not in errors.bad_users:
+            users.append(UserData(user_id=key, role="base", history=history, queries=queries))
+    users = [user for user in users if user.user_id not in errors.bad_users]
+    return (users, errors.errors) if collect_errors else users
