@@ -10,24 +10,13 @@ import pytest
 from oppu.errors import AdapterIntegrityError, AdapterNotFound, UserIdError
 from oppu.store import AdapterKey, AdapterStore, config_hash
 from oppu.store.adapters import MANIFEST_NAME, new_version_id
+from tests.unit.store.adapter_factory import (
+    assert_same_lora_weights,
+    fake_adapter_dir,
+    make_tiny_peft_adapter,
+)
 
 TRAIN_CONFIG = {"lr": 1e-4, "epochs": 2, "peft": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}
-
-
-def make_tiny_peft_adapter(out_dir: Path, seed: int = 0):
-    """A real LoRA adapter on a 2-layer Llama, saved the way training saves it; returns the model."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    base = LlamaForCausalLM(LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
-    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
-    model.save_pretrained(out_dir)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +31,6 @@ def store(tmp_path) -> AdapterStore:
     return AdapterStore(str(tmp_path / "store"))
 
 
-def fake_adapter_dir(path: Path, weights: bytes = b"weights") -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
-    (path / "adapter_model.safetensors").write_bytes(weights)
-    return path
-
-
 def publish(store: AdapterStore, key: AdapterKey, adapter_dir: Path, data_hash: str = "d1",
             config: dict | None = None):
     return store.publish(key, adapter_dir, data_hash=data_hash, config=config or TRAIN_CONFIG,
@@ -59,7 +41,6 @@ KEY = AdapterKey("LaMP-2M", "0123456789abcdef", "oppu", "user-1")
 
 
 def test_round_trip_of_a_real_peft_adapter_loads_with_peft(store, tiny_adapter, tmp_path):
-    import torch
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
@@ -72,11 +53,7 @@ def test_round_trip_of_a_real_peft_adapter_loads_with_peft(store, tiny_adapter, 
     assert json.loads((fetched / MANIFEST_NAME).read_text())["version"] == manifest.version
     base = LlamaForCausalLM(trained.base_model.model.config)
     loaded = PeftModel.from_pretrained(base, fetched)
-    expected = {n: p for n, p in trained.named_parameters() if "lora_" in n}
-    actual = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
-    assert expected.keys() == actual.keys() and len(expected) == 8
-    for name, value in expected.items():
-        assert torch.equal(value, actual[name]), name
+    assert_same_lora_weights(trained, loaded)
 
     read_manifest, files = store.read_files(KEY)
     assert read_manifest == manifest
