@@ -1,0 +1,148 @@
+"""LaMP-2M and LaMP-2N: every item offers 2-3 candidate labels; the user's label utilities choose.
+
+An item's text carries equal keyword evidence for each candidate, so the text narrows the answer
+to the candidates but never says which one this user picks. Each persona favours a few labels
+(every label is a favourite of exactly one persona, so the population as a whole favours none);
+a user's utilities are their persona's plus a small personal perturbation and drift mildly over
+time. The first candidate is drawn from the user's own taste (people watch and read what they
+like), the others uniformly, and the user picks among them by a softmax of their utilities with a
+low temperature: a per-user label bias that a personal adapter can learn and a shared model cannot
+know.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from oppu.data.synth.world import SynthQuery, evidence_text, pick, rounded, softmax
+
+
+@dataclass(frozen=True)
+class LabelChoiceSettings:
+    n_personas: int = 5
+    favourite_utilities: tuple[float, ...] = (3.0, 2.5, 2.0)  # a persona's favourite labels, best first
+    personal_sd: float = 0.4  # the user's own perturbation of every label's utility
+    drift_sd: float = 0.3  # how far each utility moves from the first history item to the queries
+    candidate_skew: float = 0.9  # inverse temperature of drawing the first candidate from the utilities
+    choice_temperature: float = 0.5
+    three_candidates_rate: float = 0.3
+    keywords_per_candidate: tuple[int, int] = (2, 3)  # inclusive range
+    reference_population: int = 2000  # simulated users behind the population prediction
+
+
+@dataclass(frozen=True)
+class LabelPreferenceUser:
+    persona: str
+    persona_labels: tuple[str, ...]
+    labels: tuple[str, ...]
+    utility_start: np.ndarray  # per label, at the user's first history item
+    utility_end: np.ndarray  # per label, at the user's queries
+
+    def utility(self, progress: float) -> np.ndarray:
+        return self.utility_start + progress * (self.utility_end - self.utility_start)
+
+    def reference(self) -> dict[str, Any]:
+        order = np.argsort(-self.utility_end, kind="stable")
+        return {
+            "persona": self.persona,
+            "persona_labels": list(self.persona_labels),
+            "top_labels": [self.labels[i] for i in order[:len(self.persona_labels)]],
+            "utility": dict(zip(self.labels, rounded(self.utility_end), strict=True)),
+            "utility_start": dict(zip(self.labels, rounded(self.utility_start), strict=True)),
+        }
+
+
+@dataclass(frozen=True)
+class ItemFields:
+    """Which profile-item fields hold the text, the optional title and the label."""
+
+    text: str
+    label: str
+    title: str | None = None
+
+
+class LabelChoiceWorld:
+    def __init__(self, labels: tuple[str, ...], keywords: dict[str, tuple[str, ...]], fields: ItemFields,
+                 layout_rng: np.random.Generator, settings: LabelChoiceSettings | None = None):
+        self.labels = labels
+        self.keywords = keywords
+        self.fields = fields
+        self.settings = settings or LabelChoiceSettings()
+        s = self.settings
+        per_persona = len(s.favourite_utilities)
+        if s.n_personas * per_persona != len(labels):
+            raise ValueError(f"{s.n_personas} personas x {per_persona} favourites must cover "
+                             f"the {len(labels)} labels exactly once")
+        order = layout_rng.permutation(len(labels))
+        self.persona_label_ids = [order[p * per_persona:(p + 1) * per_persona] for p in range(s.n_personas)]
+        self.personas = tuple("+".join(labels[i] for i in ids) for ids in self.persona_label_ids)
+        reference_users = [self.new_user(layout_rng, p % s.n_personas) for p in range(s.reference_population)]
+        self._reference_utility = np.stack([u.utility(1.0) for u in reference_users])
+
+    def new_user(self, rng: np.random.Generator, persona: int) -> LabelPreferenceUser:
+        s = self.settings
+        base = np.zeros(len(self.labels))
+        base[self.persona_label_ids[persona]] = s.favourite_utilities
+        start = base + rng.normal(0.0, s.personal_sd, size=len(self.labels))
+        end = start + rng.normal(0.0, s.drift_sd, size=len(self.labels))
+        return LabelPreferenceUser(
+            persona=self.personas[persona],
+            persona_labels=tuple(self.labels[i] for i in self.persona_label_ids[persona]),
+            labels=self.labels, utility_start=start, utility_end=end)
+
+    def _candidates(self, utility: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        s = self.settings
+        first = rng.choice(len(self.labels), p=softmax(s.candidate_skew * utility))
+        n_others = 2 if rng.random() < s.three_candidates_rate else 1
+        others = rng.choice([i for i in range(len(self.labels)) if i != first], size=n_others, replace=False)
+        return np.array([first, *others])
+
+    def _choose(self, utility: np.ndarray, candidates: np.ndarray, rng: np.random.Generator) -> int:
+        noisy = utility[candidates] / self.settings.choice_temperature + rng.gumbel(size=len(candidates))
+        return int(candidates[np.argmax(noisy)])
+
+    def _text(self, candidates: np.ndarray, rng: np.random.Generator) -> tuple[str, str]:
+        low, high = self.settings.keywords_per_candidate
+        per_candidate = int(rng.integers(low, high + 1))
+        chosen = [pick(rng, self.keywords[self.labels[c]], per_candidate) for c in candidates]
+        words = [word for group in chosen for word in group]
+        text = evidence_text(rng, words, n_sentences=int(rng.integers(3, 5)))
+        title_words = [group[0] for group in chosen]
+        rng.shuffle(title_words)
+        return text, "the " + " and the ".join(title_words)
+
+    def history_item(self, user: LabelPreferenceUser, rng: np.random.Generator,
+                     progress: float) -> dict[str, str]:
+        utility = user.utility(progress)
+        candidates = self._candidates(utility, rng)
+        label = self.labels[self._choose(utility, candidates, rng)]
+        text, title = self._text(candidates, rng)
+        item = {self.fields.text: text}
+        if self.fields.title:
+            item[self.fields.title] = title
+        item[self.fields.label] = label
+        return item
+
+    def population_choice(self, candidates: np.ndarray) -> int:
+        """The candidate most likely chosen by a user unknown but for having been offered ``candidates``.
+
+        Exact over the simulated reference population: each user's chance of being offered this
+        set (proportional to the first-draw probability of its members) times their choice
+        probabilities.
+        """
+        utility = self._reference_utility
+        offered = softmax(self.settings.candidate_skew * utility)[:, candidates].sum(axis=1)
+        choice = softmax(utility[:, candidates] / self.settings.choice_temperature)
+        return int(candidates[np.argmax(offered @ choice)])
+
+    def query(self, user: LabelPreferenceUser, rng: np.random.Generator, query_index: int) -> SynthQuery:
+        utility = user.utility(1.0)
+        candidates = self._candidates(utility, rng)
+        gold = self._choose(utility, candidates, rng)
+        text, _ = self._text(candidates, rng)
+        bayes = int(candidates[np.argmax(utility[candidates])])
+        return SynthQuery(fields={self.fields.text: text}, gold=self.labels[gold],
+                          bayes=self.labels[bayes], population=self.labels[self.population_choice(candidates)])

@@ -1,0 +1,134 @@
+"""The synthetic generator writes valid LaMP files whose planted structure is real and measurable."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oppu.data.synth import generate
+from oppu.errors import ConfigError
+from oppu.tasks import get_task
+
+TASKS = ("LaMP-2M", "LaMP-2N", "LaMP-3")
+N_USERS, N_TEST, QUERIES = 24, 6, 3
+
+
+def _load(paths) -> tuple[list[dict], dict, dict]:
+    questions = json.loads(paths.questions.read_text(encoding="utf-8"))
+    outputs = json.loads(paths.outputs.read_text(encoding="utf-8"))
+    reference = json.loads(paths.reference.read_text(encoding="utf-8"))
+    return questions, outputs, reference
+
+
+@pytest.fixture(scope="module")
+def small_sets(tmp_path_factory) -> dict[str, tuple[list[dict], dict, dict]]:
+    root = tmp_path_factory.mktemp("synth")
+    return {task: _load(generate(task, N_USERS, 7, root / task, N_TEST, queries_per_user=QUERIES))
+            for task in TASKS}
+
+
+@pytest.fixture(scope="module")
+def quickstart_sets(tmp_path_factory) -> dict[str, tuple[list[dict], dict, dict]]:
+    root = tmp_path_factory.mktemp("synth_quickstart")
+    return {task: _load(generate(task, 60, 3, root / task, 15, queries_per_user=5))
+            for task in ("LaMP-2M", "LaMP-2N", "LaMP-3")}
+
+
+def _user_histories(questions: list[dict]) -> dict[str, list[dict]]:
+    return {q["user_id"]: q["profile"] for q in questions}
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path: Path, task_name: str):
+    first = generate(task_name, 8, 11, tmp_path / "a", 2, queries_per_user=2)
+    again = generate(task_name, 8, 11, tmp_path / "b", 2, queries_per_user=2)
+    other = generate(task_name, 8, 12, tmp_path / "c", 2, queries_per_user=2)
+    for name in ("questions", "outputs", "reference"):
+        assert getattr(first, name).read_bytes() == getattr(again, name).read_bytes()
+    assert first.questions.read_bytes() != other.questions.read_bytes()
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_files_are_official_lamp_format(small_sets, task_name: str):
+    task = get_task(task_name)
+    questions, outputs, reference = small_sets[task_name]
+    assert outputs["task"] == task.lamp_name
+    question_ids = [q["id"] for q in questions]
+    assert len(set(question_ids)) == len(question_ids) == N_USERS * QUERIES
+    assert sorted(g["id"] for g in outputs["golds"]) == sorted(question_ids)
+    item_ids = [item["id"] for profile in _user_histories(questions).values() for item in profile]
+    assert len(set(item_ids)) == len(item_ids)
+    for question in questions:
+        assert set(question) == {"id", "input", "profile", "user_id"}
+        assert task.lamp_input(task.parse_query(question["input"])) == question["input"]
+        for item in question["profile"]:
+            assert set(item) == {"id", "date", *task.item_fields}
+            assert all(isinstance(item[f], str) and item[f] for f in task.item_fields)
+    if task.labels is not None:
+        assert {g["output"] for g in outputs["golds"]} <= set(task.labels)
+        label_field = next(f for f in task.item_fields if f in ("tag", "category", "score"))
+        assert {item[label_field] for q in questions for item in q["profile"]} <= set(task.labels)
+    assert reference["task"] == task.name and reference["n_test_users"] == N_TEST
+    assert set(reference["population"]) == set(reference["bayes"]) == set(task.metric_names)
+    assert set(reference["users"]) == {q["user_id"] for q in questions}
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_dates_increase_and_every_query_sees_the_whole_history(small_sets, task_name: str):
+    questions, _, _ = small_sets[task_name]
+    by_user = defaultdict(list)
+    for question in questions:
+        by_user[question["user_id"]].append(question["profile"])
+    for profiles in by_user.values():
+        assert all(profile == profiles[0] for profile in profiles)
+        dates = [dt.date.fromisoformat(item["date"]) for item in profiles[0]]
+        assert all(a < b for a, b in zip(dates, dates[1:], strict=False))
+
+
+def test_test_users_are_the_most_active_with_enough_history(quickstart_sets):
+    _, _, reference = quickstart_sets["LaMP-2M"]
+    users = reference["users"]
+    ranked = sorted(users, key=lambda uid: (-users[uid]["n_history"], uid))
+    assert {uid for uid in ranked[:15]} == {uid for uid, u in users.items() if u["role"] == "test"}
+    assert min(users[uid]["n_history"] for uid in ranked[:15]) >= 30
+    lengths = np.array([u["n_history"] for u in users.values()])
+    assert lengths.max() >= 3 * np.median(lengths)  # a long tail of very active users
+
+
+@pytest.mark.parametrize(("task_name", "metric", "margin"), [
+    ("LaMP-2M", "accuracy", 0.25), ("LaMP-2N", "accuracy", 0.15), ("LaMP-3", "MAE", -0.4)])
+def test_bayes_reference_clearly_beats_population(quickstart_sets, task_name: str, metric: str, margin: float):
+    _, _, reference = quickstart_sets[task_name]
+    gap = reference["bayes"][metric] - reference["population"][metric]
+    assert gap >= margin if margin > 0 else gap <= margin
+
+
+@pytest.mark.parametrize("task_name", ["LaMP-2M", "LaMP-2N"])
+def test_users_mostly_choose_their_personas_labels(quickstart_sets, task_name: str):
+    questions, _, reference = quickstart_sets[task_name]
+    label_field = "tag" if task_name == "LaMP-2M" else "category"
+    for user_id, profile in _user_histories(questions).items():
+        planted = reference["users"][user_id]
+        most_frequent, _ = Counter(item[label_field] for item in profile).most_common(1)[0]
+        if len(profile) >= 20:
+            assert most_frequent in planted["persona_labels"], user_id
+
+
+def test_rating_users_score_by_their_planted_bias(quickstart_sets):
+    questions, _, reference = quickstart_sets["LaMP-3"]
+    scores_by_persona = defaultdict(list)
+    for user_id, profile in _user_histories(questions).items():
+        bias = reference["users"][user_id]["persona_bias"]
+        scores_by_persona[bias].extend(int(item["score"]) for item in profile)
+    means = [np.mean(scores_by_persona[bias]) for bias in sorted(scores_by_persona)]
+    assert len(means) == 4 and all(a + 0.3 < b for a, b in zip(means, means[1:], strict=False))
+
+
+def test_bad_sizes_are_config_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="n_test"):
+        generate("LaMP-2M", 5, 0, tmp_path, n_test=5)
