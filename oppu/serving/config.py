@@ -1,0 +1,82 @@
+"""The serve app's configuration: Ray Serve builder arguments validated into one pydantic model.
+
+``serve run serve_apps.oppu_serve:build model=DIR/base store=DIR/adapters data=DIR/data`` passes
+every ``key=value`` as text; the same keys appear under ``args:`` in ``serve_apps/config.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from oppu.errors import ConfigError
+
+
+class ServeConfig(BaseModel):
+    """Everything the OPPU serve app needs; unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="base model: a local HF model dir or an fsspec URI (DIR/base)")
+    store: str = Field(description="adapter store root URI (file:///..., s3://bucket/prefix)")
+    data: str | None = Field(None, description="prepared data set dir for /v1/predict's history")
+    task: str | None = Field(None, description="task the adapters were trained for (default: data set's)")
+    variant: str = Field("oppu", description="adapter variant to serve")
+    model_id: str | None = Field(None, description="public id of the base model (default: dir name)")
+    device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda'")
+    dtype: str = Field("auto", description="'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16'")
+    gpu_slots: int = Field(32, ge=1, description="adapters resident in the multi-LoRA model per replica")
+    host_cache_adapters: int = Field(256, ge=1, description="adapter state dicts kept in host memory")
+    max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank a slot holds")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="modules that carry LoRA slots (the adapters' targets)")
+    adapter_check_ttl_s: float = Field(5.0, ge=0, description="how long a cached adapter is trusted "
+                                       "before the store is asked for a newer version")
+    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward pass")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts get HTTP 400")
+    max_tokens_limit: int = Field(256, ge=1, description="larger max_tokens get HTTP 400")
+    default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
+    num_replicas: int = Field(1, ge=1, description="model replicas")
+    model_max_ongoing_requests: int = Field(64, ge=1, description="requests a model replica takes at "
+                                            "once (>= max_batch_size, or batches cannot fill)")
+    ingress_max_ongoing_requests: int = Field(512, ge=1, description="requests an ingress replica takes at once")
+    num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each model replica reserves")
+    num_cpus_per_replica: float = Field(1, ge=0, description="CPUs each model replica reserves")
+    compile_decode: bool = Field(False, description="CUDA only: static KV cache + CUDA-graph decode")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeConfig:
+        if self.gpu_slots < self.max_batch_size:
+            raise ValueError(f"gpu_slots ({self.gpu_slots}) must be >= max_batch_size "
+                             f"({self.max_batch_size}): every row of a batch needs its own slot")
+        if self.host_cache_adapters < self.gpu_slots:
+            raise ValueError(f"host_cache_adapters ({self.host_cache_adapters}) must be >= "
+                             f"gpu_slots ({self.gpu_slots})")
+        if self.model_max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"model_max_ongoing_requests ({self.model_max_ongoing_requests}) must be >= "
+                             f"max_batch_size ({self.max_batch_size})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds "
+                             f"max_tokens_limit ({self.max_tokens_limit})")
+        if ":" in (self.model_id or ""):
+            raise ValueError(f"model_id {self.model_id!r} must not contain ':' (it separates the user)")
+        return self
+
+    @property
+    def base_model_id(self) -> str:
+        return self.model_id or PurePosixPath(self.model.rstrip("/")).name
+
+
+def load_serve_config(args: dict) -> ServeConfig:
+    """Validate builder ``args`` (text values from the command line, or YAML values)."""
+    args = dict(args)
+    if isinstance(args.get("target_modules"), str):
+        args["target_modules"] = [m.strip() for m in args["target_modules"].split(",") if m.strip()]
+    try:
+        return ServeConfig(**args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} "
+                             f"(got {err.get('input')!r})" for err in exc.errors())
+        raise ConfigError(f"bad serve app arguments: {problems}") from None

@@ -1,0 +1,227 @@
+"""Greedy decoding of many users' requests in one batch, each row through its own LoRA slot.
+
+The base model is loaded once and gets ``n_slots`` LoRA slots (``oppu.models.multi_lora``);
+``AdapterSlots`` keeps the most recently used adapters resident in them, so a batch mixing
+users costs one forward pass per token over the shared base plus one small batched matrix
+product per adapted layer. Rows are left-padded and given their own position ids, so a row's
+tokens equal what the user's PEFT model alone would produce.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from oppu.errors import AdapterIntegrityError
+from oppu.serving.adapters import LoadedAdapter
+
+
+@dataclass(frozen=True)
+class LoraSlotsConfig:
+    """Shape of the multi-LoRA slots injected into the base model."""
+
+    n_slots: int
+    max_rank: int
+    target_modules: tuple[str, ...]
+
+
+@dataclass
+class GenerationRow:
+    """One request as the engine sees it: token ids, its adapter (None: the base) and a budget."""
+
+    prompt_ids: list[int]
+    adapter: LoadedAdapter | None
+    max_new_tokens: int
+
+
+@dataclass
+class SlotStats:
+    hits: int = 0
+    misses: int = 0
+    load_seconds: float = 0.0
+
+
+class AdapterSlots:
+    """Which adapter version sits in which slot of the multi-LoRA model; LRU replacement."""
+
+    def __init__(self, model: Any, n_slots: int):
+        self.model = model
+        self.n_slots = n_slots
+        self._resident: OrderedDict[str, int] = OrderedDict()  # cache_id -> slot
+        self._free = list(range(n_slots))
+        self.stats = SlotStats()
+
+    def assign(self, adapters: Sequence[LoadedAdapter | None]) -> list[int | Exception]:
+        """A slot per row (-1 for the base), loading the adapters not resident yet.
+
+        A row whose adapter cannot be loaded into a slot (tensors that do not fit the model) gets
+        the exception instead, so only that row fails.
+        """
+        from oppu.models import multi_lora
+
+        needed = {a.cache_id: a for a in adapters if a is not None}
+        if len(needed) > self.n_slots:
+            raise ValueError(f"a batch uses {len(needed)} adapters but the model has {self.n_slots} slots")
+        failures: dict[str, Exception] = {}
+        for cache_id, adapter in needed.items():
+            if cache_id in self._resident:
+                self._resident.move_to_end(cache_id)
+                self.stats.hits += 1
+                continue
+            self.stats.misses += 1
+            started = time.perf_counter()
+            slot = self._take_slot(pinned=needed.keys())
+            try:
+                multi_lora.load_peft_adapter_into_slot(self.model, slot, adapter.state_dict,
+                                                       adapter.peft_config)
+            except Exception as exc:  # whatever the tensors got wrong, it is this adapter's fault
+                multi_lora.clear_slot(self.model, slot)
+                self._free.append(slot)
+                failures[cache_id] = AdapterIntegrityError(
+                    f"adapter of user {adapter.user!r} version {adapter.version} does not fit the "
+                    f"base model: {exc}")
+                continue
+            self._resident[cache_id] = slot
+            self.stats.load_seconds += time.perf_counter() - started
+        return [-1 if a is None else failures.get(a.cache_id) or self._resident[a.cache_id]
+                for a in adapters]
+
+    def release(self, adapter: LoadedAdapter) -> None:
+        """Forget an adapter (evicted, deleted or superseded); its slot is overwritten on reuse."""
+        slot = self._resident.pop(adapter.cache_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def _take_slot(self, pinned) -> int:
+        if self._free:
+            return self._free.pop()
+        for cache_id in self._resident:  # oldest first; rows of this batch keep theirs
+            if cache_id not in pinned:
+                return self._resident.pop(cache_id)
+        raise AssertionError("unreachable: more adapters than slots was checked above")
+
+
+class GenerationEngine:
+    """A frozen base model with LoRA slots, decoding batches of rows greedily."""
+
+    def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None):
+        import torch
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.slots: AdapterSlots | None = None
+        if lora is not None:
+            from oppu.models import multi_lora
+
+            # Each slot's scaling comes from its adapter's own config when it is loaded.
+            multi_lora.inject_multi_lora(model, list(lora.target_modules), n_slots=lora.n_slots,
+                                         rank=lora.max_rank, alpha=lora.max_rank)
+            self.slots = AdapterSlots(model, lora.n_slots)
+        self._torch = torch
+
+    @classmethod
+    def from_pretrained(cls, model_uri: str, lora: LoraSlotsConfig | None, *, device: str = "auto",
+                        dtype: str = "auto") -> GenerationEngine:
+        import torch
+
+        from oppu.models import load_model
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        model, tokenizer = load_model(model_uri, device=device, dtype=getattr(torch, dtype))
+        return cls(model, tokenizer, lora)
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def stream(self, rows: Sequence[GenerationRow]) -> Iterator[list[int | None | Exception]]:
+        """Decode all rows together; per step, each row's new token id (None once it finished).
+
+        A row finishes at an end-of-sequence token (not reported) or after ``max_new_tokens``.
+        A row whose adapter does not fit gets its exception in the first step, then None.
+        """
+        assigned = self.slots.assign([row.adapter for row in rows]) if self.slots else [-1] * len(rows)
+        failed = [isinstance(slot, Exception) for slot in assigned]
+        if any(failed):
+            yield [slot if isinstance(slot, Exception) else None for slot in assigned]
+            rows = [row for row, bad in zip(rows, failed, strict=True) if not bad]
+            assigned = [slot for slot in assigned if not isinstance(slot, Exception)]
+            if not rows:
+                return
+            for step in self.stream_slots(rows, assigned):
+                it = iter(step)
+                yield [None if bad else next(it) for bad in failed]
+            return
+        yield from self.stream_slots(rows, assigned)
+
+    def stream_slots(self, rows: Sequence[GenerationRow], slot_ids: list[int]) -> Iterator[list[int | None]]:
+        """``stream`` for rows whose adapters already sit in ``slot_ids``."""
+        torch = self._torch
+        with torch.inference_mode(), self._adapters(slot_ids):
+            width = max(len(row.prompt_ids) for row in rows)
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                input_ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+                attention_mask[i, width - len(row.prompt_ids):] = 1
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            eos = torch.tensor(self.eos_ids, device=self.device)
+            budget = torch.tensor([row.max_new_tokens for row in rows], device=self.device)
+            finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+            past = None
+            for step in range(max(row.max_new_tokens for row in rows)):
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                next_ids = out.logits[:, -1, :].argmax(dim=-1)
+                ends = torch.isin(next_ids, eos) | (budget <= step)
+                emitted = (~finished & ~ends).tolist()
+                tokens = next_ids.tolist()
+                yield [tokens[i] if emitted[i] else None for i in range(len(rows))]
+                finished |= ends | (budget <= step + 1)
+                if bool(finished.all()):
+                    return
+                input_ids = next_ids[:, None]
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
+                position_ids = position_ids[:, -1:] + 1
+
+    def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
+        """Every row's generated token ids (without the end-of-sequence token)."""
+        outputs: list[list[int]] = [[] for _ in rows]
+        for step in self.stream(rows):
+            for i, token in enumerate(step):
+                if isinstance(token, Exception):
+                    raise token
+                if token is not None:
+                    outputs[i].append(token)
+        return outputs
+
+    def _adapters(self, slot_ids: list[int]):
+        import contextlib
+
+        if self.slots is None:
+            return contextlib.nullcontext()
+        from oppu.models import multi_lora
+
+        return multi_lora.model_adapters(self.model, self._torch.tensor(slot_ids, device=self.device))
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if i is not None]
