@@ -1,0 +1,225 @@
+"""Batch inference over the test users' queries for every method, then LaMP scoring.
+
+A Ray Data actor pool answers users in batches: each ``QueryAnswerer`` loads the task-adapted
+bases once, and for a user builds every method's prompts through the task registry, plugs in the
+user's adapter from the store where the method has one, and decodes greedily. The driver scores
+each method with the task's LaMP metrics and writes LaMP-format predictions, ``metrics.json`` and
+a Markdown table.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import asdict
+
+from oppu import fsutil
+from oppu.errors import ConfigError
+from oppu.evaluation.methods import Method, resolve_method
+from oppu.training.config import RunConfig
+
+ANSWER_FIELDS = ("user_id", "method", "query_id", "prediction", "raw", "error")
+
+
+class QueryAnswerer:
+    """Ray Data actor: answers every method's prompts for the users of each batch."""
+
+    def __init__(self, config: dict, methods: list[str], random_items: dict[str, dict]):
+        import torch
+
+        from oppu.config import from_dict
+        from oppu.models import base_fingerprint, load_model
+        from oppu.store import AdapterStore
+        from oppu.tasks import get_task
+
+        self.cfg = from_dict(RunConfig, config)
+        self.task = get_task(self.cfg.task)
+        self.methods = [resolve_method(m) for m in methods]
+        self.random_items = random_items
+        device = "cuda" if self.cfg.eval.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+        self.bases = {}
+        for flavour in sorted({m.base_flavour for m in self.methods}):
+            uri = self.cfg.base_uri(flavour)
+            model, tokenizer = load_model(uri, device=device)
+            self.bases[flavour] = (model, tokenizer, base_fingerprint(uri))
+        self.store = AdapterStore(self.cfg.store_uri)
+
+    def __call__(self, batch: dict) -> dict:
+        from oppu.data.records import UserData
+
+        rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        answers = []
+        for row in rows:
+            user = UserData.from_row(row)
+            for method in self.methods:
+                answers.extend(self._answer(user, method))
+        return {name: [a[name] for a in answers] for name in ANSWER_FIELDS}
+
+    def _prompts(self, user, method: Method) -> list[str]:
+        from oppu.retrieval import BM25Retriever
+
+        retriever = BM25Retriever(self.task, user.history) if method.retrieval == "bm25" else None
+        prompts = []
+        for query in user.queries:
+            fields = self.task.parse_query(query.input)
+            if retriever is not None:
+                retrieved = [h.fields for h in retriever.top_k(fields, method.k,
+                                                                limit=query.visible_history)]
+            elif method.retrieval == "random":
+                retrieved = [self.random_items[query.id]]
+            else:
+                retrieved = []
+            prompts.append(self.task.build_prompt(fields, retrieved=retrieved))
+        return prompts
+
+    def _answer(self, user, method: Method) -> list[dict]:
+        from oppu.models import generate_greedy
+
+        model, tokenizer, fingerprint = self.bases[method.base_flavour]
+        prompts = self._prompts(user, method)
+        try:
+            if method.adapter_variant:
+                raws = self._generate_with_adapter(user, method, model, tokenizer, fingerprint, prompts)
+            else:
+                raws = generate_greedy(model, tokenizer, prompts, self.task.max_new_tokens,
+                                       batch_size=self.cfg.eval.generation_batch_size,
+                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens)
+            error = ""
+        except Exception as exc:  # a missing or corrupt adapter fails this user's method only
+            raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
+        return [{"user_id": user.user_id, "method": method.name, "query_id": q.id,
+                 "prediction": self.task.parse_output(raw) if not error else "", "raw": raw,
+                 "error": error} for q, raw in zip(user.queries, raws, strict=True)]
+
+    def _generate_with_adapter(self, user, method, model, tokenizer, fingerprint, prompts):
+        from peft import PeftModel
+
+        from oppu.models import generate_greedy
+        from oppu.store import AdapterKey
+        from oppu.training.personal import remove_adapter
+
+        key = AdapterKey(self.task.name, fingerprint, method.adapter_variant, user.user_id)
+        with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:
+            adapter_dir = self.store.fetch(key, dest_dir=tmp)
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+            try:
+                return generate_greedy(peft_model, tokenizer, prompts, self.task.max_new_tokens,
+                                       batch_size=self.cfg.eval.generation_batch_size,
+                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens)
+            finally:
+                remove_adapter(peft_model)
+
+
+def pick_random_items(dataset, seed: int) -> dict[str, dict]:
+    """For the random-history baseline: one item drawn from every user's history, per test query."""
+    pool = [item.fields for user in dataset.users for item in user.history]
+    if not pool:
+        return {}
+    rng = random.Random(seed)
+    return {q.id: pool[rng.randrange(len(pool))] for user in dataset.test_users() for q in user.queries}
+
+
+def evaluate(cfg: RunConfig, log=print) -> dict:
+    """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
+    import ray.data
+
+    from oppu.data.dataset import read_dataset, users_parquet_path
+
+    methods = [resolve_method(m) for m in cfg.eval.methods]
+    missing = {m.base_flavour for m in methods} - set(cfg.base.flavours)
+    if missing:
+        raise ConfigError(f"eval.methods need base flavour(s) {sorted(missing)} that base.flavours "
+                          f"{cfg.base.flavours} does not train")
+    dataset = read_dataset(cfg.data_uri)
+    task = dataset.task
+    test_users = dataset.test_users()
+    golds = {q.id: q.gold for u in test_users for q in u.queries if q.gold is not None}
+    log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
+        f"methods {', '.join(m.name for m in methods)}")
+    started = time.perf_counter()
+    users = ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test")
+    answers_ds = users.map_batches(
+        QueryAnswerer,
+        fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],
+                               "random_items": pick_random_items(dataset, cfg.seed)},
+        batch_size=cfg.eval.users_per_batch, concurrency=cfg.eval.actors,
+        num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor or None,
+        batch_format="numpy")
+    predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
+    raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}
+    errors: dict[str, int] = {m.name: 0 for m in methods}
+    users_done = set()
+    for row in answers_ds.iter_rows():
+        predictions[row["method"]][row["query_id"]] = str(row["prediction"])
+        raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
+        if row["error"]:
+            errors[row["method"]] += 1
+        if row["user_id"] not in users_done:
+            users_done.add(row["user_id"])
+            log(f"[evaluate] {len(users_done)}/{len(test_users)} users answered "
+                f"({time.perf_counter() - started:.0f}s)")
+    return write_results(cfg, task, golds, predictions, raw_outputs, errors, len(test_users), log)
+
+
+def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors, n_users: int,
+                  log=print) -> dict:
+    ids = sorted(golds)
+    results = {}
+    for method, preds in predictions.items():
+        results[method] = task.score([golds[i] for i in ids], [preds.get(i, "") for i in ids])
+        fsutil.write_json(fsutil.join(cfg.run_dir, "predictions", f"{method}.json"),
+                          {"task": task.lamp_name,
+                           "golds": [{"id": i, "output": preds.get(i, "")} for i in ids]})
+        fsutil.write_json(fsutil.join(cfg.run_dir, "predictions", "raw", f"{method}.json"),
+                          {i: raw_outputs[method].get(i, "") for i in ids})
+    reference = load_reference(cfg.data_uri)
+    metrics = {"task": task.name, "methods": results, "reference": reference,
+               "n_test_users": n_users, "n_queries": len(ids),
+               "oppu_gap_closed": gap_closed(task, results, reference),
+               "errors": {m: n for m, n in errors.items() if n},
+               "predictions": {m: f"predictions/{m}.json" for m in predictions}}
+    fsutil.write_json(fsutil.join(cfg.run_dir, "metrics.json"), metrics)
+    table = markdown_table(task, results, reference)
+    fsutil.write_text(fsutil.join(cfg.run_dir, "metrics.md"), table)
+    for method, count in metrics["errors"].items():
+        log(f"[evaluate] WARNING: {method}: {count} queries failed (see predictions/raw)")
+    return metrics
+
+
+def load_reference(data_uri: str) -> dict:
+    """``population`` and ``bayes`` reference scores where the data set has them (synthetic data)."""
+    for candidate in ("reference.json", "lamp/reference.json"):
+        uri = fsutil.join(data_uri, candidate)
+        if fsutil.exists(uri):
+            reference = fsutil.read_json(uri)
+            return {k: reference[k] for k in ("population", "bayes") if k in reference}
+    return {}
+
+
+def markdown_table(task, results: dict[str, dict], reference: dict) -> str:
+    metric_names = list(task.metric_names)
+    arrows = ["↑" if task.higher_is_better[m] else "↓" for m in metric_names]
+    header = "| method | " + " | ".join(f"{m} {a}" for m, a in zip(metric_names, arrows, strict=True)) + " |"
+    lines = [f"{task.name}", "", header, "|" + " --- |" * (len(metric_names) + 1)]
+    for method, scores in results.items():
+        lines.append(f"| {method} | " + " | ".join(f"{scores[m]:.4f}" for m in metric_names) + " |")
+    for name, scores in reference.items():
+        lines.append(f"| *reference: {name}* | "
+                     + " | ".join(f"{scores[m]:.4f}" if m in scores else "–" for m in metric_names) + " |")
+    gap = gap_closed(task, results, reference)
+    if gap is not None:
+        lines += ["", f"OPPU closes {gap:.0%} of the gap between non-personalized and the Bayes-optimal "
+                      f"reference on {metric_names[0]}."]
+    return "\n".join(lines) + "\n"
+
+
+def gap_closed(task, results: dict, reference: dict) -> float | None:
+    """(OPPU - non-personalized) / (Bayes - non-personalized) on the task's first metric."""
+    metric = task.metric_names[0]
+    try:
+        base, oppu, bayes = (results["non-personalized"][metric], results["oppu"][metric],
+                             reference["bayes"][metric])
+    except KeyError:
+        return None
+    return None if bayes == base else (oppu - base) / (bayes - base)

@@ -1,0 +1,164 @@
+"""Task adaptation of the base LLM (paper section 2.2): LoRA on the non-test users, merged in.
+
+``train_base_loop`` is the Ray Train worker function; it depends only on its ``config`` dict.
+``adapt_base`` is what ``jobs/train_base.py`` runs on the driver: it builds the samples, starts a
+``TorchTrainer`` (DDP on CPU, DeepSpeed ZeRO when a DeepSpeed config is given on GPU), and
+publishes the merged model of rank 0's final checkpoint as ``run_dir/base[-flavour]``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from oppu import fsutil
+from oppu.errors import ConfigError
+from oppu.training.config import OptimSettings, PeftSettings, RunConfig
+
+
+def train_base_loop(config: dict) -> None:
+    """Ray Train worker: LoRA-train the base on this worker's shard, merge, report the model."""
+    import peft as peft_lib
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from oppu.models import encode_sample, load_model
+    from oppu.models.samples import collate
+    from oppu.tasks.base import TrainingSample
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    optim = OptimSettings(**config["optim"])
+    peft_settings = PeftSettings(**config["peft"])
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    model, tokenizer = load_model(config["model"], device=str(device))
+    torch.manual_seed(config["seed"])
+    model = peft_lib.get_peft_model(model, peft_settings.to_peft_config())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    steps_per_epoch = max(1, math.ceil(config["n_samples"] / (optim.batch_size * world)))
+    total_steps = steps_per_epoch * config["epochs"]
+
+    engine = None
+    if config.get("deepspeed"):
+        import deepspeed
+
+        ds_config = dict(config["deepspeed"])
+        ds_config.setdefault("train_micro_batch_size_per_gpu", optim.batch_size)
+        ds_config.setdefault("gradient_clipping", optim.max_grad_norm)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=ds_config)
+        train_model = engine
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(optim.warmup_ratio * total_steps), total_steps)
+        train_model = ray.train.torch.prepare_model(model) if world > 1 else model
+
+    shard = ray.train.get_dataset_shard("train")
+    train_model.train()
+    for epoch in range(config["epochs"]):
+        started, tokens, losses = time.perf_counter(), 0, []
+        for rows in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy",
+                                       local_shuffle_buffer_size=4 * optim.batch_size,
+                                       local_shuffle_seed=config["seed"] + epoch):
+            encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length)
+                       for p, t in zip(rows["prompt"], rows["target"], strict=True)]
+            batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
+            loss = train_model(**batch).loss
+            if engine is not None:
+                engine.backward(loss)
+                engine.step()
+            else:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            tokens += int(batch["attention_mask"].sum())
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
+                   "tokens_per_s": tokens * world / max(seconds, 1e-9)}
+        if epoch + 1 < config["epochs"]:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                merged = model.merge_and_unload()
+                merged.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                Path(tmp, "oppu-base.json").write_text(json.dumps(config["provenance"], indent=2))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
+    """Adapt ``cfg.pretrained_uri`` to the task for ``flavour`` and publish it; returns its URI."""
+    import ray.data
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from oppu.data.dataset import read_dataset
+    from oppu.training.samples import base_samples
+
+    if flavour == "profile":
+        raise ConfigError("base flavour 'profile' needs user profiles, which this version does not "
+                          "generate yet; use base.flavours=[plain,rag]")
+    dataset = read_dataset(cfg.data_uri)
+    task = dataset.task
+    k = cfg.base.rag_k if flavour == "rag" else 0
+    samples = base_samples(task, dataset.base_users(), k, cfg.base.include_history_samples,
+                           cfg.seed, cfg.base.max_samples)
+    if not samples:
+        raise ConfigError(f"no base-training samples in {cfg.data_uri}: the base users have no "
+                          "answered queries or history")
+    epochs = cfg.base.optim.epochs or task.default_epochs
+    log(f"[train_base] {task.name} flavour={flavour} k={k}: {len(samples)} samples from "
+        f"{len(dataset.base_users())} base users, {epochs} epochs, {cfg.base.num_workers} worker(s)")
+    provenance = {"task": task.name, "flavour": flavour, "rag_k": k, "source_model": cfg.pretrained_uri,
+                  "samples": len(samples), "epochs": epochs, "peft": asdict(cfg.base.peft),
+                  "optim": asdict(cfg.base.optim), "seed": cfg.seed}
+    train_config = {
+        "model": cfg.pretrained_uri, "optim": asdict(cfg.base.optim), "peft": asdict(cfg.base.peft),
+        "epochs": epochs, "n_samples": len(samples), "seed": cfg.seed, "use_gpu": cfg.base.use_gpu,
+        "deepspeed": _deepspeed_config(cfg), "provenance": provenance,
+    }
+    trainer = TorchTrainer(
+        train_base_loop,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(num_workers=cfg.base.num_workers, use_gpu=cfg.base.use_gpu),
+        datasets={"train": ray.data.from_items([{"prompt": s.prompt, "target": s.target}
+                                                for s in samples])},
+        run_config=TrainRunConfig(name=f"oppu-base-{task.lamp_name}-{flavour}",
+                                  storage_path=_train_storage(cfg)),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    log(f"[train_base] done in {time.perf_counter() - started:.0f}s: {result.metrics}")
+    target = cfg.base_uri(flavour)
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        fsutil.publish_dir(checkpoint_dir, target)
+    log(f"[train_base] wrote {target}")
+    return target
+
+
+def _deepspeed_config(cfg: RunConfig) -> dict | None:
+    if not cfg.base.deepspeed:
+        return None
+    if not cfg.base.use_gpu:
+        raise ConfigError("base.deepspeed needs base.use_gpu=true (on CPU the trainer uses DDP)")
+    return json.loads(fsutil.read_text(cfg.base.deepspeed))
+
+
+def _train_storage(cfg: RunConfig) -> str:
+    """Ray Train's checkpoint storage: under the run dir, so multi-node runs share it via S3."""
+    uri = fsutil.join(cfg.run_dir, "ray-train")
+    return uri if fsutil.is_remote(uri) else str(fsutil.local_path(uri).resolve())

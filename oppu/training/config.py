@@ -1,0 +1,183 @@
+"""The run configuration every job reads: one YAML file, sections per stage, ``--set`` overrides.
+
+``task``, ``run_dir`` and ``model`` say what to run and where; each stage has its own section.
+A run directory (local path or ``s3://...``) holds ``data/`` (prepared Parquet), ``base/`` and
+``base-<flavour>/`` (task-adapted merged base models), ``adapters/`` (the adapter store root),
+``predictions/``, ``metrics.json`` and ``metrics.md``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from oppu import fsutil
+from oppu.errors import ConfigError
+from oppu.models.tiny import TinyModelConfig
+
+PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
+BaseFlavour = Literal["plain", "rag", "profile"]
+
+
+@dataclass
+class PeftSettings:
+    """Which PEFT module to train and its shape (PEFT's own config is built from this)."""
+
+    method: PeftMethod = "lora"
+    r: int = 8  # LoRA rank
+    alpha: int = 8  # LoRA alpha (scaling = alpha / r)
+    dropout: float = 0.05  # LoRA dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    num_virtual_tokens: int = 8  # prompt tuning only
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"peft.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"peft.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("peft.target_modules must name at least one module")
+
+    def to_peft_config(self, inference_mode: bool = False):
+        import peft
+
+        if self.method == "lora":
+            return peft.LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                                   target_modules=list(self.target_modules), bias="none",
+                                   task_type="CAUSAL_LM", inference_mode=inference_mode)
+        if self.method == "ia3":
+            feedforward = [m for m in self.target_modules if m in ("down_proj", "up_proj", "gate_proj")]
+            return peft.IA3Config(target_modules=list(self.target_modules),
+                                  feedforward_modules=feedforward, task_type="CAUSAL_LM",
+                                  inference_mode=inference_mode)
+        return peft.PromptTuningConfig(num_virtual_tokens=self.num_virtual_tokens,
+                                       task_type="CAUSAL_LM", inference_mode=inference_mode)
+
+
+@dataclass
+class OptimSettings:
+    """Optimiser and schedule; defaults are the OPPU authors' (lamp-formats.md)."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    max_grad_norm: float = 0.3  # gradient clipping
+    warmup_ratio: float = 0.1  # linear warmup share, then linear decay to 0
+    batch_size: int = 16  # samples per optimiser step
+    epochs: int | None = None  # None: the task's default (3 classification/rating, 2 generation)
+    max_length: int = 2048  # tokens per sample; longer prompts are cut from the left
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class BaseStage:
+    """Task adaptation of the base LLM on the non-test users (jobs/train_base.py)."""
+
+    flavours: list[BaseFlavour] = field(default_factory=lambda: ["plain", "rag"])
+    rag_k: int = 1  # retrieved items in the retrieval-augmented flavour's prompts
+    peft: PeftSettings = field(default_factory=lambda: PeftSettings(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    optim: OptimSettings = field(default_factory=lambda: OptimSettings(epochs=3))
+    include_history_samples: bool = True  # also learn from base users' history items
+    max_samples: int | None = None  # cap on training samples (None: all)
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False
+    deepspeed: str | None = None  # path to a DeepSpeed JSON config (GPU only), e.g. configs/deepspeed/zero2.json
+
+
+@dataclass
+class UserStage:
+    """One personal adapter per test user (jobs/train_users.py)."""
+
+    variants: list[str] = field(default_factory=lambda: ["oppu", "rag-k1+oppu"])
+    peft: PeftSettings = field(default_factory=PeftSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    actors: int = 2  # Ray Data actor pool size; each actor loads the base once
+    users_per_batch: int = 4  # users handed to an actor at a time
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0  # fractions share a GPU between actors
+    users: list[str] | None = None  # only these users (default: every test user)
+    skip_existing: bool = True  # skip users whose adapter for the same data and config exists
+    max_retries: int = 2  # re-runs of a batch whose actor died
+
+
+@dataclass
+class EvalStage:
+    """Batch inference over the test users' queries for every method (jobs/evaluate.py)."""
+
+    methods: list[str] = field(default_factory=lambda: [
+        "non-personalized", "random-history", "rag-k1", "rag-k2", "rag-k4", "oppu", "rag-k1+oppu"])
+    actors: int = 2
+    users_per_batch: int = 2
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    generation_batch_size: int = 16
+    max_prompt_tokens: int = 1024
+
+
+@dataclass
+class RaySettings:
+    address: str | None = None  # None: RAY_ADDRESS or a new local instance
+    num_cpus: int | None = None  # for a new local instance only
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; ``oppu quickstart`` writes the one it used to ``run_dir/config.yaml``."""
+
+    task: str = "LaMP-2M"
+    run_dir: str = "oppu-run"  # local path or fsspec URI (s3://bucket/prefix)
+    model: str = "tiny"  # "tiny" (built locally) or a HF id / local / s3:// path of a causal LM
+    data: str | None = None  # prepared data set; default run_dir/data
+    store: str | None = None  # adapter store root; default run_dir/adapters
+    seed: int = 0
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    base: BaseStage = field(default_factory=BaseStage)
+    users: UserStage = field(default_factory=UserStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    ray: RaySettings = field(default_factory=RaySettings)
+
+    def __post_init__(self) -> None:
+        from oppu.tasks import get_task
+
+        self.task = get_task(self.task).name  # canonical spelling; unknown names fail here
+        for variant in self.users.variants:
+            parse_variant(variant)
+
+    @property
+    def data_uri(self) -> str:
+        return self.data or fsutil.join(self.run_dir, "data")
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or fsutil.join(self.run_dir, "adapters")
+
+    def base_uri(self, flavour: str) -> str:
+        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else."""
+        return fsutil.join(self.run_dir, "base" if flavour == "plain" else f"base-{flavour}")
+
+    @property
+    def pretrained_uri(self) -> str:
+        """The model the base adaptation starts from (the tiny model is built into run_dir)."""
+        return fsutil.join(self.run_dir, "pretrained") if self.model == "tiny" else self.model
+
+
+_VARIANT = re.compile(r"(?:rag-k(?P<k>[1-9][0-9]*)\+)?oppu")
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+    """A personal-adapter variant -> (base flavour it trains on, retrieved items in its prompts)."""
+    match = _VARIANT.fullmatch(variant)
+    if not match:
+        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu' or 'rag-k<N>+oppu'")
+    k = int(match["k"] or 0)
+    return ("rag" if k else "plain"), k

@@ -1,0 +1,104 @@
+"""Train one user's personal PEFT module on that user's history alone.
+
+The frozen base is shared: ``train_user_adapter`` plugs a fresh adapter into it, trains, saves
+the adapter in PEFT's format and takes it out again, leaving the base as it found it. Every
+random choice (adapter init, dropout, sample order) is seeded from (seed, user id) alone, so a
+user's adapter is bit-identical whatever other users the same process trained before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from oppu.tasks.base import TrainingSample
+from oppu.training.config import OptimSettings, PeftSettings
+
+
+@dataclass
+class TrainStats:
+    samples: int
+    steps: int
+    epochs: int
+    tokens: int  # trained-on tokens (targets), summed over epochs
+    input_tokens: int  # all tokens processed, summed over epochs
+    final_loss: float
+    seconds: float
+
+
+def user_seed(seed: int, user_id: str) -> int:
+    """A per-user seed that depends on nothing but the run seed and the user id."""
+    digest = hashlib.sha256(f"{seed}:{user_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], peft: PeftSettings,
+                       optim: OptimSettings, epochs: int, seed: int, user_id: str,
+                       out_dir: str | Path) -> TrainStats:
+    """Train a personal adapter for ``user_id`` on ``samples`` and save it (PEFT layout) to ``out_dir``."""
+    import peft as peft_lib
+    import torch
+
+    from oppu.models import encode_sample
+
+    if not samples:
+        raise ValueError(f"user {user_id!r} has no training samples")
+    encoded = [encode_sample(tokenizer, s, optim.max_length) for s in samples]
+    torch.manual_seed(user_seed(seed, user_id))
+    shuffler = torch.Generator().manual_seed(user_seed(seed + 1, user_id))
+    peft_model = peft_lib.get_peft_model(base_model, peft.to_peft_config())
+    try:
+        stats = _fit(peft_model, encoded, optim, epochs, shuffler, tokenizer.pad_token_id)
+        peft_model.save_pretrained(str(out_dir))
+    finally:
+        remove_adapter(peft_model)
+    return stats
+
+
+def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler, pad_id: int) -> TrainStats:
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+
+    from oppu.models.samples import collate
+
+    start = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    steps_per_epoch = math.ceil(len(encoded) / optim.batch_size)
+    total_steps = steps_per_epoch * epochs
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(optim.warmup_ratio * total_steps), total_steps)
+    device = next(model.parameters()).device
+    model.train()
+    tokens = input_tokens = 0
+    loss_value = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(encoded), generator=shuffler).tolist()
+        for first in range(0, len(order), optim.batch_size):
+            batch = collate([encoded[i] for i in order[first:first + optim.batch_size]], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            tokens += int((batch["labels"] != -100).sum())
+            input_tokens += int(batch["attention_mask"].sum())
+    model.eval()
+    return TrainStats(samples=len(encoded), steps=total_steps, epochs=epochs, tokens=tokens,
+                      input_tokens=input_tokens, final_loss=loss_value,
+                      seconds=time.perf_counter() - start)
+
+
+def remove_adapter(peft_model) -> None:
+    """Take the adapter's layers out of the shared base (prompt tuning never put any in)."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    tuner = peft_model.base_model
+    if isinstance(tuner, BaseTuner):
+        tuner.unload()
