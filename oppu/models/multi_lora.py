@@ -1,0 +1,265 @@
+"""Many users' LoRA adapters over one frozen base, selected per batch row.
+
+Each targeted ``nn.Linear`` is wrapped by a :class:`MultiLoraLinear` that holds every adapter
+slot's matrices stacked (``lora_A: [n_slots, rank, in]``, ``lora_B: [n_slots, out, rank]``) and
+a per-slot ``scaling``. A forward pass reads which slot each batch row uses from the layer (set
+for the whole model with :func:`model_adapters`) and adds that row's own low-rank update::
+
+    y[b] = base(x[b]) + scaling[s_b] * (x[b] @ A[s_b].T) @ B[s_b].T      s_b = slot_ids[b]
+
+with two batched matmuls over gathered matrices, so one pass serves (or trains) rows of many
+users; ``s_b = -1`` gives the bare base. An adapter of rank ``r`` below the slot rank fills the
+first ``r`` rows of ``A`` / columns of ``B`` and leaves zeros, which add nothing.
+
+Adapters move in and out in PEFT's own format (``adapter_model.safetensors`` keys such as
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``), so what
+:func:`export_slot_as_peft` writes loads with ``PeftModel.from_pretrained`` and what PEFT saved
+loads with :func:`load_peft_adapter_into_slot`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from oppu.errors import AdapterError
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+PEFT_PREFIX = "base_model.model."
+NO_ADAPTER = -1
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``n_slots`` LoRA adapters, one chosen per batch row.
+
+    ``dtype`` is the dtype the stacked matrices are stored in (default: the base weight's);
+    training keeps them in float32 while the base runs in bf16, and the forward casts them to
+    the activations' dtype.
+    """
+
+    def __init__(self, base: nn.Linear, n_slots: int, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if n_slots < 1 or rank < 1:
+            raise ValueError(f"n_slots and rank must be >= 1, got n_slots={n_slots}, rank={rank}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.n_slots, self.rank = n_slots, rank
+        self.in_features, self.out_features = base.in_features, base.out_features
+        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(n_slots, rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(n_slots, self.out_features, rank, **factory))
+        self.register_buffer("scaling", torch.full((n_slots,), alpha / rank, device=base.weight.device,
+                                                   dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.slot_ids: torch.Tensor | None = None  # LongTensor[batch], set by model_adapters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        slot_ids = self.slot_ids
+        if slot_ids is None:
+            return result
+        batch = x.shape[0]
+        if slot_ids.shape != (batch,):
+            raise ValueError(f"slot_ids has shape {tuple(slot_ids.shape)}, the batch has {batch} rows")
+        rows = x.reshape(batch, -1, self.in_features)
+        active = slot_ids >= 0
+        gather = slot_ids.clamp(min=0)
+        lora_a = self.lora_A[gather].to(x.dtype)  # [batch, rank, in]
+        lora_b = self.lora_B[gather].to(x.dtype)  # [batch, out, rank]
+        row_scaling = torch.where(active, self.scaling[gather], 0.0).to(x.dtype)
+        hidden = torch.bmm(self.dropout(rows), lora_a.transpose(1, 2))
+        delta = torch.bmm(hidden, lora_b.transpose(1, 2)) * row_scaling[:, None, None]
+        return result + delta.reshape(result.shape)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"n_slots={self.n_slots}, rank={self.rank}")
+
+
+def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoraLinear]:
+    """The model's multi-LoRA layers by module name (the base ``nn.Linear``'s name in the model)."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, MultiLoraLinear)}
+
+
+def inject_multi_lora(model: nn.Module, target_modules: Sequence[str] = ("q_proj", "v_proj"), *,
+                      n_slots: int, rank: int, alpha: float, dropout: float = 0.0,
+                      dtype: torch.dtype | None = None) -> list[MultiLoraLinear]:
+    """Freeze ``model`` and wrap every ``nn.Linear`` whose name ends in one of ``target_modules``.
+
+    Matching follows PEFT's rule for a list of names (the module name equals the entry or ends in
+    ``.entry``), so a PEFT adapter trained with the same ``target_modules`` fits every layer.
+    """
+    model.requires_grad_(False)
+    targets = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and _matches(name, target_modules)]
+    if not targets:
+        raise ValueError(f"no nn.Linear in the model matches target_modules={list(target_modules)}")
+    layers = []
+    for name, linear in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = MultiLoraLinear(linear, n_slots, rank, alpha, dropout, dtype)
+        setattr(parent, child_name, layer)
+        layers.append(layer)
+    return layers
+
+
+def _matches(name: str, target_modules: Sequence[str]) -> bool:
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+@contextlib.contextmanager
+def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
+    """Within the block, batch row ``b`` of every forward uses adapter slot ``slot_ids[b]`` (-1: none)."""
+    layers = list(multi_lora_layers(model).values())
+    if not layers:
+        raise ValueError("the model has no multi-LoRA layers: call inject_multi_lora first")
+    device = layers[0].lora_A.device
+    slot_tensor = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
+    if slot_tensor.dim() != 1:
+        raise ValueError(f"slot_ids must be one index per batch row, got shape {tuple(slot_tensor.shape)}")
+    n_slots = layers[0].n_slots
+    if slot_tensor.numel() and (int(slot_tensor.max()) >= n_slots or int(slot_tensor.min()) < NO_ADAPTER):
+        raise ValueError(f"slot_ids must lie in [-1, {n_slots - 1}], got {slot_tensor.tolist()}")
+    previous = [layer.slot_ids for layer in layers]
+    for layer in layers:
+        layer.slot_ids = slot_tensor
+    try:
+        yield
+    finally:
+        for layer, slot in zip(layers, previous, strict=True):
+            layer.slot_ids = slot
+
+
+def peft_scaling(peft_config: LoraConfig) -> float:
+    """LoRA's scaling for a config: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    if peft_config.use_rslora:
+        return peft_config.lora_alpha / math.sqrt(peft_config.r)
+    return peft_config.lora_alpha / peft_config.r
+
+
+def _check_supported(peft_config: LoraConfig) -> None:
+    unsupported = {"rank_pattern": bool(peft_config.rank_pattern),
+                   "alpha_pattern": bool(peft_config.alpha_pattern),
+                   "use_dora": bool(peft_config.use_dora),
+                   "lora_bias": bool(getattr(peft_config, "lora_bias", False)),
+                   "bias": peft_config.bias != "none"}
+    bad = [name for name, used in unsupported.items() if used]
+    if bad:
+        raise AdapterError(f"multi-LoRA slots hold plain LoRA only; the adapter config uses {', '.join(bad)}")
+
+
+def load_peft_adapter_into_slot(model: nn.Module, slot: int, peft_state_dict: dict[str, torch.Tensor],
+                                peft_config: LoraConfig) -> None:
+    """Copy a PEFT LoRA adapter (its saved state dict and config) into adapter slot ``slot``.
+
+    Every multi-LoRA layer the adapter does not cover gets a zero update in this slot; a key that
+    names no multi-LoRA layer, or a rank above the slots' rank, raises ``AdapterError``.
+    """
+    _check_supported(peft_config)
+    layers = multi_lora_layers(model)
+    _check_slot(layers, slot)
+    matrices: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in peft_state_dict.items():
+        module_name, matrix = _parse_peft_key(key)
+        if module_name not in layers:
+            raise AdapterError(f"adapter key {key!r} names no multi-LoRA layer of the model "
+                               f"(layers: {sorted(layers)[:3]}...)")
+        matrices.setdefault(module_name, {})[matrix] = tensor
+    scaling = peft_scaling(peft_config)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            pair = matrices.get(name)
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+            layer.scaling[slot] = scaling
+            if pair is None:
+                continue
+            if set(pair) != {"lora_A", "lora_B"}:
+                raise AdapterError(f"adapter for layer {name!r} has {sorted(pair)}, needs lora_A and lora_B")
+            lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+            rank = lora_a.shape[0]
+            if (rank > layer.rank or lora_a.shape != (rank, layer.in_features)
+                    or lora_b.shape != (layer.out_features, rank)):
+                raise AdapterError(
+                    f"adapter for layer {name!r} has lora_A {tuple(lora_a.shape)} and lora_B "
+                    f"{tuple(lora_b.shape)}; the layer takes rank <= {layer.rank}, "
+                    f"in={layer.in_features}, out={layer.out_features}")
+            layer.lora_A[slot, :rank].copy_(lora_a)
+            layer.lora_B[slot, :, :rank].copy_(lora_b)
+
+
+def _parse_peft_key(key: str) -> tuple[str, str]:
+    """``base_model.model.<module>.lora_A.weight`` -> (``<module>``, ``lora_A``)."""
+    body = key.removeprefix(PEFT_PREFIX)
+    module_name, _, rest = body.rpartition(".lora_")
+    if not module_name or rest not in ("A.weight", "B.weight"):
+        raise AdapterError(f"adapter key {key!r} is not a PEFT LoRA weight (…<module>.lora_A/B.weight)")
+    return module_name, "lora_" + rest.removesuffix(".weight")
+
+
+def _check_slot(layers: dict[str, MultiLoraLinear], slot: int) -> None:
+    if not layers:
+        raise ValueError("the model has no multi-LoRA layers: call inject_multi_lora first")
+    n_slots = next(iter(layers.values())).n_slots
+    if not 0 <= slot < n_slots:
+        raise ValueError(f"slot {slot} is outside [0, {n_slots - 1}]")
+
+
+def clear_slot(model: nn.Module, slot: int) -> None:
+    """Zero adapter slot ``slot`` in every layer: rows using it then see the bare base."""
+    layers = multi_lora_layers(model)
+    _check_slot(layers, slot)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A[slot].zero_()
+            layer.lora_B[slot].zero_()
+
+
+def export_slot_as_peft(model: nn.Module, slot: int, peft_config: LoraConfig,
+                        dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Slot ``slot`` as the state dict PEFT saves for ``peft_config`` (same keys, shapes; CPU tensors).
+
+    Only layers ``peft_config.target_modules`` selects are exported, each cut to rank
+    ``peft_config.r``.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    _check_supported(peft_config)
+    layers = multi_lora_layers(model)
+    _check_slot(layers, slot)
+    rank = peft_config.r
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        if not check_target_module_exists(peft_config, name):
+            continue
+        if rank > layer.rank:
+            raise AdapterError(f"peft_config.r={rank} exceeds the slots' rank {layer.rank} (layer {name!r})")
+        for matrix, tensor in (("lora_A", layer.lora_A[slot, :rank]), ("lora_B", layer.lora_B[slot, :, :rank])):
+            exported = tensor.detach().to("cpu", dtype=dtype or tensor.dtype).contiguous().clone()
+            state[f"{PEFT_PREFIX}{name}.{matrix}.weight"] = exported
+    if not state:
+        raise AdapterError(f"peft_config.target_modules={peft_config.target_modules} selects no multi-LoRA layer")
+    return state
+
+
+def save_slot_as_peft(model: nn.Module, slot: int, peft_config: LoraConfig, out_dir: str | Path,
+                      dtype: torch.dtype | None = None) -> Path:
+    """Write slot ``slot`` as a PEFT adapter directory (``adapter_config.json``, ``adapter_model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(export_slot_as_peft(model, slot, peft_config, dtype), str(out / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    peft_config.save_pretrained(str(out))
+    return out
