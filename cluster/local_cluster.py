@@ -1,0 +1,378 @@
+"""A local multi-node Ray cluster on one machine: a head and worker nodes started with ``ray start``.
+
+Each node is one ``ray start --block`` process in a session of its own, so a node is stopped (or
+killed, to stand in for a lost machine) by signalling its own process tree and nothing else that
+runs on the machine; ``ray stop`` would end every Ray instance here, other people's included.
+
+    python -m cluster.local_cluster up [--config cluster/local-cluster.yaml] [--set key=value]
+    python -m cluster.local_cluster status | down | kill-node node_b   [--state-dir DIR]
+
+``cluster/local-up.sh`` and ``cluster/local-down.sh`` wrap ``up`` and ``down``. Tests use
+:class:`LocalCluster` directly (``with LocalCluster(config) as cluster: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from oppu.config import add_config_arguments, load_config
+from oppu.errors import ConfigError, OppuError
+
+DEFAULT_STATE_DIR = "/tmp/oppu-local-cluster"
+DEFAULT_CONFIG = Path(__file__).with_name("local-cluster.yaml")
+
+# Printed by `ray start --block` once its node has registered with the GCS.
+_READY_MARKER = "This command will now block forever"
+_RESOURCE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_PORTS_PER_NODE = 200
+_FIRST_WORKER_PORT_OFFSET = 100
+# Ray refuses object stores under 75 MiB.
+_MIN_OBJECT_STORE_MIB = 80
+
+
+class ClusterError(OppuError):
+    """The local cluster could not be started, found or stopped."""
+
+
+@dataclass
+class LocalClusterConfig:
+    """Shape of the local cluster. The defaults fit a head and two workers in 24 GB on 2 cores."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    """Holds cluster.json, the address file, node logs and Ray's temp dir (keep it short: Ray's
+    socket paths live under it and must stay under 108 characters)."""
+    gcs_port: int = 6390
+    """The head's GCS port; the cluster address is ``<node ip>:<gcs_port>``."""
+    dashboard_port: int = 8265
+    """Ray dashboard and job/serve REST API, bound to 127.0.0.1."""
+    port_base: int = 24000
+    """Node i (head = 0) takes the ports [port_base + 200*i, port_base + 200*i + 199]: its
+    raylet, object manager, metrics, agents, and 100 worker ports."""
+    head_num_cpus: int = 0
+    """Logical CPUs of the head; 0 keeps tasks and replicas on the workers, as in production."""
+    worker_num_cpus: int = 1
+    """Logical CPUs of each worker node."""
+    workers: list[str] = field(default_factory=lambda: ["node_a", "node_b"])
+    """One worker node per name; each carries a custom resource of that name (amount 1), so a
+    task can be pinned to it with ``.options(resources={name: 0.01})``."""
+    object_store_mib: int = 512
+    """Object store cap of every node (shared memory), in MiB."""
+    startup_timeout_s: float = 180.0
+    """How long one node may take to register with the GCS."""
+    stop_timeout_s: float = 30.0
+    """How long a node may take to exit after SIGTERM before it is killed."""
+
+    def __post_init__(self) -> None:
+        if self.object_store_mib < _MIN_OBJECT_STORE_MIB:
+            raise ConfigError(f"object_store_mib: {self.object_store_mib} is below Ray's minimum "
+                              f"({_MIN_OBJECT_STORE_MIB})")
+        for name in self.workers:
+            if not _RESOURCE_NAME.match(name):
+                raise ConfigError(f"workers: {name!r} is not a valid resource name "
+                                  "(letters, digits, _; not starting with a digit)")
+        if len(set(self.workers)) != len(self.workers):
+            raise ConfigError(f"workers: names must be unique, got {self.workers}")
+        last_port = self.port_base + _PORTS_PER_NODE * (len(self.workers) + 1) - 1
+        if self.port_base < 1024 or last_port > 65535:
+            raise ConfigError(f"port_base: {self.port_base} puts node ports outside 1024..65535 "
+                              f"(last port {last_port})")
+        for key in ("gcs_port", "dashboard_port"):
+            port = getattr(self, key)
+            if self.port_base <= port <= last_port:
+                raise ConfigError(f"{key}: {port} falls inside the node port range "
+                                  f"{self.port_base}..{last_port}")
+        if self.head_num_cpus < 0 or self.worker_num_cpus < 1:
+            raise ConfigError(f"head_num_cpus must be >= 0 and worker_num_cpus >= 1, got "
+                              f"{self.head_num_cpus} and {self.worker_num_cpus}")
+
+
+@dataclass(frozen=True)
+class NodeProcess:
+    """One node's ``ray start --block`` process; (pid, create_time) guards against pid reuse."""
+
+    name: str
+    pid: int
+    create_time: float
+    log_path: str
+
+    def process(self) -> psutil.Process | None:
+        """The live launcher process, or None once it has exited."""
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.create_time() != self.create_time or proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            return proc
+        except psutil.NoSuchProcess:
+            return None
+
+    def tree(self) -> list[psutil.Process]:
+        """The launcher and every process it started (GCS, raylet, agents, core workers)."""
+        proc = self.process()
+        if proc is None:
+            return []
+        try:
+            return [proc, *proc.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+
+class LocalCluster:
+    """Start, inspect, partly kill and stop a local multi-node Ray cluster."""
+
+    def __init__(self, config: LocalClusterConfig):
+        self.config = config
+        self.state_dir = Path(config.state_dir)
+        self.nodes: list[NodeProcess] = []
+        self.address: str | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.config.dashboard_port}"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / "cluster.json"
+
+    @property
+    def address_path(self) -> Path:
+        return self.state_dir / "address"
+
+    @classmethod
+    def attach(cls, state_dir: str | Path = DEFAULT_STATE_DIR) -> LocalCluster:
+        """The cluster that ``up`` recorded under ``state_dir``."""
+        state_path = Path(state_dir) / "cluster.json"
+        try:
+            state = json.loads(state_path.read_text())
+        except FileNotFoundError as exc:
+            raise ClusterError(f"no local cluster recorded in {state_path}; start one with "
+                               "cluster/local-up.sh") from exc
+        cluster = cls(LocalClusterConfig(**state["config"]))
+        cluster.address = state["address"]
+        cluster.nodes = [NodeProcess(**node) for node in state["nodes"]]
+        return cluster
+
+    def start(self) -> str:
+        """Start the head, then each worker in turn; return the cluster (GCS) address."""
+        if self.state_path.exists() and any(n.process() for n in LocalCluster.attach(self.state_dir).nodes):
+            raise ClusterError(f"a local cluster recorded in {self.state_path} is still running; "
+                               "stop it first (cluster/local-down.sh)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs").mkdir(exist_ok=True)
+        try:
+            self._start_node("head", self._head_args())
+            self.address = (self._ray_temp_dir() / "ray_current_cluster").read_text().strip()
+            self._write_state()
+            for index, name in enumerate(self.config.workers, start=1):
+                self._start_node(name, self._worker_args(index, name))
+                self._write_state()
+        except BaseException:
+            self.stop()
+            raise
+        self.address_path.write_text(self.address + "\n")
+        return self.address
+
+    def stop(self) -> None:
+        """SIGTERM each node (workers first, head last), SIGKILL what outlives stop_timeout_s."""
+        for node in reversed(self.nodes):
+            self._end_node(node, graceful=True)
+        self.nodes = []
+        self.state_path.unlink(missing_ok=True)
+        self.address_path.unlink(missing_ok=True)
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of worker node ``name`` at once, as if its machine were lost."""
+        if name == "head":
+            raise ClusterError("kill_node: the head cannot be killed; use stop()")
+        node = self._node(name)
+        self._end_node(node, graceful=False)
+        self.nodes = [n for n in self.nodes if n.name != name]
+        self._write_state()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every live process of every node."""
+        return [proc for node in self.nodes for proc in node.tree()]
+
+    def describe(self) -> dict:
+        return {
+            "address": self.address,
+            "dashboard_url": self.dashboard_url,
+            "nodes": {n.name: ("running" if n.process() else "exited") for n in self.nodes},
+        }
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _node(self, name: str) -> NodeProcess:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise ClusterError(f"no node named {name!r} in the local cluster; nodes: "
+                           f"{[n.name for n in self.nodes]}")
+
+    def _ray_temp_dir(self) -> Path:
+        return self.state_dir / "ray"
+
+    def _node_ports(self, index: int) -> list[str]:
+        first = self.config.port_base + _PORTS_PER_NODE * index
+        return [
+            f"--node-manager-port={first}",
+            f"--object-manager-port={first + 1}",
+            f"--metrics-export-port={first + 2}",
+            f"--dashboard-agent-listen-port={first + 3}",
+            f"--dashboard-agent-grpc-port={first + 4}",
+            f"--runtime-env-agent-port={first + 5}",
+            f"--min-worker-port={first + _FIRST_WORKER_PORT_OFFSET}",
+            f"--max-worker-port={first + _PORTS_PER_NODE - 1}",
+        ]
+
+    def _common_args(self) -> list[str]:
+        return [f"--object-store-memory={self.config.object_store_mib * 1024 * 1024}",
+                "--disable-usage-stats", "--block"]
+
+    def _head_args(self) -> list[str]:
+        head_port_base = self.config.port_base
+        return [
+            "--head", f"--port={self.config.gcs_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.config.dashboard_port}",
+            f"--ray-client-server-port={head_port_base + 6}",
+            f"--temp-dir={self._ray_temp_dir()}",
+            f"--num-cpus={self.config.head_num_cpus}",
+            *self._node_ports(0), *self._common_args(),
+        ]
+
+    def _worker_args(self, index: int, name: str) -> list[str]:
+        return [
+            f"--address={self.address}",
+            f"--num-cpus={self.config.worker_num_cpus}",
+            f"--resources={json.dumps({name: 1})}",
+            *self._node_ports(index), *self._common_args(),
+        ]
+
+    def _start_node(self, name: str, args: list[str]) -> None:
+        log_path = self.state_dir / "logs" / f"{name}.log"
+        with log_path.open("w") as log:
+            # A session of its own: Ray's reaper signals the launcher's whole process group on exit.
+            popen = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", *args],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        node = NodeProcess(name, popen.pid, psutil.Process(popen.pid).create_time(), str(log_path))
+        self.nodes.append(node)
+        deadline = time.monotonic() + self.config.startup_timeout_s
+        while _READY_MARKER not in log_path.read_text(errors="replace"):
+            if popen.poll() is not None:
+                raise ClusterError(f"node {name!r} exited with status {popen.returncode} while "
+                                   f"starting; last lines of {log_path}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node {name!r} did not join within "
+                                   f"{self.config.startup_timeout_s:.0f}s; see {log_path}:\n"
+                                   f"{_tail(log_path)}")
+            time.sleep(0.5)
+
+    def _end_node(self, node: NodeProcess, *, graceful: bool) -> None:
+        tree = node.tree()
+        if not tree:
+            return
+        if graceful:
+            tree[0].send_signal(signal.SIGTERM)
+            _, alive = psutil.wait_procs(tree, timeout=self.config.stop_timeout_s)
+        else:
+            alive = tree
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        _, still_alive = psutil.wait_procs(alive, timeout=10)
+        if still_alive:
+            raise ClusterError(f"node {node.name!r}: processes {[p.pid for p in still_alive]} "
+                               "survived SIGKILL")
+
+    def _write_state(self) -> None:
+        state = {
+            "config": dataclasses.asdict(self.config),
+            "address": self.address,
+            "dashboard_url": self.dashboard_url,
+            "nodes": [dataclasses.asdict(node) for node in self.nodes],
+        }
+        tmp_path = self.state_path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp_path, self.state_path)
+
+
+def _tail(path: Path, n_lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n_lines:])
+
+
+def _up(args: argparse.Namespace) -> int:
+    config = load_config(LocalClusterConfig, args.config, args.overrides)
+    cluster = LocalCluster(config)
+    started = time.monotonic()
+    address = cluster.start()
+    print(f"local Ray cluster up in {time.monotonic() - started:.0f}s: head + {config.workers}")
+    print(f"  cluster address : {address}   (also in {cluster.address_path})")
+    print(f"  dashboard       : {cluster.dashboard_url}")
+    print(f"  export RAY_ADDRESS={cluster.dashboard_url}   # for ray job submit / serve deploy")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    if not (Path(args.state_dir) / "cluster.json").exists():
+        print(f"no local cluster recorded in {args.state_dir}; nothing to stop")
+        return 0
+    LocalCluster.attach(args.state_dir).stop()
+    print(f"local Ray cluster in {args.state_dir} stopped")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    print(json.dumps(LocalCluster.attach(args.state_dir).describe(), indent=2))
+    return 0
+
+
+def _kill_node(args: argparse.Namespace) -> int:
+    LocalCluster.attach(args.state_dir).kill_node(args.name)
+    print(f"node {args.name!r} killed")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cluster.local_cluster", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start a head and the worker nodes")
+    add_config_arguments(up)
+    up.set_defaults(handler=_up)
+    for name, handler, help_line in (("down", _down, "stop every node of the recorded cluster"),
+                                     ("status", _status, "print address, dashboard and node states"),
+                                     ("kill-node", _kill_node, "SIGKILL one worker node")):
+        sub = commands.add_parser(name, help=help_line)
+        sub.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+        if name == "kill-node":
+            sub.add_argument("name", help="worker node name, e.g. node_b")
+        sub.set_defaults(handler=handler)
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, ClusterError) as exc:
+        print(f"local_cluster {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
