@@ -18,12 +18,12 @@ import json
 import re
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from oppu.errors import AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
+from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, ConfigError
 from oppu.ids import validate_user_id
 from oppu.store.objects import canonical_json, open_root, sha256_hex, write_atomic
 
@@ -36,17 +36,22 @@ FINGERPRINT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 VERSION_PATTERN = re.compile(r"v(\d{8}T\d{12})-[0-9a-f]{8}")
 _VERSION_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+FILE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 def _check_component(name: str, value: object, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise UserIdError(f"invalid adapter {name} {str(value)[:64]!r}: must match {pattern.pattern}")
+        raise ConfigError(f"invalid adapter {name} {str(value)[:64]!r}: must match {pattern.pattern}")
     return value
 
 
 @dataclass(frozen=True)
 class AdapterKey:
-    """What an adapter is stored under; every part is checked before any path is built."""
+    """What an adapter is stored under; every part is checked before any path is built.
+
+    A bad ``user`` raises ``UserIdError``; a bad task, fingerprint or variant ``ConfigError``.
+    """
 
     task: str
     base_fingerprint: str
@@ -68,7 +73,14 @@ class AdapterKey:
 
 @dataclass
 class Manifest:
-    """What ``manifest.json`` records about one adapter version."""
+    """What ``manifest.json`` records about one adapter version.
+
+    ``peft_config`` is the adapter's own ``adapter_config.json``; ``train_config`` the training
+    config it was published with and ``config_hash`` that config's canonical-JSON sha256;
+    ``data_hash`` identifies the user's training data and ``data_span`` describes it (item
+    count, dates); ``files`` maps each file name to the sha256 hex of its bytes; ``created`` is
+    ISO 8601 UTC.
+    """
 
     user: str
     task: str
@@ -81,8 +93,8 @@ class Manifest:
     data_hash: str
     data_span: dict[str, Any]
     metrics: dict[str, float]
-    files: dict[str, str] = field(metadata={"help": "file name -> sha256 hex of its bytes"})
-    created: str = field(metadata={"help": "ISO 8601 UTC time the version was published"})
+    files: dict[str, str]
+    created: str
     version: str
     format_version: int = FORMAT_VERSION
 
@@ -95,19 +107,38 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: bytes, *, where: str) -> Manifest:
+        """Parse a stored manifest; anything malformed is an ``AdapterIntegrityError`` naming ``where``."""
         try:
             raw = json.loads(data)
         except ValueError as exc:
             raise AdapterIntegrityError(f"{where}: manifest is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise AdapterIntegrityError(f"{where}: manifest is not a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = sorted(n for n in names if n != "format_version" and n not in raw)
-        if not isinstance(raw, dict) or missing:
+        if missing:
             raise AdapterIntegrityError(f"{where}: manifest lacks fields {missing}")
-        if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+        format_version = raw.get("format_version", FORMAT_VERSION)
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
             raise AdapterIntegrityError(
-                f"{where}: manifest format_version {raw['format_version']} is newer than this "
-                f"reader's {FORMAT_VERSION}")
+                f"{where}: manifest format_version {format_version!r} is not one this reader "
+                f"(format {FORMAT_VERSION}) understands")
+        files = raw["files"]
+        if not isinstance(files, dict) or not files:
+            raise AdapterIntegrityError(f"{where}: manifest 'files' must map file names to sha256")
+        for name, digest in files.items():
+            # Names become local paths in fetch(): a forged "../x" must never get that far.
+            if not _is_safe_file_name(name) or name == MANIFEST_NAME:
+                raise AdapterIntegrityError(f"{where}: manifest lists an unsafe file name {name!r}")
+            if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
+                raise AdapterIntegrityError(f"{where}: manifest sha256 of {name!r} is {digest!r}")
         return cls(**{n: raw[n] for n in names if n in raw})
+
+
+def _is_safe_file_name(name: object) -> bool:
+    """A relative POSIX path whose every part is a plain file name (no "..", no "/" at either end)."""
+    return isinstance(name, str) and all(
+        FILE_NAME_PATTERN.fullmatch(part) and part not in (".", "..") for part in name.split("/"))
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -163,6 +194,9 @@ class AdapterStore:
             name = local_file.relative_to(adapter_dir).as_posix()
             if name == MANIFEST_NAME:
                 continue
+            if not _is_safe_file_name(name):
+                raise AdapterError(f"{adapter_dir}: cannot publish file {name!r} of adapter {key}: "
+                                   f"names must match {FILE_NAME_PATTERN.pattern}")
             # Hash the very bytes uploaded, so a file changing under us cannot desync the two.
             data = local_file.read_bytes()
             file_hashes[name] = sha256_hex(data)

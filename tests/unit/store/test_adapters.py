@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oppu.errors import AdapterIntegrityError, AdapterNotFound, UserIdError
+from oppu.errors import AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
 from oppu.store import AdapterKey, AdapterStore, config_hash
 from oppu.store.adapters import MANIFEST_NAME, new_version_id
 from tests.unit.store.adapter_factory import (
@@ -189,7 +189,7 @@ def test_invalid_user_ids_are_refused_before_any_path_is_built(store, user, tmp_
     ("../LaMP", "f1", "oppu"), ("LaMP-2M", "a/b", "oppu"), ("LaMP-2M", "f1", "rag:k1"),
     ("_auth", "f1", "oppu"), ("LaMP-2M", "..", "oppu"), ("LaMP-2M", "f1", "+oppu")])
 def test_invalid_key_parts_are_refused(task, fingerprint, variant):
-    with pytest.raises(UserIdError):
+    with pytest.raises(ConfigError, match="invalid adapter"):
         AdapterKey(task, fingerprint, variant, "u1")
 
 
@@ -202,3 +202,21 @@ def test_file_uri_root_is_the_same_store(tmp_path):
     adapter_dir = fake_adapter_dir(tmp_path / "a")
     manifest = publish(AdapterStore(f"file://{tmp_path}/store"), KEY, adapter_dir)
     assert AdapterStore(str(tmp_path / "store")).latest(KEY) == manifest
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("files", {"../../outside.txt": "0" * 64}), ("files", {"/etc/passwd": "0" * 64}),
+    ("files", {"adapter_model.safetensors": "not-a-sha"}), ("files", {}),
+    ("format_version", 99), ("version", None)])
+def test_forged_manifest_is_refused_before_anything_is_written(store, tmp_path, field, value):
+    manifest = publish(store, KEY, fake_adapter_dir(tmp_path / "a"))
+    manifest_path = tmp_path / "store" / KEY.relative_path() / manifest.version / MANIFEST_NAME
+    raw = json.loads(manifest_path.read_text())
+    if value is None:
+        del raw[field]
+    else:
+        raw[field] = value
+    manifest_path.write_text(json.dumps(raw))
+    with pytest.raises(AdapterIntegrityError, match=str(KEY)):
+        store.fetch(KEY, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() and not (tmp_path / "outside.txt").exists()
