@@ -21,12 +21,16 @@ class BM25Retriever:
         self.items = list(items)
         self._tokenized_documents = [self.task.retrieval_document(item.fields).split()
                                      for item in self.items]
+        # The full-history index and the latest prefix index are kept; training asks for a new
+        # prefix per item, and keeping every prefix would hold O(n^2) term counts.
         self._indexes: dict[int, object] = {}
 
     def _index(self, size: int):
         from rank_bm25 import BM25Okapi
 
         if size not in self._indexes:
+            for cached in [s for s in self._indexes if s != len(self.items)]:
+                del self._indexes[cached]
             self._indexes[size] = BM25Okapi(self._tokenized_documents[:size])
         return self._indexes[size]
 

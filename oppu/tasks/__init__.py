@@ -13,8 +13,8 @@ TASK_NAMES: tuple[str, ...] = tuple(task.name for task in ALL_TASKS)
 _TASKS_BY_KEY = {task.name.casefold(): task for task in ALL_TASKS}
 
 
-def get_task(name: str) -> Task:
-    """The task named ``name``: ``LaMP-2M``, ``LaMP_2M`` and ``lamp-2m`` all name LaMP-2M."""
+def get_task(name: str | Task) -> Task:
+    """The task named ``name``: ``LaMP-2M``, ``LaMP_2M`` and ``lamp-2m`` all name LaMP-2M; a Task is returned as is."""
     if isinstance(name, Task):
         return name
     key = str(name).strip().replace("_", "-").casefold()

@@ -35,9 +35,12 @@ class LabelParser:
         for spelling, label in spellings:
             if folded == spelling.casefold():
                 return label
-        # Longest first so "dark comedy ..." is not read as a shorter label that prefixes it.
+        # Longest first so "dark comedy ..." is not read as a shorter label that prefixes it; the
+        # label must end at a word boundary ("1." is [1], "12" is not).
         for spelling, label in sorted(spellings, key=lambda pair: -len(pair[0])):
-            if folded.startswith(spelling.casefold()):
+            prefix = spelling.casefold()
+            rest = folded[len(prefix):]
+            if folded.startswith(prefix) and not rest[:1].isalnum():
                 return label
         return answer
 

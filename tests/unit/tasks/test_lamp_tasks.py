@@ -221,6 +221,8 @@ def test_query_sample_targets_the_gold_after_a_space():
     ("LaMP-1", " [2]", "[2]"),
     ("LaMP-1", "1", "[1]"),
     ("LaMP-1", "[1] - ImageNet classification", "[1]"),
+    ("LaMP-1", "12 references", "12 references"),
+    ("LaMP-2M", "comedyish", "comedyish"),
     ("LaMP-3", " 4", "4"),
     ("LaMP-3", "I would give it 2 stars", "2"),
     ("LaMP-3", "excellent", "excellent"),
