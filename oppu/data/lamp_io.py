@@ -13,6 +13,7 @@ Readers return every user with role ``"base"``; roles are chosen afterwards
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ _YEAR = re.compile(r"\d{4}")
 _YEAR_MONTH = re.compile(r"(\d{4})[-/](\d{1,2})")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # a user's items recur in every query's profile
 def parse_date(text: str) -> datetime:
     """A sortable naive-UTC ``datetime`` for the date formats LaMP uses.
 
