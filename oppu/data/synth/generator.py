@@ -57,7 +57,9 @@ class _SynthUser:
 
 def build_world(task_name: str, layout_rng: np.random.Generator) -> World:
     """The generative process of ``task_name`` (a canonical name such as ``LaMP-2M``)."""
+    from oppu.data.synth.citation import CitationWorld
     from oppu.data.synth.classification import ItemFields, LabelChoiceWorld
+    from oppu.data.synth.generation import HEADLINE_STYLE, PAPER_TITLE_STYLE, TWEET_STYLE, StyleWorld
     from oppu.data.synth.rating import RatingBiasWorld
     from oppu.data.synth.vocabulary import MOVIE_TAG_KEYWORDS, NEWS_CATEGORY_KEYWORDS
     from oppu.tasks.labels import LAMP_2M_LABELS, LAMP_2N_LABELS
@@ -70,6 +72,14 @@ def build_world(task_name: str, layout_rng: np.random.Generator) -> World:
                                 ItemFields(text="text", label="category", title="title"), layout_rng)
     if task_name == "LaMP-3":
         return RatingBiasWorld(layout_rng)
+    if task_name == "LaMP-1":
+        return CitationWorld(layout_rng)
+    if task_name == "LaMP-4":
+        return StyleWorld(HEADLINE_STYLE)
+    if task_name == "LaMP-5":
+        return StyleWorld(PAPER_TITLE_STYLE)
+    if task_name == "LaMP-7":
+        return StyleWorld(TWEET_STYLE)
     raise ConfigError(f"task: no synthetic generator for {task_name!r}; "
                       f"choose one of {', '.join(SYNTHETIC_TASKS)}")
 

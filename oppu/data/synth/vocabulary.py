@@ -136,3 +136,22 @@ VERBS: tuple[str, ...] = (
     "finds", "meets", "faces", "loses", "builds", "follows", "discovers", "leaves", "joins", "fights", "returns",
     "saves", "changes", "tests", "shows",
 )
+
+RESEARCH_ADJECTIVES: tuple[str, ...] = (
+    "novel", "practical", "general", "improved", "deep", "sparse", "online", "hierarchical", "probabilistic",
+    "distributed",
+)
+
+# Words a paper title can be made of without saying what it is about (LaMP-1's query titles).
+GENERIC_TITLE_NOUNS: tuple[str, ...] = (
+    "framework", "approach", "analysis", "study", "method", "model", "perspective", "evaluation", "design",
+    "system", "view", "investigation",
+)
+
+RESEARCH_VERBS: tuple[str, ...] = (
+    "improves", "combines", "extends", "simplifies", "outperforms", "generalizes", "accelerates", "unifies",
+)
+
+TWEET_ADJECTIVES: tuple[str, ...] = (
+    "great", "bad", "weird", "nice", "crazy", "lovely", "boring", "awesome", "terrible", "perfect",
+)

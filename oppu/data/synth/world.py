@@ -16,7 +16,14 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from oppu.data.synth.vocabulary import FILLER_ADJECTIVES, FILLER_NOUNS, PERSON_NAMES, VERBS
+from oppu.data.synth.vocabulary import (
+    FILLER_ADJECTIVES,
+    FILLER_NOUNS,
+    PERSON_NAMES,
+    RESEARCH_ADJECTIVES,
+    RESEARCH_VERBS,
+    VERBS,
+)
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,25 @@ def evidence_text(rng: np.random.Generator, keywords: Sequence[str], n_sentences
         tail = " and the ".join(carried) if carried else filler_phrase(rng)
         sentences.append(f"{one_of(rng, PERSON_NAMES)} {one_of(rng, VERBS)} the {filler_phrase(rng)} "
                          f"with the {tail}.")
+    return " ".join(sentences)
+
+
+def with_article(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def abstract_text(rng: np.random.Generator, lead: str, keywords: Sequence[str]) -> str:
+    """A paper abstract: ``lead`` as its first sentence, then research sentences around ``keywords``."""
+    words = list(keywords)
+    rng.shuffle(words)
+    sentences = [lead]
+    for first, second in zip(words[::2], words[1::2], strict=False):
+        if rng.random() < 0.5:
+            sentences.append(f"We propose {with_article(one_of(rng, RESEARCH_ADJECTIVES))} method that "
+                             f"{one_of(rng, RESEARCH_VERBS)} {first} and {second}.")
+        else:
+            sentences.append(f"Experiments on {first} with {second} show {one_of(rng, RESEARCH_ADJECTIVES)} "
+                             f"results for the {one_of(rng, FILLER_NOUNS)}.")
     return " ".join(sentences)
 
 

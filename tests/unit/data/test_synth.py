@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oppu.data.synth import generate
+from oppu.data.synth import SYNTHETIC_TASKS, generate
+from oppu.data.synth.vocabulary import RESEARCH_TOPIC_KEYWORDS
 from oppu.errors import ConfigError
 from oppu.tasks import get_task
 
-TASKS = ("LaMP-2M", "LaMP-2N", "LaMP-3")
+TASKS = SYNTHETIC_TASKS
+GENERATION_TASKS = ("LaMP-4", "LaMP-5", "LaMP-7")
 N_USERS, N_TEST, QUERIES = 24, 6, 3
 
 
@@ -35,8 +37,8 @@ def small_sets(tmp_path_factory) -> dict[str, tuple[list[dict], dict, dict]]:
 @pytest.fixture(scope="module")
 def quickstart_sets(tmp_path_factory) -> dict[str, tuple[list[dict], dict, dict]]:
     root = tmp_path_factory.mktemp("synth_quickstart")
-    return {task: _load(generate(task, 60, 3, root / task, 15, queries_per_user=5))
-            for task in ("LaMP-2M", "LaMP-2N", "LaMP-3")}
+    return {task: _load(generate(task, 48, 3, root / task, 12, queries_per_user=5))
+            for task in ("LaMP-1", "LaMP-2M", "LaMP-2N", "LaMP-3")}
 
 
 def _user_histories(questions: list[dict]) -> dict[str, list[dict]]:
@@ -71,8 +73,8 @@ def test_files_are_official_lamp_format(small_sets, task_name: str):
             assert all(isinstance(item[f], str) and item[f] for f in task.item_fields)
     if task.labels is not None:
         assert {g["output"] for g in outputs["golds"]} <= set(task.labels)
-        label_field = next(f for f in task.item_fields if f in ("tag", "category", "score"))
-        assert {item[label_field] for q in questions for item in q["profile"]} <= set(task.labels)
+    if task.labels is not None and task.output_field is not None:
+        assert {item[task.output_field] for q in questions for item in q["profile"]} <= set(task.labels)
     assert reference["task"] == task.name and reference["n_test_users"] == N_TEST
     assert set(reference["population"]) == set(reference["bayes"]) == set(task.metric_names)
     assert set(reference["users"]) == {q["user_id"] for q in questions}
@@ -94,18 +96,25 @@ def test_test_users_are_the_most_active_with_enough_history(quickstart_sets):
     _, _, reference = quickstart_sets["LaMP-2M"]
     users = reference["users"]
     ranked = sorted(users, key=lambda uid: (-users[uid]["n_history"], uid))
-    assert {uid for uid in ranked[:15]} == {uid for uid, u in users.items() if u["role"] == "test"}
-    assert min(users[uid]["n_history"] for uid in ranked[:15]) >= 30
+    assert set(ranked[:12]) == {uid for uid, u in users.items() if u["role"] == "test"}
+    assert min(users[uid]["n_history"] for uid in ranked[:12]) >= 30
     lengths = np.array([u["n_history"] for u in users.values()])
     assert lengths.max() >= 3 * np.median(lengths)  # a long tail of very active users
 
 
 @pytest.mark.parametrize(("task_name", "metric", "margin"), [
-    ("LaMP-2M", "accuracy", 0.25), ("LaMP-2N", "accuracy", 0.15), ("LaMP-3", "MAE", -0.4)])
+    ("LaMP-1", "accuracy", 0.2), ("LaMP-2M", "accuracy", 0.2), ("LaMP-2N", "accuracy", 0.2),
+    ("LaMP-3", "MAE", -0.4)])
 def test_bayes_reference_clearly_beats_population(quickstart_sets, task_name: str, metric: str, margin: float):
     _, _, reference = quickstart_sets[task_name]
     gap = reference["bayes"][metric] - reference["population"][metric]
     assert gap >= margin if margin > 0 else gap <= margin
+
+
+@pytest.mark.parametrize("task_name", GENERATION_TASKS)
+def test_the_users_own_style_beats_the_population_style(small_sets, task_name: str):
+    _, _, reference = small_sets[task_name]
+    assert reference["bayes"]["rouge-1"] >= reference["population"]["rouge-1"] + 0.2
 
 
 @pytest.mark.parametrize("task_name", ["LaMP-2M", "LaMP-2N"])
@@ -127,6 +136,41 @@ def test_rating_users_score_by_their_planted_bias(quickstart_sets):
         scores_by_persona[bias].extend(int(item["score"]) for item in profile)
     means = [np.mean(scores_by_persona[bias]) for bias in sorted(scores_by_persona)]
     assert len(means) == 4 and all(a + 0.3 < b for a, b in zip(means, means[1:], strict=False))
+
+
+def test_researchers_write_mostly_on_their_personas_topics(quickstart_sets):
+    questions, _, reference = quickstart_sets["LaMP-1"]
+    topic_of_word = {word: topic for topic, words in RESEARCH_TOPIC_KEYWORDS.items() for word in words}
+    for user_id, profile in _user_histories(questions).items():
+        topics = Counter(topic_of_word[word] for item in profile for word in item["title"].split()
+                         if word in topic_of_word)
+        if len(profile) >= 20:
+            assert topics.most_common(1)[0][0] in reference["users"][user_id]["persona_topics"], user_id
+
+
+@pytest.mark.parametrize("task_name", GENERATION_TASKS)
+def test_generation_outputs_carry_the_users_style_and_the_inputs_content(small_sets, task_name: str):
+    task = get_task(task_name)
+    questions, outputs, reference = small_sets[task_name]
+    signed = []
+    for user_id, profile in _user_histories(questions).items():
+        signature = reference["users"][user_id]["signature"]
+        outputs_of_user = [item[task.output_field or "text"] for item in profile]
+        signed_by_user = [signature in text.split() for text in outputs_of_user]
+        assert sum(signed_by_user) >= len(outputs_of_user) / 3, user_id
+        signed.extend(signed_by_user)
+    assert np.mean(signed) >= 0.6
+    gold_of = {g["id"]: g["output"] for g in outputs["golds"]}
+    for question in questions:
+        query_text = next(iter(task.parse_query(question["input"]).values()))
+        content = set(query_text.replace(".", "").split())
+        assert reference["users"][question["user_id"]]["signature"] not in content
+        assert len(content & set(gold_of[question["id"]].split())) >= 2
+
+
+def test_tweet_history_is_tweets_only(small_sets):
+    questions, _, _ = small_sets["LaMP-7"]
+    assert all(set(item) == {"id", "date", "text"} for q in questions for item in q["profile"])
 
 
 def test_bad_sizes_are_config_errors(tmp_path: Path):
