@@ -33,6 +33,14 @@ def test_score_files_accepts_underscore_task_names(tmp_path):
     assert scores["accuracy"] == 0.5
 
 
+def test_lamps_own_lamp_2_name_fits_both_lamp_2_tasks(tmp_path):
+    golds = write_outputs(tmp_path / "g.json", "LaMP_2", [("1", "comedy")])
+    assert read_outputs_file(golds, "LaMP-2M") == {"1": "comedy"}
+    assert read_outputs_file(golds, "LaMP-2N") == {"1": "comedy"}
+    with pytest.raises(DataError, match="LaMP-2 is ambiguous"):
+        read_outputs_file(golds, "LaMP-3")
+
+
 def test_score_files_refuses_a_file_of_another_task(tmp_path):
     golds = write_outputs(tmp_path / "g.json", "LaMP_3", [("1", "3")])
     preds = write_outputs(tmp_path / "p.json", "LaMP_3", [("1", "3")])
