@@ -113,6 +113,14 @@ def inject_multi_lora(model: nn.Module, target_modules: Sequence[str] = ("q_proj
     return layers
 
 
+def remove_multi_lora(model: nn.Module) -> None:
+    """Put every wrapped base ``nn.Linear`` back in place of its multi-LoRA layer."""
+    for name in multi_lora_layers(model):
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, getattr(parent, child_name).base)
+
+
 def _matches(name: str, target_modules: Sequence[str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in target_modules)
 

@@ -1,0 +1,359 @@
+"""Train many users' personal LoRA adapters together over one frozen base.
+
+Every user in training owns a slot of a multi-LoRA model (``oppu.models.multi_lora``). A global
+step takes each active user's next optimiser step (``batch_size`` of that user's samples), pools
+all their rows, cuts the pool into length-grouped micro-batches (``oppu.training.packing``) and
+runs forward/backward over rows of many users at once; every row goes through its own user's
+LoRA. The loss of a row is divided by its user's target-token count for the step, so the
+gradient a slot receives is exactly the gradient of that user's own mean loss. Then each user
+gets its own gradient-norm clipping, its own AdamW update (own moments, own step count) and its
+own learning rate from its own warmup-and-linear-decay schedule, over its own number of steps.
+A user who has done all epochs hands its slot to the next user in the queue.
+
+Nothing a user's adapter depends on comes from the other users: initialisation and sample order
+are seeded from (seed, user id) alone (as ``oppu.training.personal`` seeds them), so an adapter
+comes out the same, up to floating-point summation order, trained alone or in any company.
+LoRA dropout is the exception: its random masks are drawn per pass, so with dropout > 0 the
+adapters are equal in distribution only.
+
+The LoRA matrices and AdamW moments are kept in float32 while the base runs in its own dtype
+(bf16 on GPU): updates of size lr * 1 would vanish in bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from oppu.errors import ConfigError
+from oppu.ids import validate_user_id
+from oppu.training.config import OptimSettings
+from oppu.training.packing import IGNORE_INDEX, Row, collate, group_by_length
+from oppu.training.personal import user_seed
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig
+
+    from oppu.models.multi_lora import MultiLoraLinear
+    from oppu.tasks.base import TrainingSample
+
+    StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class UserTrainStats:
+    """What training one user's adapter took."""
+
+    user_id: str
+    samples: int
+    epochs: int
+    steps: int
+    target_tokens: int = 0  # trained-on tokens, summed over epochs
+    input_tokens: int = 0  # all real (non-padding) tokens processed, summed over epochs
+    final_loss: float = float("nan")  # mean loss of the user's last step
+    losses: list[float] = field(default_factory=list)  # mean loss of every step
+
+
+@dataclass
+class _UserRun:
+    """A user's data, step plan and progress while it trains."""
+
+    user_id: str
+    encoded: list[dict[str, list[int]]]
+    plan: list[list[int]]  # sample indices of every optimiser step, epochs concatenated
+    warmup_steps: int
+    stats: UserTrainStats
+    next_step: int = 0
+    slot: int = -1
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.plan)
+
+
+def linear_warmup_decay(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier at optimiser step ``step`` (0-based): transformers' linear schedule with warmup."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+
+def step_plan(n_samples: int, batch_size: int, epochs: int, shuffler: torch.Generator) -> list[list[int]]:
+    """Sample indices of every optimiser step: a fresh permutation per epoch, cut into batches."""
+    import torch
+
+    plan = []
+    for _ in range(epochs):
+        order = torch.randperm(n_samples, generator=shuffler).tolist()
+        plan.extend(order[first:first + batch_size] for first in range(0, n_samples, batch_size))
+    return plan
+
+
+def init_user_slot(model, slot: int, seed: int, user_id: str) -> None:
+    """Fresh adapter for ``user_id`` in ``slot``: PEFT's LoRA init (A Kaiming-uniform, B zero), seeded per user."""
+    import torch
+
+    from oppu.models.multi_lora import multi_lora_layers
+
+    generator = torch.Generator().manual_seed(user_seed(seed, user_id))
+    with torch.no_grad():
+        for layer in multi_lora_layers(model).values():
+            lora_a = torch.empty(layer.rank, layer.in_features, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+            layer.lora_A[slot].copy_(lora_a)
+            layer.lora_B[slot].zero_()
+
+
+class SlotAdamW:
+    """AdamW (torch.optim.AdamW's update) over stacked slot parameters, each slot its own state.
+
+    ``torch.optim`` keeps one step count and one learning rate per parameter; here the first
+    dimension of every parameter is the slot, and each slot has its own step count, learning
+    rate and gradient clipping, and only the slots named in a step are updated.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], n_slots: int, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params = list(params)
+        self.weight_decay, self.betas, self.eps = weight_decay, betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = [0] * n_slots
+
+    def reset_slot(self, slot: int) -> None:
+        for moment in (*self.exp_avg, *self.exp_avg_sq):
+            moment[slot].zero_()
+        self.steps[slot] = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def fill_missing_grads(self) -> None:
+        """Zero gradients for parameters no pass reached (a step whose rows had no trained token)."""
+        import torch
+
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+    def clip_grad_norms(self, slots: Sequence[int], max_norm: float) -> list[float]:
+        """Scale each slot's gradient to norm <= ``max_norm`` (torch's clip_grad_norm_ rule); the norms before."""
+        import torch
+
+        index = torch.tensor(slots, device=self.params[0].device)
+        squared = sum(p.grad.index_select(0, index).flatten(1).pow(2).sum(1) for p in self.params)
+        norms = squared.sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            p.grad.index_copy_(0, index, p.grad.index_select(0, index) * _per_slot(scale, p))
+        return norms.tolist()
+
+    def step(self, slots: Sequence[int], lrs: Sequence[float]) -> None:
+        import torch
+
+        beta1, beta2 = self.betas
+        for slot in slots:
+            self.steps[slot] += 1
+        device = self.params[0].device
+        index = torch.tensor(slots, device=device)
+        lr = torch.tensor(lrs, dtype=torch.float64)
+        steps = torch.tensor([self.steps[s] for s in slots], dtype=torch.float64)
+        bias_correction1 = 1 - beta1 ** steps
+        bias_correction2_sqrt = (1 - beta2 ** steps).sqrt()
+        decay = (1 - lr * self.weight_decay).to(device, torch.float32)
+        step_size = (lr / bias_correction1).to(device, torch.float32)
+        bias_correction2_sqrt = bias_correction2_sqrt.to(device, torch.float32)
+        with torch.no_grad():
+            for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+                grad = p.grad.index_select(0, index)
+                value = p.index_select(0, index).mul_(_per_slot(decay, p))
+                m = exp_avg.index_select(0, index).lerp_(grad, 1 - beta1)
+                v = exp_avg_sq.index_select(0, index).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denom = (v.sqrt() / _per_slot(bias_correction2_sqrt, p)).add_(self.eps)
+                value.sub_(_per_slot(step_size, p) * m / denom)
+                p.index_copy_(0, index, value)
+                exp_avg.index_copy_(0, index, m)
+                exp_avg_sq.index_copy_(0, index, v)
+
+
+def _per_slot(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-slot scalars shaped to broadcast over a stacked parameter's slot rows."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def train_users_batched(
+    base_model,
+    tokenizer,
+    users: Sequence[tuple[str, Sequence[TrainingSample | dict[str, list[int]]]]],
+    peft_config: LoraConfig,
+    hparams: OptimSettings,
+    seed: int,
+    *,
+    epochs: int | Mapping[str, int] | None = None,
+    max_active_users: int = 8,
+    tokens_per_forward: int = 16384,
+    batch_overhead_tokens: int = 256,
+    gradient_checkpointing: bool = False,
+    on_user_done: Callable[[str, StateDict, UserTrainStats], None] | None = None,
+) -> dict[str, StateDict]:
+    """Train one LoRA adapter per user, up to ``max_active_users`` at a time; returns PEFT state dicts.
+
+    ``users`` pairs a user id with its samples (``TrainingSample``, encoded here with
+    ``hparams.max_length``, or already encoded ``{"input_ids", "labels"}``). ``epochs`` is one
+    count for all, or per user id; default ``hparams.epochs``. ``tokens_per_forward`` bounds a
+    micro-batch's padded tokens (activation memory). ``on_user_done`` is called as soon as a user
+    finishes, with the state dict in PEFT's saved format (``PeftModel.from_pretrained`` loads it
+    next to ``peft_config``), so a caller can store adapters while others still train.
+    ``base_model`` is frozen and used in place; its layers are restored before returning.
+    """
+    import torch
+
+    from oppu.models.multi_lora import (
+        export_slot_as_peft,
+        inject_multi_lora,
+        model_adapters,
+        multi_lora_layers,
+        peft_scaling,
+        remove_multi_lora,
+    )
+
+    runs = _plan_users(tokenizer, users, hparams, seed, epochs)
+    if tokens_per_forward < hparams.max_length:
+        raise ConfigError(f"tokens_per_forward={tokens_per_forward} is below max_length={hparams.max_length}: "
+                          "a full-length sample would not fit a micro-batch")
+    n_slots = max(1, min(max_active_users, len(runs)))
+    targets = _target_module_names(base_model, peft_config)
+    inject_multi_lora(base_model, targets, n_slots=n_slots, rank=peft_config.r, alpha=peft_config.lora_alpha,
+                      dropout=peft_config.lora_dropout, dtype=torch.float32)
+    was_training = base_model.training
+    try:
+        layers: list[MultiLoraLinear] = list(multi_lora_layers(base_model).values())
+        for layer in layers:
+            layer.scaling.fill_(peft_scaling(peft_config))
+        optimizer = SlotAdamW([p for layer in layers for p in (layer.lora_A, layer.lora_B)], n_slots,
+                              hparams.weight_decay)
+        if gradient_checkpointing:
+            base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base_model.train()
+        device = layers[0].lora_A.device
+        decoder, head = base_model.get_decoder(), base_model.get_output_embeddings()
+        pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+
+        # Longest plans first, so the last global steps are not one long user training alone.
+        queue = sorted(runs, key=lambda run: (-run.total_steps, run.user_id))
+        free_slots = list(range(n_slots - 1, -1, -1))
+        active: dict[int, _UserRun] = {}
+        adapters: dict[str, StateDict] = {}
+        while queue or active:
+            while queue and free_slots:
+                run = queue.pop(0)
+                run.slot = free_slots.pop()
+                init_user_slot(base_model, run.slot, seed, run.user_id)
+                optimizer.reset_slot(run.slot)
+                active[run.slot] = run
+
+            rows: list[Row] = []
+            inverse_targets = torch.zeros(n_slots, dtype=torch.float32)
+            for slot, run in active.items():
+                step_rows = [Row(slot, i, run.encoded[i]["input_ids"], run.encoded[i]["labels"])
+                             for i in run.plan[run.next_step]]
+                targets_in_step = sum(row.target_tokens for row in step_rows)
+                inverse_targets[slot] = 1.0 / max(1, targets_in_step)
+                run.stats.target_tokens += targets_in_step
+                run.stats.input_tokens += sum(len(row) for row in step_rows)
+                rows.extend(step_rows)
+            inverse_targets = inverse_targets.to(device)
+
+            optimizer.zero_grad()
+            slot_losses = torch.zeros(n_slots, device=device)
+            for micro_batch in group_by_length(rows, tokens_per_forward, batch_overhead_tokens):
+                batch = collate(micro_batch, pad_id, device)
+                with model_adapters(base_model, batch["owners"]):
+                    hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+                    shifted_labels = batch["labels"][:, 1:]
+                    trained = shifted_labels != IGNORE_INDEX
+                    # Only trained positions go through the LM head: prompts are most tokens.
+                    logits = head(hidden[:, :-1][trained]).float()
+                    token_losses = torch.nn.functional.cross_entropy(logits, shifted_labels[trained],
+                                                                     reduction="none")
+                    token_slots = batch["owners"][:, None].expand_as(shifted_labels)[trained]
+                    weighted = token_losses * inverse_targets[token_slots]
+                    weighted.sum().backward()
+                slot_losses.index_add_(0, token_slots, weighted.detach())
+
+            optimizer.fill_missing_grads()
+            slots = sorted(active)
+            lrs = [hparams.lr * linear_warmup_decay(active[s].next_step, active[s].warmup_steps,
+                                                    active[s].total_steps) for s in slots]
+            optimizer.clip_grad_norms(slots, hparams.max_grad_norm)
+            optimizer.step(slots, lrs)
+            step_losses = slot_losses.tolist()
+            for slot in slots:
+                run = active[slot]
+                run.stats.losses.append(step_losses[slot])
+                run.next_step += 1
+                if run.next_step == run.total_steps:
+                    run.stats.final_loss = step_losses[slot]
+                    state = export_slot_as_peft(base_model, slot, peft_config)
+                    adapters[run.user_id] = state
+                    if on_user_done is not None:
+                        on_user_done(run.user_id, state, run.stats)
+                    del active[slot]
+                    free_slots.append(slot)
+        return adapters
+    finally:
+        if gradient_checkpointing:
+            base_model.gradient_checkpointing_disable()
+        remove_multi_lora(base_model)
+        base_model.train(was_training)
+
+
+def _plan_users(tokenizer, users, hparams: OptimSettings, seed: int,
+                epochs: int | Mapping[str, int] | None) -> list[_UserRun]:
+    import torch
+
+    from oppu.models.samples import encode_sample
+
+    runs: list[_UserRun] = []
+    seen: set[str] = set()
+    for user_id, samples in users:
+        validate_user_id(user_id)
+        if user_id in seen:
+            raise ValueError(f"user {user_id!r} appears twice in the batch")
+        seen.add(user_id)
+        if not samples:
+            raise ValueError(f"user {user_id!r} has no training samples")
+        user_epochs = epochs.get(user_id, hparams.epochs) if isinstance(epochs, Mapping) else (
+            epochs if epochs is not None else hparams.epochs)
+        if user_epochs is None or user_epochs < 1:
+            raise ConfigError(f"no epoch count for user {user_id!r}: pass epochs= or set optim.epochs "
+                              f"(got {user_epochs!r})")
+        encoded = [s if isinstance(s, dict) else encode_sample(tokenizer, s, hparams.max_length) for s in samples]
+        for i, sample in enumerate(encoded):
+            if len(sample["input_ids"]) > hparams.max_length:
+                raise ValueError(f"user {user_id!r} sample {i} has {len(sample['input_ids'])} tokens, "
+                                 f"more than max_length={hparams.max_length}")
+        shuffler = torch.Generator().manual_seed(user_seed(seed + 1, user_id))
+        plan = step_plan(len(encoded), hparams.batch_size, user_epochs, shuffler)
+        runs.append(_UserRun(user_id=user_id, encoded=encoded, plan=plan,
+                             warmup_steps=int(hparams.warmup_ratio * len(plan)),
+                             stats=UserTrainStats(user_id, len(encoded), user_epochs, len(plan))))
+    return runs
+
+
+def _target_module_names(model, peft_config: LoraConfig) -> list[str]:
+    """Full names of the ``nn.Linear`` modules ``peft_config`` targets (PEFT's own matching rule)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from torch import nn
+
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and check_target_module_exists(peft_config, name)]
+    if not names:
+        raise ConfigError(f"peft target_modules={peft_config.target_modules} match no nn.Linear of the model")
+    return names

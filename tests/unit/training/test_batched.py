@@ -1,0 +1,162 @@
+"""A user's adapter must not depend on who else trained in the same passes."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from oppu.models.multi_lora import export_slot_as_peft, inject_multi_lora  # noqa: E402
+from oppu.training.batched import (  # noqa: E402
+    SlotAdamW,
+    init_user_slot,
+    linear_warmup_decay,
+    step_plan,
+    train_users_batched,
+)
+from oppu.training.config import OptimSettings  # noqa: E402
+from oppu.training.personal import user_seed  # noqa: E402
+
+VOCAB = 48
+SEED = 7
+HPARAMS = OptimSettings(lr=2e-2, weight_decay=0.01, max_grad_norm=0.3, warmup_ratio=0.2, batch_size=4,
+                        epochs=2, max_length=40)
+LORA = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def user_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
+    """Encoded samples: a masked prompt then a short trained target, lengths varying."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(n):
+        prompt = [rng.randrange(3, VOCAB) for _ in range(rng.randint(2, 25))]
+        target = [rng.randrange(3, 12) for _ in range(rng.randint(1, 8))] + [1]
+        samples.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+    return samples
+
+
+USERS = {"u1": user_samples(11, 1), "u2": user_samples(5, 2), "u3": user_samples(8, 3)}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def together(base):
+    done = []
+    adapters = train_users_batched(base, None, list(USERS.items()), LORA, HPARAMS, SEED, max_active_users=2,
+                                   tokens_per_forward=96, on_user_done=lambda u, s, stats: done.append((u, stats)))
+    return adapters, done
+
+
+def assert_same_adapter(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("user_id", ["u1", "u2", "u3"])
+def test_adapter_is_the_same_alone_or_in_company(base, together, user_id):
+    alone = train_users_batched(base, None, [(user_id, USERS[user_id])], LORA, HPARAMS, SEED,
+                                tokens_per_forward=96)
+    assert_same_adapter(together[0][user_id], alone[user_id])
+
+
+def test_users_finish_with_their_own_step_counts(together):
+    adapters, done = together
+    assert sorted(adapters) == ["u1", "u2", "u3"]
+    stats = dict(done)
+    # 2 epochs of ceil(n / 4) steps each; u2 (5 samples) starts in the slot u3 or u1 freed.
+    assert {u: s.steps for u, s in stats.items()} == {"u1": 6, "u2": 4, "u3": 4}
+    assert all(len(s.losses) == s.steps for s in stats.values())
+    assert stats["u1"].input_tokens == 2 * sum(len(x["input_ids"]) for x in USERS["u1"])
+    assert stats["u1"].losses[-1] < stats["u1"].losses[0]  # it learns
+    # Different users, different data: different adapters.
+    key = next(iter(adapters["u1"]))
+    assert not torch.allclose(adapters["u1"][key], adapters["u2"][key])
+
+
+def test_base_model_is_left_as_it_was(base, together):
+    assert not any(type(m).__name__ == "MultiLoraLinear" for m in base.modules())
+
+
+def reference_loop(base, user_id: str, samples: list[dict]) -> dict:
+    """The plain one-user recipe: a PeftModel, torch AdamW, clip_grad_norm_, HF's linear warmup schedule."""
+    from oppu.models.samples import collate
+
+    initial = copy.deepcopy(base)
+    inject_multi_lora(initial, LORA.target_modules, n_slots=1, rank=LORA.r, alpha=LORA.lora_alpha)
+    init_user_slot(initial, 0, SEED, user_id)
+    model = peft.get_peft_model(copy.deepcopy(base), copy.deepcopy(LORA))
+    peft.set_peft_model_state_dict(model, export_slot_as_peft(initial, 0, LORA))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=HPARAMS.lr, weight_decay=HPARAMS.weight_decay)
+    plan = step_plan(len(samples), HPARAMS.batch_size, HPARAMS.epochs,
+                     torch.Generator().manual_seed(user_seed(SEED + 1, user_id)))
+    scheduler = transformers.get_linear_schedule_with_warmup(
+        optimizer, int(HPARAMS.warmup_ratio * len(plan)), len(plan))
+    model.train()
+    for step in plan:
+        loss = model(**collate([samples[i] for i in step], pad_id=0)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, HPARAMS.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return peft.get_peft_model_state_dict(model)
+
+
+def test_batched_training_equals_the_plain_one_user_loop(base, together):
+    expected = reference_loop(base, "u1", USERS["u1"])
+    assert_same_adapter(together[0]["u1"], expected)
+
+
+def test_exported_adapter_loads_with_peft_from_pretrained(base, together, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(together[0]["u3"], str(tmp_path / "adapter_model.safetensors"))
+    LORA.save_pretrained(str(tmp_path))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    assert_same_adapter(peft.get_peft_model_state_dict(loaded), together[0]["u3"])
+
+
+def test_schedule_matches_transformers():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 3, 11)
+    for step in range(11):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(linear_warmup_decay(step, 3, 11))
+        optimizer.step()
+        scheduler.step()
+
+
+def test_slot_adamw_updates_only_named_slots_like_torch_adamw():
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(3, 4, 5))
+    reference = torch.nn.Parameter(stacked.detach()[1].clone())
+    slot_optimizer = SlotAdamW([stacked], n_slots=3, weight_decay=0.1)
+    torch_optimizer = torch.optim.AdamW([reference], lr=0.05, weight_decay=0.1)
+    untouched = stacked.detach()[[0, 2]].clone()
+    for _ in range(3):
+        grad = torch.randn(4, 5)
+        stacked.grad = torch.zeros(3, 4, 5)
+        stacked.grad[1] = grad
+        reference.grad = grad.clone()
+        slot_optimizer.step([1], [0.05])
+        torch_optimizer.step()
+    torch.testing.assert_close(stacked.detach()[1], reference.detach())
+    torch.testing.assert_close(stacked.detach()[[0, 2]], untouched)
