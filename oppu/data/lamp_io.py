@@ -80,6 +80,11 @@ class _Collector:
         if user_key is not None:
             self.bad_users.add(user_key)
 
+    def at(self, where: _Where, message: str, field: str | None = None) -> None:
+        """An error in the record ``where`` points at; its user is dropped."""
+        self.add(message, file=where.file, record=where.record, field=field, user=where.user,
+                 user_key=where.user_key)
+
 
 @dataclass
 class _Where:
@@ -118,15 +123,13 @@ def _read_text(raw: dict, name: str, where: _Where, errors: _Collector, *,
                field_label: str | None = None) -> str | None:
     label = field_label or name
     if name not in raw:
-        errors.add(f"missing field {name!r}", file=where.file, record=where.record, field=label,
-                   user=where.user, user_key=where.user_key)
+        errors.at(where, f"missing field {name!r}", label)
         return None
     value = raw[name]
     if name in NUMERIC_TEXT_FIELDS and isinstance(value, int | float) and not isinstance(value, bool):
         return str(int(value)) if float(value).is_integer() else str(value)
     if not isinstance(value, str):
-        errors.add(f"{name!r} must be a string, got {type(value).__name__}", file=where.file,
-                   record=where.record, field=label, user=where.user, user_key=where.user_key)
+        errors.at(where, f"{name!r} must be a string, got {type(value).__name__}", label)
         return None
     return value
 
@@ -142,16 +145,12 @@ def _read_output(raw: dict, name: str, where: _Where, errors: _Collector) -> str
 def _read_item(task: Task, raw: Any, label: str, where: _Where,
                errors: _Collector) -> HistoryItem | None:
     """One profile item, or ``None`` (with errors added) when it is bad."""
-    def bad(message: str, field_label: str) -> None:
-        errors.add(message, file=where.file, record=where.record, field=field_label,
-                   user=where.user, user_key=where.user_key)
-
     if not isinstance(raw, dict):
-        bad(f"a profile item must be an object, got {type(raw).__name__}", label)
+        errors.at(where, f"a profile item must be an object, got {type(raw).__name__}", label)
         return None
     item_id = _record_id(raw.get("id"))
     if item_id is None:
-        bad(f"profile item needs an 'id' (string), got {raw.get('id')!r}", f"{label}.id")
+        errors.at(where, f"profile item needs an 'id' (string), got {raw.get('id')!r}", f"{label}.id")
     fields = {name: _read_text(raw, name, where, errors, field_label=f"{label}.{name}")
               for name in task.item_fields}
     date, date_ok = None, True
@@ -160,14 +159,14 @@ def _read_item(task: Task, raw: Any, label: str, where: _Where,
         if isinstance(date_value, int) and not isinstance(date_value, bool):
             date_value = str(date_value)
         if not isinstance(date_value, str):
-            bad(f"'date' must be a string, got {type(date_value).__name__}", f"{label}.date")
+            errors.at(where, f"'date' must be a string, got {type(date_value).__name__}", f"{label}.date")
             date_ok = False
         else:
             try:
                 parse_date(date_value)
                 date = date_value
             except ValueError:
-                bad(f"'date' is not a date: {date_value[:64]!r}", f"{label}.date")
+                errors.at(where, f"'date' is not a date: {date_value[:64]!r}", f"{label}.date")
                 date_ok = False
     if item_id is None or not date_ok or any(value is None for value in fields.values()):
         return None
@@ -177,12 +176,10 @@ def _read_item(task: Task, raw: Any, label: str, where: _Where,
 def _read_profile(task: Task, raw: dict, where: _Where, errors: _Collector,
                   name: str = "profile") -> list[HistoryItem] | None:
     if name not in raw:
-        errors.add(f"missing field {name!r}", file=where.file, record=where.record, field=name,
-                   user=where.user, user_key=where.user_key)
+        errors.at(where, f"missing field {name!r}", name)
         return None
     if not isinstance(raw[name], list):
-        errors.add(f"{name!r} must be a list, got {type(raw[name]).__name__}", file=where.file,
-                   record=where.record, field=name, user=where.user, user_key=where.user_key)
+        errors.at(where, f"{name!r} must be a list, got {type(raw[name]).__name__}", name)
         return None
     items = [_read_item(task, item, f"{name}[{index}]", where, errors)
              for index, item in enumerate(raw[name])]
@@ -199,8 +196,7 @@ def _read_input(task: Task, raw: dict, where: _Where, errors: _Collector) -> str
         task.parse_query(text)
     except (DataError, ValueError, KeyError) as exc:
         reason = str(exc).removesuffix(" (field='input')")
-        errors.add(f"input is not a {task.name} query: {reason}", file=where.file, record=where.record,
-                   field="input", user=where.user, user_key=where.user_key)
+        errors.at(where, f"input is not a {task.name} query: {reason}", "input")
         return None
     return text
 
@@ -341,8 +337,7 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
         shown_user.setdefault(key, user)
         where = _Where(questions_file, question_id or f"#{index}", user, key)
         if question_id is None:
-            errors.add(f"a question needs an 'id' (string), got {raw.get('id')!r}",
-                       file=questions_file, record=f"#{index}", field="id", user=user, user_key=key)
+            errors.at(where, f"a question needs an 'id' (string), got {raw.get('id')!r}", "id")
             continue
         if question_id in user_of_question:
             first_key = user_of_question[question_id]
@@ -354,12 +349,10 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
         text = _read_input(task, raw, where, errors)
         profile = _read_profile(task, raw, where, errors)
         if question_id not in golds:
-            errors.add(f"question has no gold output in {outputs_file}", file=questions_file,
-                       record=question_id, field="output", user=user, user_key=key)
+            errors.at(where, f"question has no gold output in {outputs_file}", "output")
         elif golds[question_id] is None:
-            errors.add(f"the question's gold record in {outputs_file} is bad (see its error)",
-                       file=questions_file, record=question_id, field="output", user=user,
-                       user_key=key)
+            errors.at(where, f"the question's gold record in {outputs_file} is bad (see its error)",
+                      "output")
         if text is not None and profile is not None:
             questions_by_user[key].append(_Question(question_id, text, profile))
 
@@ -408,8 +401,7 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
         key, user = _user_key({"user_id": raw.get("user_id")}, None, index, file, errors)
         where = _Where(file, user or f"#{index}", user, key)
         if key in seen_users:
-            errors.add("duplicate user id", file=file, record=f"#{index}", field="user_id",
-                       user=user, user_key=key)
+            errors.at(where, "duplicate user id", "user_id")
             continue
         seen_users.add(key)
         profile = _read_profile(task, raw, where, errors)
@@ -420,21 +412,18 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
 
         raw_queries = raw.get("query", [])
         if not isinstance(raw_queries, list):
-            errors.add(f"'query' must be a list, got {type(raw_queries).__name__}", file=file,
-                       record=where.record, field="query", user=user, user_key=key)
+            errors.at(where, f"'query' must be a list, got {type(raw_queries).__name__}", "query")
             raw_queries = []
         queries = []
         for q_index, raw_query in enumerate(raw_queries):
             label = f"query[{q_index}]"
             if not isinstance(raw_query, dict):
-                errors.add(f"a query must be an object, got {type(raw_query).__name__}", file=file,
-                           record=where.record, field=label, user=user, user_key=key)
+                errors.at(where, f"a query must be an object, got {type(raw_query).__name__}", label)
                 continue
             query_id = _record_id(raw_query.get("id"))
             if query_id is None:
-                errors.add(f"a query needs an 'id' (string), got {raw_query.get('id')!r}",
-                           file=file, record=where.record, field=f"{label}.id", user=user,
-                           user_key=key)
+                errors.at(where, f"a query needs an 'id' (string), got {raw_query.get('id')!r}",
+                          f"{label}.id")
                 continue
             query_where = _Where(file, query_id, user, key)
             if query_id in seen_queries:
