@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from oppu.data.records import HistoryItem, Query, UserData
 from oppu.errors import ConfigError, DataError, UserIdError
@@ -305,6 +305,12 @@ class _Question:
     profile: list[HistoryItem]
 
 
+@overload
+def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, *,
+              collect_errors: Literal[False] = False) -> list[UserData]: ...
+@overload
+def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, *,
+              collect_errors: Literal[True]) -> tuple[list[UserData], list[DataError]]: ...
 def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, *,
               collect_errors: bool = False) -> list[UserData] | tuple[list[UserData], list[DataError]]:
     """Users of an official LaMP split (``*_questions.json`` + ``*_outputs.json``).
@@ -375,6 +381,12 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
     return (users, errors.errors) if collect_errors else users
 
 
+@overload
+def read_oppu_format(task: Task, path: str | Path, *,
+                     collect_errors: Literal[False] = False) -> list[UserData]: ...
+@overload
+def read_oppu_format(task: Task, path: str | Path, *,
+                     collect_errors: Literal[True]) -> tuple[list[UserData], list[DataError]]: ...
 def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = False
                      ) -> list[UserData] | tuple[list[UserData], list[DataError]]:
     """Users of the OPPU authors' per-user JSON (``user_top_100_history.json``, ``user_others.json``).
