@@ -13,6 +13,7 @@ Register it in ``tests/conftest.py`` with ``pytest_plugins = ["tests.conftest_s3
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ def s3_server() -> Iterator[dict[str, Any]]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -23,9 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fsspec import AbstractFileSystem
+
 from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, ConfigError
 from oppu.ids import validate_user_id
-from oppu.store.objects import canonical_json, open_root, sha256_hex, write_atomic
+from oppu.store.objects import canonical_json, list_files, open_root, sha256_hex, write_atomic
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -188,7 +190,6 @@ class AdapterStore:
         train_config_hash = config_hash(config)
         version = new_version_id()
         version_path = f"{self._key_path(key)}/{version}"
-        self._fs.makedirs(version_path, exist_ok=True)
         file_hashes: dict[str, str] = {}
         for local_file in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
             name = local_file.relative_to(adapter_dir).as_posix()
@@ -200,8 +201,6 @@ class AdapterStore:
             # Hash the very bytes uploaded, so a file changing under us cannot desync the two.
             data = local_file.read_bytes()
             file_hashes[name] = sha256_hex(data)
-            if "/" in name:
-                self._fs.makedirs(f"{version_path}/{name.rsplit('/', 1)[0]}", exist_ok=True)
             self._fs.pipe_file(f"{version_path}/{name}", data)
         manifest = Manifest(
             user=key.user, task=key.task, variant=key.variant, base_fingerprint=key.base_fingerprint,
@@ -217,10 +216,7 @@ class AdapterStore:
     def versions(self, key: AdapterKey) -> list[str]:
         """Complete versions of ``key`` (those with a manifest), oldest first."""
         key_path = self._key_path(key)
-        self._fs.invalidate_cache(key_path)
-        found = self._fs.glob(f"{key_path}/v*/{MANIFEST_NAME}")
-        names = (path.rstrip("/").split("/")[-2] for path in found)
-        return sorted(name for name in names if VERSION_PATTERN.fullmatch(name))
+        return sorted(version for user, version in _complete_versions(self._fs, key_path, depth=1))
 
     def manifest(self, key: AdapterKey, version: str) -> Manifest:
         """The manifest of one version; ``AdapterNotFound`` if it is not complete."""
@@ -301,9 +297,7 @@ class AdapterStore:
         _check_component("base fingerprint", base_fingerprint, FINGERPRINT_PATTERN)
         _check_component("variant", variant, VARIANT_PATTERN)
         variant_path = f"{self._root}/{task}/{base_fingerprint}/{variant}"
-        self._fs.invalidate_cache(variant_path)
-        found = self._fs.glob(f"{variant_path}/*/v*/{MANIFEST_NAME}")
-        return sorted({path.rstrip("/").split("/")[-3] for path in found})
+        return sorted({user for user, version in _complete_versions(self._fs, variant_path, depth=2)})
 
     # -- deleting --------------------------------------------------------------------------
 
@@ -313,18 +307,20 @@ class AdapterStore:
         Manifests go first, so readers stop seeing the versions before their files disappear.
         """
         user = validate_user_id(user)
-        task_glob = "*" if task is None else _check_component("task", task, TASK_PATTERN)
-        self._fs.invalidate_cache(self._root)
-        user_dirs = [path for path in self._fs.glob(f"{self._root}/{task_glob}/*/*/{user}")
-                     if self._is_adapter_dir(path)]
-        manifests = [path for user_dir in user_dirs
-                     for path in self._fs.glob(f"{user_dir}/v*/{MANIFEST_NAME}")]
-        if manifests:
-            self._fs.rm(manifests)
-        version_dirs = [path for user_dir in user_dirs for path in self._fs.ls(user_dir, detail=False)]
-        for user_dir in user_dirs:
-            self._fs.rm(user_dir, recursive=True)
-        return len(version_dirs)
+        if task is not None:
+            _check_component("task", task, TASK_PATTERN)
+        deleted_versions = 0
+        for variant_path in self._variant_paths(task):
+            files = list_files(self._fs, f"{variant_path}/{user}")
+            if not files:
+                continue
+            manifests = [path for path in files if path.endswith(f"/{MANIFEST_NAME}")]
+            if manifests:
+                self._fs.rm(manifests)
+            versions = {path[len(variant_path) + 1:].split("/")[1] for path in files}
+            self._fs.rm(f"{variant_path}/{user}", recursive=True)
+            deleted_versions += len(versions)
+        return deleted_versions
 
     def gc_incomplete(self, older_than_s: float) -> int:
         """Remove version folders without a manifest whose version time is over ``older_than_s`` ago.
@@ -366,7 +362,30 @@ class AdapterStore:
             raise AdapterNotFound(f"no complete adapter version for {key} in {self.root_uri}")
         return manifest
 
-    def _is_adapter_dir(self, path: str) -> bool:
-        task, fingerprint, variant = path[len(self._root) + 1:].split("/")[:3]
-        return bool(TASK_PATTERN.fullmatch(task) and FINGERPRINT_PATTERN.fullmatch(fingerprint)
-                    and VARIANT_PATTERN.fullmatch(variant))
+    def _variant_paths(self, task: str | None) -> list[str]:
+        """Every ``{root}/{task}/{fingerprint}/{variant}`` folder (of one task, or all of them)."""
+        paths = [self._root]
+        levels = ((TASK_PATTERN if task is None else re.compile(re.escape(task))),
+                  FINGERPRINT_PATTERN, VARIANT_PATTERN)
+        for pattern in levels:
+            children = []
+            for path in paths:
+                self._fs.invalidate_cache(path)
+                try:
+                    names = self._fs.ls(path, detail=False)
+                except FileNotFoundError:
+                    continue
+                children += [name.rstrip("/") for name in names
+                             if pattern.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])]
+            paths = children
+        return paths
+
+
+def _complete_versions(fs: AbstractFileSystem, path: str, depth: int) -> list[tuple[str, str]]:
+    """``(user, version)`` of each manifest ``depth`` folders below ``path`` (user "" at depth 1)."""
+    found = []
+    for file_path in list_files(fs, path):
+        parts = file_path[len(path) + 1:].split("/")
+        if len(parts) == depth + 1 and parts[-1] == MANIFEST_NAME and VERSION_PATTERN.fullmatch(parts[-2]):
+            found.append(("/".join(parts[:-2]), parts[-2]))
+    return found

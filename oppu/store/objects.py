@@ -18,8 +18,26 @@ def open_root(root_uri: str, storage_options: dict[str, Any] | None = None
     S3 endpoints and credentials come from ``storage_options`` or, as botocore reads them, from
     the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
     """
-    fs, root = fsspec.core.url_to_fs(root_uri, **(storage_options or {}))
+    options = dict(storage_options or {})
+    if root_uri.startswith(("s3://", "s3a://")):
+        # Everything stored here is small (adapters, manifests, tokens). With per-file transfer
+        # concurrency on, s3fs sends a HEAD for the size before every GET: twice the round trips.
+        options.setdefault("max_concurrency", 1)
+    fs, root = fsspec.core.url_to_fs(root_uri, **options)
+    if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
+        # Object stores have no directories to create; locally, writes create their parents.
+        fs = LocalFileSystem(auto_mkdir=True)
     return fs, root.rstrip("/")
+
+
+def list_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Every file below ``path`` (none if it does not exist), fresh from the store.
+
+    ``find`` without a depth limit is one paginated listing on an object store, where a glob
+    would list each "directory" separately.
+    """
+    fs.invalidate_cache(path)
+    return fs.find(path)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -37,9 +55,8 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     An object store's PUT is already all-or-nothing; a local file is written under a temporary
     name in the same directory and renamed over the target, which POSIX makes atomic.
     """
-    parent = path.rsplit("/", 1)[0]
-    fs.makedirs(parent, exist_ok=True)
     if isinstance(fs, LocalFileSystem):
+        parent = path.rsplit("/", 1)[0]
         temp_path = f"{parent}/.{path.rsplit('/', 1)[1]}.tmp-{secrets.token_hex(4)}"
         fs.pipe_file(temp_path, data)
         fs.mv(temp_path, path)
