@@ -100,7 +100,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]!r}; known keys under "
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys under "
                           f"{prefix or 'the top level'}: {sorted(names)}")
     kwargs = {name: _coerce(value, hints[name], f"{prefix}{name}") for name, value in data.items()}
     try:

@@ -10,6 +10,7 @@ Each stage reads and writes the run directory only, so any stage can be re-run a
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,9 +53,11 @@ def ensure_pretrained(cfg: RunConfig, log=print) -> str:
     log(f"[pretrained] building the tiny default model on {len(corpus)} texts of "
         f"{len(dataset.base_users())} base users (stand-in for a pretrained LLM)")
     started = time.perf_counter()
-    cache = Path(os.environ.get("OPPU_CACHE_DIR", Path.home() / ".cache" / "oppu")) / "tiny"
-    built = build_tiny_base(corpus, cache, cfg.tiny, cfg.seed)
-    fsutil.publish_dir(built, target)
+    if fsutil.is_remote(target):
+        with tempfile.TemporaryDirectory(prefix="oppu-tiny-") as tmp:
+            fsutil.publish_dir(build_tiny_base(corpus, Path(tmp) / "model", cfg.tiny, cfg.seed), target)
+    else:
+        build_tiny_base(corpus, fsutil.local_path(target), cfg.tiny, cfg.seed)
     log(f"[pretrained] {target} ready in {time.perf_counter() - started:.0f}s")
     return target
 
