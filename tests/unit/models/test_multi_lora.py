@@ -42,6 +42,15 @@ def random_peft_adapter(base, seed: int, r: int, alpha: float, targets=("q_proj"
     return peft_model, peft.get_peft_model_state_dict(peft_model), config
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend with parallel test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup():
     base = tiny_llama()

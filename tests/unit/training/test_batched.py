@@ -51,6 +51,15 @@ def user_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
 USERS = {"u1": user_samples(11, 1), "u2": user_samples(5, 2), "u3": user_samples(8, 3)}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; more only contend with parallel test processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def base():
     return tiny_llama()
