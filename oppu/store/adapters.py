@@ -186,7 +186,8 @@ class AdapterStore:
         adapter_dir = Path(adapter_dir)
         peft_config_path = adapter_dir / "adapter_config.json"
         if not peft_config_path.is_file():
-            raise AdapterNotFound(f"{adapter_dir} is not a PEFT adapter directory: no adapter_config.json")
+            raise AdapterError(f"cannot publish {adapter_dir} as adapter {key}: it is not a PEFT "
+                               f"adapter directory (no adapter_config.json)")
         train_config_hash = config_hash(config)
         version = new_version_id()
         version_path = f"{self._key_path(key)}/{version}"

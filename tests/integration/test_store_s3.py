@@ -48,6 +48,9 @@ def test_versions_integrity_and_deletion_on_s3(s3_server, s3_uri, tmp_path):
     store = AdapterStore(s3_uri, storage_options=s3_server["storage_options"])
     first = publish(store, KEY, fake_adapter_dir(tmp_path / "a", b"first"))
     second = publish(store, KEY, fake_adapter_dir(tmp_path / "b", b"second"))
+    # "3100" shares the prefix "310": listings must stop at the "/" after the user id.
+    neighbour = AdapterKey(KEY.task, KEY.base_fingerprint, KEY.variant, "3100")
+    neighbour_manifest = publish(store, neighbour, fake_adapter_dir(tmp_path / "n", b"neighbour"))
     s3 = fsspec.filesystem("s3", **s3_server["storage_options"])
     key_prefix = f"{s3_uri.removeprefix('s3://')}/{KEY.relative_path()}"
     # A crashed writer: objects without a manifest, under a newer version id.
@@ -67,6 +70,8 @@ def test_versions_integrity_and_deletion_on_s3(s3_server, s3_uri, tmp_path):
     assert store.gc_incomplete(older_than_s=-1) == 1
     assert store.delete_user("310") == 2
     assert store.latest(KEY) is None and not s3.find(key_prefix)
+    assert store.versions(neighbour) == [neighbour_manifest.version]
+    assert store.users(KEY.task, KEY.base_fingerprint, KEY.variant) == ["3100"]
 
 
 def test_tokens_on_s3(s3_uri):

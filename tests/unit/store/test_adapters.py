@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oppu.errors import AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
+from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
 from oppu.store import AdapterKey, AdapterStore, config_hash
 from oppu.store.adapters import MANIFEST_NAME, new_version_id
 from tests.unit.store.adapter_factory import (
@@ -220,3 +220,10 @@ def test_forged_manifest_is_refused_before_anything_is_written(store, tmp_path, 
     with pytest.raises(AdapterIntegrityError, match=str(KEY)):
         store.fetch(KEY, tmp_path / "dest")
     assert not (tmp_path / "dest").exists() and not (tmp_path / "outside.txt").exists()
+
+
+def test_publish_refuses_a_directory_without_adapter_config(store, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        publish(store, KEY, tmp_path / "empty")
+    assert store.versions(KEY) == []
