@@ -1,0 +1,257 @@
+"""The KubeRay manifests under k8s/ pass the operator's CRD schemas (KubeRay v1.7, kept in
+``../shared/kuberay-crds``), with unknown fields refused as ``kubectl apply`` (strict field
+validation) refuses them, and name only scripts, configs, secrets and serve builders that exist.
+The Grafana dashboard queries only metrics the code registers."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import functools
+import json
+import re
+import shlex
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+jsonschema = pytest.importorskip("jsonschema")
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = ROOT.parent / "shared" / "kuberay-crds"
+K8S_DIR = ROOT / "k8s"
+DASHBOARD = ROOT / "cluster" / "grafana" / "oppu-dashboard.json"
+KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
+# The CRDs are 60k lines of YAML: libyaml parses them in seconds, pure Python in half a minute.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _image_root() -> PurePosixPath:
+    """Where the Dockerfile puts the repo inside the image (its WORKDIR)."""
+    workdirs = re.findall(r"^WORKDIR\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    assert len(workdirs) == 1, "the Dockerfile should set exactly one WORKDIR (the repo's place)"
+    return PurePosixPath(workdirs[0])
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD schema as the API server applies it: unknown fields are errors, int-or-string
+    fields take either type (jsonschema ignores the ``x-kubernetes-*`` extensions)."""
+    schema = copy.deepcopy(schema)
+
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+                node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema
+
+
+@functools.cache
+def _validator(api_version: str, kind: str) -> jsonschema.Draft7Validator:
+    """The strict validator of one served version of a KubeRay CRD."""
+    if not CRD_DIR.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (shared/ beside the checkout)")
+    for path in sorted(CRD_DIR.glob("ray.io_*.yaml")):
+        if not path.name.startswith(f"ray.io_{kind.lower()}s"):
+            continue
+        crd = yaml.load(path.read_text(), Loader=_LOADER)
+        for version in crd["spec"]["versions"]:
+            if f"{crd['spec']['group']}/{version['name']}" == api_version:
+                return jsonschema.Draft7Validator(_strict(version["schema"]["openAPIV3Schema"]))
+    raise AssertionError(f"no KubeRay CRD in {CRD_DIR} serves {api_version} {kind}")
+
+
+def _documents(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((K8S_DIR / name).read_text()) if doc]
+
+
+def _kuberay_manifests() -> list[tuple[str, dict]]:
+    found = []
+    for path in sorted(K8S_DIR.glob("*.yaml")):
+        found += [(path.name, doc) for doc in _documents(path.name) if doc.get("kind") in KUBERAY_KINDS]
+    return found
+
+
+def _schema_errors(doc: dict) -> list[str]:
+    validator = _validator(doc["apiVersion"], doc["kind"])
+    return [f"{'.'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
+            for error in validator.iter_errors(doc)]
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    """Every pod spec of a RayCluster, RayService or RayJob (cluster and submitter)."""
+    spec = doc["spec"]
+    cluster = spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or (
+        spec if doc["kind"] == "RayCluster" else None)
+    pods = []
+    if cluster:
+        pods.append(cluster["headGroupSpec"]["template"]["spec"])
+        pods += [group["template"]["spec"] for group in cluster.get("workerGroupSpecs", [])]
+    if "submitterPodTemplate" in spec:
+        pods.append(spec["submitterPodTemplate"]["spec"])
+    return pods
+
+
+def _repo_path(token: str) -> Path:
+    """A path as the manifests spell it (inside the image, or repo-relative) -> the repo file."""
+    path = PurePosixPath(token)
+    if path.is_absolute():
+        path = path.relative_to(_image_root())
+    return ROOT / path
+
+
+def _serve_config(doc: dict) -> dict:
+    return yaml.safe_load(doc["spec"]["serveConfigV2"])
+
+
+def test_every_kuberay_kind_is_shipped():
+    assert sorted({doc["kind"] for _, doc in _kuberay_manifests()}) == sorted(KUBERAY_KINDS)
+
+
+@pytest.mark.parametrize("name, doc", _kuberay_manifests(), ids=lambda v: v if isinstance(v, str) else "")
+def test_manifest_passes_kuberay_crd_schema(name, doc):
+    assert _schema_errors(doc) == [], f"{name} ({doc['kind']} {doc['metadata']['name']})"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(maxReplica=4), "'maxReplica' was unexpected"),
+    (lambda d: d["spec"]["workerGroupSpecs"][0].update(minReplicas="zero"), "is not of type 'integer'"),
+    (lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(imagePullPolicy=3),
+     "is not of type 'string'"),
+    (lambda d: d["spec"].update(enableInTreeAutoscaling="yes"), "is not of type 'boolean'"),
+    (lambda d: d["spec"].pop("headGroupSpec"), "'headGroupSpec' is a required property"),
+], ids=["typo", "int-as-text", "number-as-text", "text-as-bool", "missing-required"])
+def test_schema_check_rejects_a_broken_raycluster(mutate, expected):
+    doc = copy.deepcopy(next(d for _, d in _kuberay_manifests() if d["kind"] == "RayCluster"))
+    assert _schema_errors(doc) == []
+    mutate(doc)
+    errors = _schema_errors(doc)
+    assert any(expected in error for error in errors), errors
+
+
+def test_schema_check_rejects_a_typo_in_a_rayservice():
+    doc = copy.deepcopy(next(d for _, d in _kuberay_manifests() if d["kind"] == "RayService"))
+    doc["spec"]["serveConfig"] = doc["spec"].pop("serveConfigV2")
+    assert any("'serveConfig' was unexpected" in error for error in _schema_errors(doc))
+
+
+def test_quantities_accept_numbers_and_text_but_not_other_types():
+    doc = copy.deepcopy(next(d for _, d in _kuberay_manifests() if d["kind"] == "RayCluster"))
+    resources = doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]
+    resources["limits"]["nvidia.com/gpu"], resources["requests"]["cpu"] = 1, "8"
+    assert _schema_errors(doc) == []
+    resources["requests"]["memory"] = ["64Gi"]
+    assert _schema_errors(doc) != []
+
+
+def test_rayjob_entrypoint_runs_a_repo_script_with_a_loadable_config():
+    from oppu.config import load_config
+    from oppu.training.config import RunConfig
+
+    jobs = [doc for _, doc in _kuberay_manifests() if doc["kind"] == "RayJob"]
+    assert jobs
+    for doc in jobs:
+        argv = shlex.split(doc["spec"]["entrypoint"])
+        assert argv[0] == "python" and _repo_path(argv[1]).is_file(), argv[:2]
+        assert _repo_path(argv[1]).relative_to(ROOT).parts[0] == "jobs"
+        config = _repo_path(argv[argv.index("--config") + 1])
+        assert config.is_file(), config
+        overrides = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--set"]
+        cfg = load_config(RunConfig, config, overrides)
+        assert cfg.run_dir.startswith("s3://"), "on a cluster every artefact lives in object storage"
+        assert cfg.users.num_gpus_per_actor > 0
+        target = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster")
+        clusters = {d["metadata"]["name"] for _, d in _kuberay_manifests() if d["kind"] == "RayCluster"}
+        assert target in clusters or "rayClusterSpec" in doc["spec"]
+
+
+def test_rayservice_imports_a_repo_builder_with_valid_args():
+    from oppu.serving.config import load_serve_config
+
+    services = [doc for _, doc in _kuberay_manifests() if doc["kind"] == "RayService"]
+    assert services
+    for doc in services:
+        assert doc["spec"]["upgradeStrategy"]["type"] == "NewCluster"  # zero-downtime upgrades
+        for app in _serve_config(doc)["applications"]:
+            module, _, attribute = app["import_path"].partition(":")
+            source = ROOT / (module.replace(".", "/") + ".py")
+            assert source.is_file(), app["import_path"]
+            functions = {node.name for node in ast.parse(source.read_text()).body
+                         if isinstance(node, ast.FunctionDef)}
+            assert attribute in functions, f"{source} defines no function {attribute!r}"
+            config = load_serve_config(app["args"])
+            assert config.model.startswith("s3://") and config.store.startswith("s3://")
+
+
+def test_pods_read_secrets_that_the_example_defines_and_set_requests_limits_probes():
+    secrets = {doc["metadata"]["name"]: set(doc["stringData"])
+               for doc in _documents("secret-s3.example.yaml") if doc["kind"] == "Secret"}
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= secrets["oppu-s3"]
+    image_name = None
+    for name, doc in _kuberay_manifests():
+        for pod in _pod_templates(doc):
+            for container in pod["containers"]:
+                where = f"{name}: container {container['name']}"
+                image_name = image_name or container["image"].split(":")[0]
+                assert container["image"].split(":")[0] == image_name, where
+                assert container["resources"]["requests"] and container["resources"]["limits"], where
+                for source in container.get("envFrom", []):
+                    assert source["secretRef"]["name"] in secrets, where
+                for variable in container.get("env", []):
+                    ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in secrets.get(ref["name"], set()), f"{where}: {ref}"
+                if container["name"] in ("ray-head", "ray-worker"):
+                    assert "readinessProbe" in container and "livenessProbe" in container, where
+                    assert container["envFrom"], f"{where} has no S3 credentials"
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    assert all((K8S_DIR / resource).is_file() for resource in kustomization["resources"])
+    assert [image["name"] for image in kustomization["images"]] == [image_name]
+
+
+def test_worker_groups_have_gpu_autoscaling_bounds():
+    for name, doc in _kuberay_manifests():
+        cluster = doc["spec"].get("rayClusterConfig") or (doc["spec"] if doc["kind"] == "RayCluster" else None)
+        if cluster is None:
+            continue
+        for group in cluster["workerGroupSpecs"]:
+            assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"], name
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) >= 1, name
+
+
+def _registered_metrics() -> dict[str, str]:
+    """Metric name -> kind (Counter, Gauge, Histogram), as the code registers them."""
+    pattern = re.compile(r"\b(Counter|Gauge|Histogram)\(\s*\"(oppu_[a-z0-9_]+)\"")
+    found = {}
+    for source in (ROOT / "oppu").rglob("*.py"):
+        for kind, name in pattern.findall(source.read_text()):
+            found[name] = kind
+    return found
+
+
+def test_grafana_dashboard_queries_only_registered_metrics():
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    queried = set(re.findall(r"\bray_(oppu_[a-z0-9_]+)", " ".join(expressions)))
+    assert queried, "the dashboard queries no OPPU metric"
+    # Ray prefixes custom metrics with ray_ on export; counters gain _total, histograms
+    # _bucket/_sum/_count.
+    exported = {}
+    for name, kind in _registered_metrics().items():
+        suffixes = {"Counter": ["_total"], "Gauge": [""], "Histogram": ["_bucket", "_sum", "_count"]}[kind]
+        exported.update({name + suffix: name for suffix in suffixes})
+    unknown = sorted(queried - set(exported))
+    assert unknown == [], f"dashboard queries metrics no code registers: {unknown}"
+    assert {"oppu_users_done", "oppu_users_failed", "oppu_train_tokens_per_s"} <= {
+        exported[q] for q in queried}
