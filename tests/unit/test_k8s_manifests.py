@@ -255,3 +255,24 @@ def test_grafana_dashboard_queries_only_registered_metrics():
     assert unknown == [], f"dashboard queries metrics no code registers: {unknown}"
     assert {"oppu_users_done", "oppu_users_failed", "oppu_train_tokens_per_s"} <= {
         exported[q] for q in queried}
+
+
+def test_cluster_launcher_config_passes_rays_schema():
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load((ROOT / "cluster" / "cluster-launcher.yaml").read_text())
+    jsonschema.validate(config, schema)
+    broken = copy.deepcopy(config)
+    broken["available_node_types"]["gpu_worker"]["max_worker"] = 8
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+    assert config["file_mounts"] == {str(_image_root()): "."}
+
+
+def test_runtime_env_is_accepted_by_ray():
+    from ray.runtime_env import RuntimeEnv
+
+    runtime_env = RuntimeEnv(**yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text()))
+    assert runtime_env["working_dir"] == "."
+    assert runtime_env["env_vars"]["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
