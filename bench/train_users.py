@@ -1,0 +1,472 @@
+"""Personal-adapter training throughput on one GPU: reference loop vs sequential vs batched users.
+
+A random-initialised Llama-2-7B-shaped model in bf16 (random weights cost the same compute as
+trained ones), LoRA rank 8 on q_proj/v_proj, synthetic users whose history sizes follow a
+LaMP-like long tail. Configurations, in this order (one process, one GPU):
+
+  sequential  one PEFT model per user, bf16, length-grouped rows, SDPA, no checkpointing
+  batched     oppu.training.batched: many users' LoRAs in one pass (multi-LoRA slots)
+  reference   the reference recipe: fresh PEFT model per user on fp32-upcast weights, bf16
+              autocast, gradient checkpointing, batches of 16 padded to the longest
+  batched_liger  batched, with liger-kernel's RMSNorm / SwiGLU / RoPE (patched in place)
+  profile     torch.profiler over a few global steps of the faster batched configuration
+  qlora       batched over a bitsandbytes 4-bit base (oppu.models.quantization)
+
+Launch on the GPU machine (device tool):
+  source .gpu/activate; python3 bench/train_users.py --out $OUT
+CPU smoke test at toy size:
+  python bench/train_users.py --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from oppu.training.batched import step_plan, train_users_batched  # noqa: E402
+from oppu.training.config import OptimSettings  # noqa: E402
+from oppu.training.packing import IGNORE_INDEX, Row, collate, group_by_length  # noqa: E402
+from oppu.training.personal import user_seed  # noqa: E402
+
+H100_BF16_FLOPS = 790e12
+TOKENS_PER_USER = 60_000  # the issue's yardstick for users per GPU-hour
+ALL_CONFIGS = ("sequential", "batched", "reference", "batched_liger", "profile")
+
+
+@dataclass
+class Shape:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    max_length: int
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        return LlamaConfig(hidden_size=self.hidden, num_hidden_layers=self.layers,
+                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                           intermediate_size=self.intermediate, vocab_size=self.vocab,
+                           max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                           attn_implementation="sdpa", use_cache=False)
+
+
+LLAMA2_7B = Shape(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32000, max_length=2048)
+TINY = Shape(hidden=64, layers=2, heads=4, intermediate=128, vocab=256, max_length=128)
+
+
+@dataclass
+class Measured:
+    """One configuration's run."""
+
+    name: str
+    users: int = 0
+    input_tokens: int = 0  # real (non-padding) tokens through forward+backward
+    target_tokens: int = 0
+    attention_token_pairs: int = 0  # sum of len^2 over processed samples (attention FLOPs)
+    seconds: float = 0.0
+    peak_memory_gib: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.input_tokens / self.seconds if self.seconds else 0.0
+
+
+# ---------------------------------------------------------------- synthetic users
+
+
+def synthetic_users(n_users: int, mean_tokens: int, shape: Shape, seed: int) -> list[tuple[str, list[dict]]]:
+    """Users with long-tailed history sizes; samples of log-normal length, most with a short trained target.
+
+    About 60% of samples are supervised (prompt masked, a 4-48 token target), the rest history
+    text learnt whole, as LaMP's tasks mix the two.
+    """
+    rng = random.Random(seed)
+    median_length = max(16, shape.max_length // 8)
+    users = []
+    for index in range(n_users):
+        budget = int(mean_tokens * rng.lognormvariate(0, 0.9) / math.exp(0.9 ** 2 / 2))
+        samples, total = [], 0
+        while total < max(budget, median_length):
+            length = int(min(shape.max_length, max(16, rng.lognormvariate(math.log(median_length), 0.7))))
+            ids = [1] + [rng.randrange(3, shape.vocab) for _ in range(length - 1)]
+            if rng.random() < 0.6:
+                target = min(length - 1, rng.randint(4, 48))
+                labels = [IGNORE_INDEX] * (length - target) + ids[length - target:]
+            else:
+                labels = [IGNORE_INDEX] + ids[1:]
+            samples.append({"input_ids": ids, "labels": labels})
+            total += length
+        users.append((f"user-{index:04d}", samples))
+    return users
+
+
+def sample_work(samples: list[dict], epochs: int) -> tuple[int, int, int]:
+    """(input tokens, target tokens, sum of squared lengths) of ``epochs`` passes over ``samples``."""
+    tokens = sum(len(s["input_ids"]) for s in samples)
+    targets = sum(Row(0, 0, s["input_ids"], s["labels"]).target_tokens for s in samples)
+    pairs = sum(len(s["input_ids"]) ** 2 for s in samples)
+    return epochs * tokens, epochs * targets, epochs * pairs
+
+
+# ---------------------------------------------------------------- model and FLOPs
+
+
+def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(shape.llama_config()).to(dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def decoder_linear_params(shape: Shape) -> int:
+    per_layer = 4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.intermediate
+    return shape.layers * per_layer
+
+
+def training_flops(m: Measured, shape: Shape) -> float:
+    """FLOPs frozen-base LoRA training needs: forward (2N) + input-gradient backward (2N) per token,
+    the LM head on trained tokens, and causal attention (2*L^2*d forward, twice that backward, per layer).
+    The frozen base needs no weight gradients, so 4N (not 6N) is the useful work per token."""
+    dense = 4 * decoder_linear_params(shape) * m.input_tokens
+    head = 4 * shape.hidden * shape.vocab * m.target_tokens
+    attention = 6 * shape.layers * shape.hidden * m.attention_token_pairs
+    return dense + head + attention
+
+
+def lora_config(dropout: float = 0.05):
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"], bias="none")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def measure(m: Measured, device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    yield
+    sync(device)
+    m.seconds = time.perf_counter() - start
+    if device.type == "cuda":
+        m.peak_memory_gib = torch.cuda.max_memory_allocated() / 2**30
+
+
+# ---------------------------------------------------------------- the three loops
+
+
+def run_batched(name, model, users, hparams, epochs, device, args) -> Measured:
+    m = Measured(name)
+
+    def done(user_id, state, stats):
+        m.users += 1
+
+    # Warm-up: one tiny user, so kernel selection and allocator growth are not timed.
+    train_users_batched(model, None, [("warmup", users[0][1][:hparams.batch_size])], lora_config(), hparams,
+                        seed=0, epochs=1, tokens_per_forward=args.tokens_per_forward)
+    with measure(m, device):
+        train_users_batched(model, None, users, lora_config(), hparams, seed=0, epochs=epochs,
+                            max_active_users=args.max_active_users, tokens_per_forward=args.tokens_per_forward,
+                            on_user_done=done)
+    for _, samples in users:
+        work = sample_work(samples, epochs)
+        m.input_tokens += work[0]
+        m.target_tokens += work[1]
+        m.attention_token_pairs += work[2]
+    m.extra = {"max_active_users": args.max_active_users, "tokens_per_forward": args.tokens_per_forward}
+    return m
+
+
+def _peft_user_loop(peft_model, samples, hparams, epochs, device, seed, user_id, micro_batches):
+    """One user's optimiser steps with torch AdamW and HF's schedule; ``micro_batches(step)`` yields batches."""
+    from transformers import get_linear_schedule_with_warmup
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=hparams.lr, weight_decay=hparams.weight_decay)
+    plan = step_plan(len(samples), hparams.batch_size, epochs,
+                     torch.Generator().manual_seed(user_seed(seed + 1, user_id)))
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(hparams.warmup_ratio * len(plan)), len(plan))
+    for step in plan:
+        for loss in micro_batches([samples[i] for i in step]):
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, hparams.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _sequential_micro_batches(peft_model, step_samples, tokens_per_forward, device):
+    """Length-grouped rows of one user's step, right-padded, no mask (SDPA's causal kernel)."""
+    rows = [Row(0, i, s["input_ids"], s["labels"]) for i, s in enumerate(step_samples)]
+    n_targets = max(1, sum(r.target_tokens for r in rows))
+    for batch in group_by_length(rows, tokens_per_forward):
+        tensors = collate(batch, 0, device)
+        loss = peft_model(input_ids=tensors["input_ids"], labels=tensors["labels"]).loss
+        yield loss * (sum(r.target_tokens for r in batch.rows) / n_targets)
+
+
+def _reference_micro_batches(peft_model, step_samples, device):
+    """The whole step as one batch padded to its longest sample, attention mask, bf16 autocast."""
+    from oppu.models.samples import collate as pad_collate
+
+    batch = {k: v.to(device) for k, v in pad_collate(step_samples, 0).items()}
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        yield peft_model(**batch).loss
+
+
+def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
+    """One PEFT model per user, users one after another, until ``args.budget_s`` has passed.
+
+    ``sequential``: bf16 weights, length-grouped rows, no checkpointing. ``reference``: the
+    weights upcast to fp32 (bf16 autocast), gradient checkpointing, padded batches.
+    """
+    import peft
+
+    reference = name == "reference"
+    if reference:
+        model.float()
+
+    def train_one(user_id, samples):
+        peft_model = peft.get_peft_model(model, lora_config())
+        if reference:
+            peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            batches = lambda step: _reference_micro_batches(peft_model, step, device)  # noqa: E731
+        else:
+            batches = lambda step: _sequential_micro_batches(peft_model, step, args.tokens_per_forward,  # noqa: E731
+                                                             device)
+        peft_model.train()
+        _peft_user_loop(peft_model, samples, hparams, epochs, device, 0, user_id, batches)
+        if reference:
+            peft_model.gradient_checkpointing_disable()
+        peft_model.base_model.unload()
+
+    train_one("warmup", users[0][1][:hparams.batch_size])
+    m = Measured(name)
+    with measure(m, device):
+        start = time.perf_counter()
+        for user_id, samples in users:
+            train_one(user_id, samples)
+            m.users += 1
+            work = sample_work(samples, epochs)
+            m.input_tokens += work[0]
+            m.target_tokens += work[1]
+            m.attention_token_pairs += work[2]
+            sync(device)
+            if time.perf_counter() - start > args.budget_s:
+                break
+    if reference:
+        model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return m
+
+
+# ---------------------------------------------------------------- profile
+
+
+def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -> dict:
+    """torch.profiler over a few global steps; GPU time by kernel family and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    subset = [(uid, samples[:hparams.batch_size * 2]) for uid, samples in users[:args.max_active_users]]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train_users_batched(model, None, subset, lora_config(), hparams, seed=0, epochs=1,
+                            max_active_users=args.max_active_users, tokens_per_forward=args.tokens_per_forward)
+        sync(device)
+    wall_s = time.perf_counter() - start
+    families = {"gemm (base + LM head)": 0.0, "flash attention": 0.0, "lora bmm/gather": 0.0,
+                "norm / activation / rope (elementwise)": 0.0, "optimizer + copies": 0.0, "other": 0.0}
+    kernels = []
+    for event in prof.key_averages():
+        device_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kernels.append((event.key, device_us))
+        key = event.key.lower()
+        if "flash" in key or "fmha" in key or "attention" in key:
+            family = "flash attention"
+        elif "gemv" in key or ("gemm" in key and "batched" in key) or "index" in key or "scatter" in key:
+            family = "lora bmm/gather"
+        elif any(s in key for s in ("gemm", "cutlass", "xmma", "nvjet", "sm90")):
+            family = "gemm (base + LM head)"
+        elif any(s in key for s in ("memcpy", "copy", "foreach", "lerp", "addcmul", "sqrt", "div")):
+            family = "optimizer + copies"
+        elif any(s in key for s in ("elementwise", "reduce", "norm", "silu", "mul", "add", "rms", "swiglu",
+                                    "rope", "triton", "cat", "neg")):
+            family = "norm / activation / rope (elementwise)"
+        else:
+            family = "other"
+        families[family] += device_us / 1e6
+    busy_s = sum(families.values())
+    table = prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda"
+                                      else "self_cpu_time_total", row_limit=25)
+    if out_dir:
+        (out_dir / "profile_batched.txt").write_text(table)
+    top = sorted(kernels, key=lambda kv: -kv[1])[:12]
+    return {"wall_s": wall_s, "gpu_busy_s": busy_s, "gpu_busy_share": busy_s / wall_s if wall_s else 0.0,
+            "by_family_s": families, "top_kernels_us": top}
+
+
+# ---------------------------------------------------------------- QLoRA
+
+
+def run_qlora(model, shape, users, hparams, epochs, device, args) -> Measured:
+    from oppu.models.quantization import load_base_4bit
+
+    path = Path(args.scratch) / "random-llama"
+    model.save_pretrained(str(path))
+    del model
+    torch.cuda.empty_cache()
+    quantized = load_base_4bit(str(path))
+    quantized.requires_grad_(False)
+    m = run_batched("qlora", quantized, users, hparams, epochs, device, args)
+    m.extra["base_weights_gib"] = torch.cuda.memory_allocated() / 2**30
+    return m
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarise(m: Measured, shape: Shape) -> dict:
+    flops = training_flops(m, shape)
+    seconds = m.seconds or float("nan")
+    extra = {k: v for k, v in m.extra.items() if not k.startswith("_")}
+    return {"users": m.users, "input_tokens": m.input_tokens, "target_tokens": m.target_tokens,
+            "seconds": round(m.seconds, 2), "tokens_per_s": round(m.tokens_per_s, 1),
+            "users_per_gpu_hour": round(m.tokens_per_s * 3600 / TOKENS_PER_USER, 1),
+            "peak_memory_gib": round(m.peak_memory_gib, 2),
+            "mfu": round(flops / seconds / H100_BF16_FLOPS, 4),
+            "mfu_6n_convention": round(6 * decoder_linear_params(shape) * m.input_tokens / seconds
+                                       / H100_BF16_FLOPS, 4),
+            **extra}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="toy model on CPU (smoke test)")
+    parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help=f"comma list of {ALL_CONFIGS} and qlora")
+    parser.add_argument("--users", type=int, default=16, help="synthetic users (batched trains all)")
+    parser.add_argument("--mean-tokens", type=int, default=15_000, help="mean history tokens per user (one epoch)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--max-active-users", type=int, default=8)
+    parser.add_argument("--tokens-per-forward", type=int, default=8192)
+    parser.add_argument("--budget-s", type=float, default=35.0, help="time after which sequential/reference stop")
+    parser.add_argument("--scratch", default="/tmp/oppu-bench", help="disk for the QLoRA model round trip")
+    parser.add_argument("--out", default=None, help="directory for results JSON and profile table")
+    parser.add_argument("--results", default=None, help="also write the results JSON here")
+    args = parser.parse_args()
+
+    shape = TINY if args.tiny else LLAMA2_7B
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    if args.tiny:
+        args.users, args.mean_tokens, args.tokens_per_forward, args.budget_s = 6, 600, 512, 5.0
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    out_dir = Path(args.out) if args.out else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    hparams = OptimSettings(max_length=shape.max_length)
+    users = synthetic_users(args.users, args.mean_tokens, shape, seed=1)
+    model = build_model(shape, device, dtype)
+    results: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "command": "python3 " + " ".join(sys.argv),
+        "model": "random-init Llama-2-7B shape (bf16)" if not args.tiny else "tiny Llama (fp32, CPU)",
+        "lora": "r=8 alpha=8 dropout=0.05 on q_proj,v_proj; AdamW lr 1e-4 wd 0.01 clip 0.3, warmup 10%",
+        "users": {"n": len(users), "epochs": args.epochs,
+                  "history_tokens": sorted(sum(len(s["input_ids"]) for s in samples) for _, samples in users)},
+        "flops_convention": "mfu: (4*N_decoder_linear*tokens + 4*d*V*target_tokens + 6*layers*d*sum(len^2)) "
+                            "/ time / 790e12; mfu_6n_convention: 6*N*tokens / time / 790e12",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "configs": {},
+    }
+    measured: dict[str, Measured] = {}
+    for name in configs:
+        print(f"[bench] {name} ...", flush=True)
+        try:
+            if name in ("sequential", "reference"):
+                measured[name] = run_per_user(name, model, users, hparams, args.epochs, device, args)
+            elif name == "batched":
+                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args)
+            elif name == "batched_liger":
+                from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+                apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                            fused_linear_cross_entropy=False, model=model)
+                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args)
+            elif name == "profile":
+                results["profile"] = profile_batched(model, users, hparams, device, args, out_dir)
+            elif name == "qlora":
+                measured[name] = run_qlora(model, shape, users, hparams, args.epochs, device, args)
+            else:
+                raise SystemExit(f"unknown config {name!r}")
+        except Exception as error:  # one failed configuration must not lose the others' figures
+            results["configs"][name] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"[bench] {name} failed: {error!r}", flush=True)
+            continue
+        if name in measured:
+            results["configs"][name] = summarise(measured[name], shape)
+            print(f"[bench] {name}: {json.dumps(results['configs'][name])}", flush=True)
+
+    figures = results["configs"]
+    batched_names = [n for n in ("batched", "batched_liger") if "tokens_per_s" in figures.get(n, {})]
+    best = max(batched_names, key=lambda n: figures[n]["tokens_per_s"]) if batched_names else None
+    results["tokens_per_s"] = {"reference_loop": figures.get("reference", {}).get("tokens_per_s"),
+                               "sequential": figures.get("sequential", {}).get("tokens_per_s"),
+                               "batched": figures[best]["tokens_per_s"] if best else None,
+                               "qlora": figures.get("qlora", {}).get("tokens_per_s")}
+    results["batched_config"] = best
+    results["users_per_gpu_hour"] = {k: figures[n].get("users_per_gpu_hour") for k, n in
+                                     (("reference_loop", "reference"), ("sequential", "sequential"),
+                                      ("batched", best), ("qlora", "qlora")) if n in figures}
+    results["peak_memory_gib"] = {k: figures[n].get("peak_memory_gib") for k, n in
+                                  (("reference_loop", "reference"), ("sequential", "sequential"),
+                                   ("batched", best), ("qlora", "qlora")) if n in figures}
+    results["mfu"] = {k: figures[n].get("mfu") for k, n in
+                      (("reference_loop", "reference"), ("sequential", "sequential"), ("batched", best),
+                       ("qlora", "qlora")) if n in figures}
+    ref, ours = results["tokens_per_s"]["reference_loop"], results["tokens_per_s"]["batched"]
+    if ref and ours:
+        results["speedup_batched_vs_reference"] = round(ours / ref, 2)
+    text = json.dumps(results, indent=2)
+    if out_dir:
+        (out_dir / "train_users.json").write_text(text)
+    if args.results:
+        Path(args.results).write_text(text)
+    print(f"{'config':<15}{'tokens/s':>10}{'users/h':>9}{'peak GiB':>10}{'MFU':>7}")
+    for name, fig in figures.items():
+        if "tokens_per_s" in fig:
+            print(f"{name:<15}{fig['tokens_per_s']:>10.0f}{fig['users_per_gpu_hour']:>9.0f}"
+                  f"{fig['peak_memory_gib']:>10.1f}{fig['mfu']:>7.1%}")
+        else:
+            print(f"{name:<15} {fig.get('error')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
