@@ -80,6 +80,9 @@ class LocalClusterConfig:
     """Starts of a node that exits during start-up before giving up."""
     stop_timeout_s: float = 30.0
     """How long a node may take to exit after SIGTERM before it is killed."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of every node, and so of every task, actor, job driver and serve
+    replica on it (e.g. ``AWS_ENDPOINT_URL`` of the S3 server, ``PYTHONPATH``)."""
     auth: Literal["token", "disabled"] = "token"
     """Ray token authentication. ``token``: a fresh token in ``state_dir/auth_token`` (not the
     machine-wide ~/.ray/auth_token); every client needs :meth:`LocalCluster.client_env`."""
@@ -299,6 +302,7 @@ class LocalCluster:
         """Start one node and wait until it has joined; a node that dies while starting (on a
         loaded machine Ray's agents can miss the raylet's start-up deadline) is started again."""
         env = {key: value for key, value in os.environ.items() if key != "RAY_AUTH_TOKEN"}
+        env.update(self.config.env)
         env.update(self.client_env())
         for attempt in range(1, self.config.start_attempts + 1):
             log_path = self.state_dir / "logs" / f"{name}.{attempt}.log"
