@@ -1,0 +1,170 @@
+"""Load any Hugging Face causal LM from a local dir, a ``file://`` URI, any fsspec URI or a hub id.
+
+A remote model (``s3://bucket/prefix/model``, ``memory://...``, ...) is downloaded once into
+``$OPPU_CACHE_DIR/models/<sha256 of the URI>`` (default ``~/.cache/oppu``): only ``config.json``,
+the tokenizer files and the weights, into a temporary directory that is renamed into place when
+complete, so a reader never sees half a model. The next call reuses it unless the remote files'
+names or sizes changed. A name without ``://`` that is not an existing path is a hub id and goes
+to ``from_pretrained`` unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from oppu.errors import OppuError
+
+# Files a causal LM needs at load time; weights in safetensors are preferred over .bin.
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                      "*.model", "chat_template.*")
+SAFETENSORS_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
+BIN_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
+SOURCE_RECORD = ".oppu-source.json"  # remote name -> size of a cached download, to notice changes
+
+
+def cache_root() -> Path:
+    """``$OPPU_CACHE_DIR`` or ``~/.cache/oppu``: downloaded models and built tiny models live under it."""
+    return Path(os.environ.get("OPPU_CACHE_DIR") or Path.home() / ".cache" / "oppu").expanduser()
+
+
+def is_hub_id(uri: str | os.PathLike) -> bool:
+    """A name like ``org/model``: no ``://``, not an existing path, not written as a path."""
+    text = os.fspath(uri)
+    return ("://" not in text and not Path(text).expanduser().exists()
+            and not text.startswith(("/", ".", "~")) and text.count("/") <= 1)
+
+
+def resolve_model_dir(uri: str | os.PathLike) -> Path:
+    """The local directory holding ``config.json`` + weights for ``uri``.
+
+    A local path or ``file://`` URI is used in place; another fsspec URI is downloaded into the
+    cache; a hub id is looked up with ``huggingface_hub.snapshot_download`` (which works offline
+    from the hub cache).
+    """
+    text = os.fspath(uri)
+    if text.startswith("file://"):
+        return _local_model_dir(Path(text.removeprefix("file://")), text)
+    if "://" in text:
+        return _download_cached(text)
+    if is_hub_id(text):
+        return _hub_snapshot(text)
+    return _local_model_dir(Path(text).expanduser(), text)
+
+
+def _local_model_dir(path: Path, uri: str) -> Path:
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise OppuError(f"no model at {uri!r}: {path} {what} (expected a Hugging Face model directory "
+                        "with config.json and weights)")
+    return path
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, *TOKENIZER_PATTERNS,
+                                                                    *SAFETENSORS_PATTERNS]))
+        if not any(snapshot.glob("*.safetensors")):
+            snapshot = Path(snapshot_download(repo_id, allow_patterns=[*CONFIG_FILES, *BIN_PATTERNS]))
+        return snapshot
+    except Exception as exc:  # hub errors are many types (offline, gated, missing repo)
+        raise OppuError(f"no model at {repo_id!r}: not a local path and not found on the Hugging Face "
+                        f"hub ({type(exc).__name__}: {exc})") from exc
+
+
+def _wanted_files(names: list[str]) -> list[str]:
+    def matching(patterns: tuple[str, ...]) -> list[str]:
+        return [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+
+    weights = matching(SAFETENSORS_PATTERNS) or matching(BIN_PATTERNS)
+    return sorted(set(matching(CONFIG_FILES) + matching(TOKENIZER_PATTERNS) + weights))
+
+
+def _download_cached(uri: str) -> Path:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    root = root.rstrip("/")
+    try:
+        listing = fs.ls(root, detail=True)
+    except FileNotFoundError as exc:
+        raise OppuError(f"no model at {uri!r}: nothing is stored there") from exc
+    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
+             for entry in listing if entry.get("type") == "file"}
+    if "config.json" not in sizes:
+        raise OppuError(f"no model at {uri!r}: no config.json among {sorted(sizes)}")
+    wanted = {name: sizes[name] for name in _wanted_files(list(sizes))}
+
+    target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:32]
+    record = target / SOURCE_RECORD
+    if record.is_file() and json.loads(record.read_text()).get("files") == wanted:
+        return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    try:
+        for name in wanted:
+            fs.get_file(f"{root}/{name}", str(staging / name))
+        (staging / SOURCE_RECORD).write_text(json.dumps({"uri": uri, "files": wanted}, indent=1))
+        _publish_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _publish_dir(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``, replacing a stale ``target``; a concurrent winner is kept."""
+    if target.exists():
+        stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
+        try:
+            os.rename(target, stale / "old")
+        except OSError:
+            pass  # another process moved it first
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if not (target / SOURCE_RECORD).is_file():
+            raise
+
+
+def default_dtype(device: str):
+    """float32 on CPU (bfloat16 matmuls are slow there), bfloat16 on an accelerator."""
+    import torch
+
+    return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+
+
+def load_model(uri: str | os.PathLike, *, device: str = "cpu", dtype=None):
+    """``(model, tokenizer)`` for ``uri``: model in eval mode on ``device``; tokenizer left-padding with a pad token.
+
+    ``dtype`` is a ``torch.dtype``; by default float32 on CPU and bfloat16 elsewhere. A tokenizer
+    without a pad token pads with EOS (the padding is masked, so which id it is does not matter).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = os.fspath(uri)
+    source = text if is_hub_id(text) else resolve_model_dir(text)
+    dtype = dtype if dtype is not None else default_dtype(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise OppuError(f"cannot load the model at {text!r} ({source}): {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise OppuError(f"the tokenizer of {text!r} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,89 @@
+"""Training samples as token ids: ``[BOS] prompt target [EOS]`` with only ``target [EOS]`` trained.
+
+Training and generation must see the same prompt tokens, so both go through
+``encode_prompt``: the prompt is tokenized on its own (no special tokens) and BOS is put in
+front by hand. The target's tokens are the continuation of the prompt's in the joint
+tokenization of ``prompt + target`` (a supervised target starts with a space, so for the usual
+tokenizers the joint text splits exactly at the boundary); what the model learns to emit after
+the prompt is what the tokenizer would produce for the whole text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE_INDEX = -100  # label of a position the loss skips (prompt, padding); torch's default
+
+
+class PromptTarget(Protocol):
+    """What ``encode_sample`` needs of a sample (``oppu.tasks.base.TrainingSample`` fits)."""
+
+    prompt: str
+    target: str
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _bos(tokenizer) -> list[int]:
+    # Some tokenizers (Qwen, GPT-2 style) have no BOS; their models were trained without one.
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
+    """BOS + the prompt's tokens, keeping only the last ``max_prompt_tokens`` prompt tokens."""
+    ids = _text_ids(tokenizer, prompt)
+    if max_prompt_tokens is not None:
+        ids = ids[max(0, len(ids) - max_prompt_tokens):] if max_prompt_tokens > 0 else []
+    return _bos(tokenizer) + ids
+
+
+def _target_ids(tokenizer, prompt_ids: list[int], prompt: str, target: str) -> list[int]:
+    if not prompt:
+        return _text_ids(tokenizer, target)
+    joint = _text_ids(tokenizer, prompt + target)
+    if joint[:len(prompt_ids)] == prompt_ids:
+        return joint[len(prompt_ids):]
+    # The prompt's last token merges with the target's first in the joint text; generation
+    # only ever sees the prompt's own tokens, so the target is tokenized on its own.
+    return _text_ids(tokenizer, target)
+
+
+def encode_sample(tokenizer, sample: PromptTarget, max_length: int) -> dict[str, list[int]]:
+    """Token ids and labels of one sample, at most ``max_length`` long.
+
+    Labels are -100 on BOS and the prompt and equal the ids on the target and EOS. When too
+    long, the prompt loses tokens from the left (LaMP prompts end with the query), then the
+    target (with its EOS) from the right. An empty prompt trains the whole text.
+    """
+    bos = _bos(tokenizer)
+    prompt_ids = _text_ids(tokenizer, sample.prompt)
+    trained = _target_ids(tokenizer, prompt_ids, sample.prompt, sample.target) + [tokenizer.eos_token_id]
+    if max_length <= len(bos):
+        raise ValueError(f"max_length={max_length} leaves no room for any token after BOS")
+    prompt_budget = max(0, max_length - len(bos) - len(trained))
+    prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget):] if prompt_budget else []
+    trained = trained[:max_length - len(bos) - len(prompt_ids)]
+    masked = bos + prompt_ids
+    return {"input_ids": masked + trained, "labels": [IGNORE_INDEX] * len(masked) + trained}
+
+
+def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad encoded samples into ``input_ids``, ``labels`` (-100 on padding), ``attention_mask``."""
+    import torch
+
+    width = max(len(row["input_ids"]) for row in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
