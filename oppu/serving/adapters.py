@@ -162,7 +162,7 @@ class AdapterCache:
                 raise AdapterNotFound(f"no adapter for user {user!r} ({key})")
             if newest.version == entry.version:
                 entry.checked_at_s = time.monotonic()
-                self._entries.move_to_end(user)
+                self._keep(entry)  # it may have been pushed out while the store was asked
                 self._record("host", True)
                 return entry
         self._record("host", False)
@@ -176,10 +176,15 @@ class AdapterCache:
         if self.recorder is not None:
             self.recorder.adapter_loaded(time.perf_counter() - started)
         self.evict(user)
-        self._entries[user] = loaded
+        self._keep(loaded)
+        return loaded
+
+    def _keep(self, adapter: LoadedAdapter) -> None:
+        """Hold ``adapter`` as its user's most recently used entry; the oldest beyond capacity leave."""
+        self._entries[adapter.user] = adapter
+        self._entries.move_to_end(adapter.user)
         while len(self._entries) > self.capacity:
             self.evict(next(iter(self._entries)))
-        return loaded
 
     async def _with_retries(self, func: Callable, *args: Any) -> Any:
         for attempt in range(self.retries + 1):

@@ -143,7 +143,10 @@ class GenerationEngine:
         return cls(model, tokenizer, lora)
 
     def encode(self, prompt: str) -> list[int]:
-        return self.tokenizer(prompt)["input_ids"]
+        """The prompt's ids exactly as training and offline evaluation encode them (BOS + text)."""
+        from oppu.models.samples import encode_prompt
+
+        return encode_prompt(self.tokenizer, prompt)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
@@ -171,34 +174,35 @@ class GenerationEngine:
     def stream_slots(self, rows: Sequence[GenerationRow], slot_ids: list[int]) -> Iterator[list[int | None]]:
         """``stream`` for rows whose adapters already sit in ``slot_ids``."""
         torch = self._torch
-        with torch.inference_mode(), self._adapters(slot_ids):
-            width = max(len(row.prompt_ids) for row in rows)
-            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, row in enumerate(rows):
-                input_ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-                attention_mask[i, width - len(row.prompt_ids):] = 1
-            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            eos = torch.tensor(self.eos_ids, device=self.device)
-            budget = torch.tensor([row.max_new_tokens for row in rows], device=self.device)
-            finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
-            past = None
-            for step in range(max(row.max_new_tokens for row in rows)):
+        width = max(len(row.prompt_ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            attention_mask[i, width - len(row.prompt_ids):] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(self.eos_ids, device=self.device)
+        budget = torch.tensor([row.max_new_tokens for row in rows], device=self.device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=self.device)
+        past = None
+        for step in range(max(row.max_new_tokens for row in rows)):
+            # Grad mode and the rows' slots are set per forward, never held across a yield: the
+            # caller may run each step on another thread, and between steps the model is idle.
+            with torch.no_grad(), self._adapters(slot_ids):
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                  position_ids=position_ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                next_ids = out.logits[:, -1, :].argmax(dim=-1)
-                ends = torch.isin(next_ids, eos) | (budget <= step)
-                emitted = (~finished & ~ends).tolist()
-                tokens = next_ids.tolist()
-                yield [tokens[i] if emitted[i] else None for i in range(len(rows))]
-                finished |= ends | (budget <= step + 1)
-                if bool(finished.all()):
-                    return
-                input_ids = next_ids[:, None]
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
-                position_ids = position_ids[:, -1:] + 1
+            past = out.past_key_values
+            next_ids = out.logits[:, -1, :].argmax(dim=-1)
+            emitted = (~finished & ~torch.isin(next_ids, eos)).tolist()
+            tokens = next_ids.tolist()
+            yield [tokens[i] if emitted[i] else None for i in range(len(rows))]
+            finished |= torch.isin(next_ids, eos) | (budget <= step + 1)
+            if bool(finished.all()):
+                return
+            input_ids = next_ids[:, None]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
+            position_ids = position_ids[:, -1:] + 1
 
     def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
         """Every row's generated token ids (without the end-of-sequence token)."""
@@ -222,6 +226,7 @@ class GenerationEngine:
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
-    ids = eos if isinstance(eos, list) else [eos]
-    return [int(i) for i in ids if i is not None]
+    """Stop ids as offline decoding uses them: the tokenizer's EOS and the model's configured ones."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list | tuple) else [configured]
+    return sorted({int(i) for i in [tokenizer.eos_token_id, *configured] if i is not None})

@@ -6,8 +6,8 @@ replica answers (404 when the user has no adapter). Errors are JSON in OpenAI's 
 ``{"error": {"message", "type", "code"}}``, so the ``openai`` client raises its usual exceptions.
 """
 
-from __future__ import annotations
-
+# No "from __future__ import annotations": FastAPI must see the body models' real types on the
+# methods that @serve.ingress rewraps.
 import asyncio
 import json
 import time
@@ -98,6 +98,23 @@ class PredictBody(BaseModel):
     k: int = Field(0, ge=0, le=64)
 
 
+def _usage(result: GenerateResult) -> dict:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def _message_text(message: ChatMessage) -> str:
+    if isinstance(message.content, list):
+        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
+    return message.content or ""
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The replica's own exception from Ray's wrapper (a RayTaskError subclass keeps the cause)."""
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
 app = FastAPI(title="OPPU: one personal LoRA per user", version="1")
 
 
@@ -132,7 +149,7 @@ class OppuIngress:
         self.auth = Authenticator(TokenStore(self.config.store), os.environ.get(ADMIN_TOKEN_ENV))
         self.store = AdapterStore(self.config.store)
         self.events = events_actor(serve.get_replica_context().app_name)
-        self.metrics = ServingMetrics("ingress")
+        self.metrics = ServingMetrics()
         self.dataset = None
         if self.config.data:
             from oppu.data.dataset import read_dataset
@@ -326,22 +343,3 @@ class OppuIngress:
             return self.dataset.user(user).history
         except KeyError:
             raise UnknownHistory(f"user {user!r} has no history in the data set") from None
-
-
-
-def _usage(result: GenerateResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
-def _message_text(message: ChatMessage) -> str:
-    if isinstance(message.content, list):
-        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
-    return message.content or ""
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The replica's own exception from Ray's wrapper (a RayTaskError subclass keeps the cause)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
-

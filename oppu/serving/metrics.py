@@ -10,38 +10,36 @@ BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 class ServingMetrics:
-    """The counters, histograms and gauges of one deployment replica."""
+    """The counters, histograms and gauges of one deployment replica.
 
-    def __init__(self, deployment: str):
+    Ray Serve's metrics add the ``deployment``, ``replica`` and ``application`` tags themselves.
+    """
+
+    def __init__(self):
         from ray.serve import metrics
 
-        tags = {"deployment": deployment}
         self.requests = metrics.Counter(
             "oppu_serve_requests", description="Requests received, by route.",
-            tag_keys=("deployment", "route"))
+            tag_keys=("route",))
         self.errors = metrics.Counter(
             "oppu_serve_errors", description="Requests answered with an error, by kind.",
-            tag_keys=("deployment", "kind"))
+            tag_keys=("kind",))
         self.cache = metrics.Counter(
             "oppu_serve_adapter_cache", description="Adapter cache lookups by tier (gpu, host) and outcome.",
-            tag_keys=("deployment", "tier", "outcome"))
+            tag_keys=("tier", "outcome"))
         self.load_seconds = metrics.Histogram(
             "oppu_serve_adapter_load_seconds", description="Time to read, verify and decode an adapter "
-            "from the store.", boundaries=LATENCY_BUCKETS_S, tag_keys=("deployment",))
+            "from the store.", boundaries=LATENCY_BUCKETS_S)
         self.batch_size = metrics.Histogram(
             "oppu_serve_batch_size", description="Rows decoded together in one batch.",
-            boundaries=BATCH_SIZE_BUCKETS, tag_keys=("deployment",))
+            boundaries=BATCH_SIZE_BUCKETS)
         self.tokens = metrics.Counter(
-            "oppu_serve_generated_tokens", description="Tokens generated.", tag_keys=("deployment",))
+            "oppu_serve_generated_tokens", description="Tokens generated.")
         self.tokens_per_s = metrics.Gauge(
-            "oppu_serve_tokens_per_s", description="Generated tokens per second of the last batch.",
-            tag_keys=("deployment",))
+            "oppu_serve_tokens_per_s", description="Generated tokens per second of the last batch.")
         self.resident_adapters = metrics.Gauge(
             "oppu_serve_resident_adapters", description="Adapters held per tier.",
-            tag_keys=("deployment", "tier"))
-        for metric in (self.requests, self.errors, self.cache, self.load_seconds, self.batch_size,
-                       self.tokens, self.tokens_per_s, self.resident_adapters):
-            metric.set_default_tags(tags)
+            tag_keys=("tier",))
 
     def request(self, route: str) -> None:
         self.requests.inc(tags={"route": route})

@@ -65,16 +65,17 @@ class ModelReplica:
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
                                                        dtype=self.config.dtype)
         self.fingerprint = base_fingerprint(self.config.model)
-        self.metrics = ServingMetrics("model")
+        self.metrics = ServingMetrics()
         self.adapters = AdapterCache(
             AdapterStore(self.config.store), task=self.config.task, variant=self.config.variant,
             shape=AdapterShape(self.fingerprint, self.config.max_lora_rank, tuple(self.config.target_modules)),
             capacity=self.config.host_cache_adapters, check_ttl_s=self.config.adapter_check_ttl_s,
-            recorder=self.metrics, on_evict=self.engine.slots.release)
+            recorder=self.metrics, on_evict=self._release_slot)
+        # One compute thread: slot bookkeeping and decoding never run concurrently.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-decode")
         self.events = events_actor(serve.get_replica_context().app_name)
         self._deletions_seen = 0
-        # One compute thread: torch's inference mode and the decoding state are per thread.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-decode")
+        self._gpu_counts_reported = {True: 0, False: 0}
 
         # Decorated here, not on the class, because their limits come from the config.
         @serve.multiplexed(max_num_models_per_replica=self.config.host_cache_adapters)
@@ -90,6 +91,9 @@ class ModelReplica:
 
         self._adapter_for_routing = adapter_for_routing
         self._decode_batch = decode_batch
+
+    def _release_slot(self, adapter: LoadedAdapter) -> None:
+        self._compute.submit(self.engine.slots.release, adapter)
 
     async def info(self) -> dict:
         return {"base_fingerprint": self.fingerprint, "task": self.config.task,
@@ -176,5 +180,10 @@ class ModelReplica:
             generated += sum(1 for token in step if isinstance(token, int))
             yield [StopIteration if token is None else token for token in step]
         self.metrics.batch(len(rows), generated, time.perf_counter() - started)
+        slot_stats = self.engine.slots.stats
+        for hit, total in ((True, slot_stats.hits), (False, slot_stats.misses)):
+            for _ in range(total - self._gpu_counts_reported[hit]):
+                self.metrics.cache_lookup("gpu", hit)
+            self._gpu_counts_reported[hit] = total
         self.metrics.resident("gpu", len(self.engine.slots.resident()))
         self.metrics.resident("host", len(self.adapters.cached_users()))

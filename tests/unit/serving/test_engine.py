@@ -47,8 +47,8 @@ def test_mixed_batch_equals_each_users_peft_model_alone(setup):
     cases = [("u1", PROMPTS[0]), ("u2", PROMPTS[1]), (None, PROMPTS[2]), ("u3", PROMPTS[0]), ("u2", PROMPTS[2])]
     rows = [GenerationRow(engine.encode(prompt), loaded[user] if user else None, max_new_tokens=8)
             for user, prompt in cases]
-    outputs = engine.generate(rows)
-    expected = [peft_greedy(base, adapters[user] if user else None, prompt, 8) for user, prompt in cases]
+    outputs = [engine.decode(ids) for ids in engine.generate(rows)]
+    expected = [peft_greedy(base, adapters[user] if user else None, [prompt], 8)[0] for user, prompt in cases]
     assert outputs == expected
     # Personalization is visible: the same prompt gives different answers for different users.
     assert outputs[0] != outputs[3]
@@ -82,7 +82,7 @@ def test_an_adapter_that_does_not_fit_fails_only_its_row(setup):
     assert isinstance(steps[0][0], AdapterIntegrityError)
     assert all(step[0] is None for step in steps[1:])
     healthy = [step[1] for step in steps[1:] if step[1] is not None]
-    assert healthy == peft_greedy(base, adapters["u2"], PROMPTS[1], 4)
+    assert engine.decode(healthy) == peft_greedy(base, adapters["u2"], [PROMPTS[1]], 4)[0]
     assert broken.cache_id not in engine.slots.resident()
 
 

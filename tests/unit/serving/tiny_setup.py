@@ -41,9 +41,9 @@ def build_tiny_base(out_dir: Path, seed: int = 0) -> Path:
 
 
 def load_tiny_base(base_dir: Path):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from oppu.models import load_model
 
-    return LlamaForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
+    return load_model(base_dir)
 
 
 def make_user_adapter(base_dir: Path, out_dir: Path, seed: int, rank: int = 4, alpha: int = 8,
@@ -71,18 +71,44 @@ def publish_adapter(store, task: str, fingerprint: str, user: str, adapter_dir: 
                          config={"seed": user}, peft_method="lora", data_span={"n_items": 1}, metrics={})
 
 
-def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt: str, max_new_tokens: int) -> list[int]:
-    """Greedy token ids of the user's PEFT model alone (or the bare base), one prompt, no padding."""
-    import torch
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """What offline evaluation answers: ``generate_greedy`` with the user's PEFT model (or the bare base)."""
     from peft import PeftModel
+
+    from oppu.models import generate_greedy
 
     model, tokenizer = load_tiny_base(base_dir)
     if adapter_dir is not None:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    generated = out[0, inputs["input_ids"].shape[1]:].tolist()
-    return [t for t in generated[: generated.index(tokenizer.eos_token_id)]] if tokenizer.eos_token_id in \
-        generated else generated
+    return generate_greedy(model, tokenizer, prompts, max_new_tokens)
+
+
+def reseeded_adapter(template_dir: Path, out_dir: Path, seed: int) -> Path:
+    """A copy of a PEFT adapter directory with fresh seeded random LoRA matrices (cheap many users)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(template_dir) / "adapter_config.json", out_dir / "adapter_config.json")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(Path(template_dir) / "adapter_model.safetensors")
+    save_file({name: torch.randn(t.shape, generator=generator) * 0.8 for name, t in tensors.items()},
+              out_dir / "adapter_model.safetensors")
+    return out_dir
+
+
+def lamp2m_users(user_ids: list[str]):
+    """LaMP-2M users with a few history items each (for /v1/predict's retrieval)."""
+    from oppu.data.records import HistoryItem, UserData
+
+    tags = ["sci-fi", "comedy", "romance", "action"]
+    users = []
+    for n, user in enumerate(user_ids):
+        history = [HistoryItem(id=f"{user}-{i}", fields={"description": CORPUS[(n * 5 + i) % len(CORPUS)],
+                                                         "tag": tags[(n + i) % len(tags)]})
+                   for i in range(4)]
+        users.append(UserData(user_id=user, role="test", history=history, queries=[]))
+    return users
