@@ -1,0 +1,41 @@
+"""Serve app arguments: text from the command line, YAML from config.yaml, refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from oppu.errors import ConfigError
+from oppu.serving.config import load_serve_config
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_command_line_text_values_are_coerced_and_model_id_defaults_to_dir_name():
+    config = load_serve_config({"model": "runs/q/base/", "store": "s3://b/adapters", "gpu_slots": "16",
+                                "target_modules": "q_proj,v_proj,o_proj", "batch_wait_timeout_s": "0.02"})
+    assert (config.gpu_slots, config.batch_wait_timeout_s) == (16, 0.02)
+    assert config.target_modules == ["q_proj", "v_proj", "o_proj"]
+    assert config.base_model_id == "base"
+
+
+@pytest.mark.parametrize("args, named", [
+    ({"bogus": 1}, "bogus"),
+    ({"gpu_slots": "many"}, "gpu_slots"),
+    ({"gpu_slots": 4, "max_batch_size": 8}, "gpu_slots (4) must be >= max_batch_size (8)"),
+    ({"model_id": "a:b"}, "must not contain ':'"),
+    ({"max_tokens_limit": 8}, "default_max_tokens"),
+])
+def test_bad_arguments_name_the_key(args, named):
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        load_serve_config({"model": "m", "store": "s"} | args)
+
+
+def test_shipped_serve_config_validates():
+    shipped = yaml.safe_load((ROOT / "serve_apps" / "config.yaml").read_text())
+    (app,) = shipped["applications"]
+    assert app["import_path"] == "serve_apps.oppu_serve:build"
+    config = load_serve_config(app["args"])
+    assert config.gpu_slots >= config.max_batch_size
