@@ -110,10 +110,15 @@ class AdapterSlots:
 class GenerationEngine:
     """A frozen base model with LoRA slots, decoding batches of rows greedily."""
 
-    def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None):
+    def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None, *, static_cache: bool = False,
+                 cuda_graphs: bool = False, max_static_decoders: int = 4):
         import torch
 
         self.model = model.eval()
+        self.static_cache = static_cache or cuda_graphs
+        self.cuda_graphs = cuda_graphs
+        self.max_static_decoders = max_static_decoders
+        self._decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -130,7 +135,7 @@ class GenerationEngine:
 
     @classmethod
     def from_pretrained(cls, model_uri: str, lora: LoraSlotsConfig | None, *, device: str = "auto",
-                        dtype: str = "auto") -> GenerationEngine:
+                        dtype: str = "auto", compile_decode: bool = False) -> GenerationEngine:
         import torch
 
         from oppu.models import load_model
@@ -140,7 +145,8 @@ class GenerationEngine:
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         model, tokenizer = load_model(model_uri, device=device, dtype=getattr(torch, dtype))
-        return cls(model, tokenizer, lora)
+        cuda_graphs = compile_decode and device.startswith("cuda")
+        return cls(model, tokenizer, lora, static_cache=cuda_graphs, cuda_graphs=cuda_graphs)
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's ids exactly as training and offline evaluation encode them (BOS + text)."""
@@ -173,6 +179,9 @@ class GenerationEngine:
 
     def stream_slots(self, rows: Sequence[GenerationRow], slot_ids: list[int]) -> Iterator[list[int | None]]:
         """``stream`` for rows whose adapters already sit in ``slot_ids``."""
+        if self.static_cache:
+            yield from self._stream_static(rows, slot_ids)
+            return
         torch = self._torch
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -204,6 +213,53 @@ class GenerationEngine:
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], 1)
             position_ids = position_ids[:, -1:] + 1
 
+    def _stream_static(self, rows: Sequence[GenerationRow], slot_ids: list[int]) -> Iterator[list[int | None]]:
+        """The same decoding over a static KV cache (and a CUDA graph per decode step on CUDA).
+
+        The batch is padded to a power of two and the cache length to a multiple of 64, so a few
+        (batch, length) shapes, each captured once, serve every request.
+        """
+        torch = self._torch
+        n_rows = len(rows)
+        batch = 1 << (n_rows - 1).bit_length()
+        width = max(len(row.prompt_ids) for row in rows)
+        max_new = max(row.max_new_tokens for row in rows)
+        cache_len = -(-(width + max_new) // 64) * 64
+        decoder = self._decoder(batch, cache_len)
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        keep = torch.zeros((batch, width), dtype=torch.bool)
+        keep[n_rows:] = True  # filler rows attend to their padding: no empty softmax
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
+            keep[i, width - len(row.prompt_ids):] = True
+        next_ids = decoder.prefill(input_ids.to(self.device), keep.to(self.device),
+                                   list(slot_ids) + [-1] * (batch - n_rows))
+        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
+        budget = torch.tensor([row.max_new_tokens for row in rows], device=self.device)
+        finished = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        for step in range(max_new):
+            row_ids = next_ids[:n_rows]
+            at_eos = torch.isin(row_ids, eos)
+            emitted = (~finished & ~at_eos).tolist()
+            tokens = row_ids.tolist()
+            yield [tokens[i] if emitted[i] else None for i in range(n_rows)]
+            finished |= at_eos | (budget <= step + 1)
+            if bool(finished.all()):
+                return
+            next_ids = decoder.decode(next_ids)
+
+    def _decoder(self, batch: int, cache_len: int) -> StaticDecoder:
+        key = (batch, cache_len)
+        if key in self._decoders:
+            self._decoders.move_to_end(key)
+            return self._decoders[key]
+        while len(self._decoders) >= self.max_static_decoders:
+            self._decoders.popitem(last=False)
+        decoder = StaticDecoder(self.model, batch, cache_len, with_slots=self.slots is not None,
+                                cuda_graph=self.cuda_graphs)
+        self._decoders[key] = decoder
+        return decoder
+
     def generate(self, rows: Sequence[GenerationRow]) -> list[list[int]]:
         """Every row's generated token ids (without the end-of-sequence token)."""
         outputs: list[list[int]] = [[] for _ in rows]
@@ -223,6 +279,95 @@ class GenerationEngine:
         from oppu.models import multi_lora
 
         return multi_lora.model_adapters(self.model, self._torch.tensor(slot_ids, device=self.device))
+
+
+class StaticDecoder:
+    """A static KV cache for ``batch`` rows of up to ``cache_len`` tokens, and on CUDA a graph of
+    one decode step over it, replayed with no Python or kernel-launch overhead per layer.
+
+    Inputs live in fixed buffers the graph reads (token, position, attention mask as a 4-D
+    boolean ``[batch, 1, 1, cache_len]``, adapter slot per row); the cache advances itself.
+    """
+
+    def __init__(self, model: Any, batch: int, cache_len: int, *, with_slots: bool, cuda_graph: bool):
+        import torch
+        from transformers import StaticCache
+
+        self.model, self.batch, self.cache_len = model, batch, cache_len
+        self.with_slots, self.use_cuda_graph = with_slots, cuda_graph
+        device = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        self.input_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.position_ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.mask = torch.zeros((batch, 1, 1, cache_len), dtype=torch.bool, device=device)
+        self.slot_ids = torch.full((batch,), -1, dtype=torch.long, device=device)
+        self.length = 0
+        self.graph = None
+        self.graph_next_ids = None
+        self._torch = torch
+
+    def prefill(self, input_ids, keep, slot_ids: list[int]):
+        """Run the prompts (``keep`` marks real tokens) into a fresh cache; the first next tokens."""
+        torch = self._torch
+        if self.cache.is_initialized:
+            self.cache.reset()
+        width = input_ids.shape[1]
+        self.slot_ids.copy_(torch.tensor(slot_ids, dtype=torch.long))
+        self.mask.zero_()
+        self.mask[:, 0, 0, :width] = keep
+        causal = torch.ones((width, self.cache_len), dtype=torch.bool, device=keep.device).tril()
+        positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), self._adapters():
+            logits = self.model(input_ids=input_ids, attention_mask=causal[None, None] & self.mask,
+                                position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+        self.position_ids.copy_(positions[:, -1:])
+        self.length = width
+        return logits[:, -1].argmax(-1)
+
+    def decode(self, token_ids):
+        """Feed one token per row; the next token per row."""
+        self.input_ids.copy_(token_ids[:, None])
+        self.position_ids.add_(1)
+        self.mask[:, 0, 0, self.length] = True
+        self.length += 1
+        if not self.use_cuda_graph:
+            with self._torch.no_grad(), self._adapters():
+                return self._step()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.graph_next_ids.clone()
+
+    def _step(self):
+        logits = self.model(input_ids=self.input_ids, attention_mask=self.mask, position_ids=self.position_ids,
+                            past_key_values=self.cache, use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    def _capture(self) -> None:
+        torch = self._torch
+        # Warm-up runs execute (capture only records), so they must not advance the cache.
+        saved = [layer.cumulative_length.clone() for layer in self.cache.layers]
+        with torch.no_grad(), self._adapters():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._step()
+                    for layer, length in zip(self.cache.layers, saved, strict=True):
+                        layer.cumulative_length.copy_(length)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.graph_next_ids = self._step()
+
+    def _adapters(self):
+        import contextlib
+
+        if not self.with_slots:
+            return contextlib.nullcontext()
+        from oppu.models import multi_lora
+
+        return multi_lora.model_adapters(self.model, self.slot_ids)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:

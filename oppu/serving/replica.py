@@ -63,7 +63,8 @@ class ModelReplica:
         lora = LoraSlotsConfig(self.config.gpu_slots, self.config.max_lora_rank,
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
-                                                       dtype=self.config.dtype)
+                                                       dtype=self.config.dtype,
+                                                       compile_decode=self.config.compile_decode)
         self.fingerprint = base_fingerprint(self.config.model)
         self.metrics = ServingMetrics()
         self.adapters = AdapterCache(

@@ -36,20 +36,34 @@ def setup(tmp_path_factory):
     return base, adapters, loaded
 
 
-def make_engine(base, n_slots=3):
+CASES = [("u1", PROMPTS[0]), ("u2", PROMPTS[1]), (None, PROMPTS[2]), ("u3", PROMPTS[0]), ("u2", PROMPTS[2])]
+
+
+@pytest.fixture(scope="module")
+def offline_answers(setup):
+    """Each case answered as offline evaluation does: the user's PEFT model alone."""
+    base, adapters, _ = setup
+    return [peft_greedy(base, adapters[user] if user else None, [prompt], 8)[0] for user, prompt in CASES]
+
+
+def make_engine(base, n_slots=3, static_cache=False):
     model, tokenizer = load_tiny_base(base)
-    return GenerationEngine(model, tokenizer, LoraSlotsConfig(n_slots, 8, ("q_proj", "v_proj")))
+    return GenerationEngine(model, tokenizer, LoraSlotsConfig(n_slots, 8, ("q_proj", "v_proj")),
+                            static_cache=static_cache)
 
 
-def test_mixed_batch_equals_each_users_peft_model_alone(setup):
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_mixed_batch_equals_each_users_peft_model_alone(setup, offline_answers, static_cache):
     base, adapters, loaded = setup
-    engine = make_engine(base)
-    cases = [("u1", PROMPTS[0]), ("u2", PROMPTS[1]), (None, PROMPTS[2]), ("u3", PROMPTS[0]), ("u2", PROMPTS[2])]
+    engine = make_engine(base, static_cache=static_cache)
     rows = [GenerationRow(engine.encode(prompt), loaded[user] if user else None, max_new_tokens=8)
-            for user, prompt in cases]
+            for user, prompt in CASES]
     outputs = [engine.decode(ids) for ids in engine.generate(rows)]
-    expected = [peft_greedy(base, adapters[user] if user else None, [prompt], 8)[0] for user, prompt in cases]
-    assert outputs == expected
+    assert outputs == offline_answers
+    if static_cache:  # the same shapes reuse the static cache: it must start clean
+        again = engine.generate(rows[::-1])
+        assert [engine.decode(ids) for ids in again] == offline_answers[::-1]
+        assert len(engine._decoders) == 1
     # Personalization is visible: the same prompt gives different answers for different users.
     assert outputs[0] != outputs[3]
     assert engine.slots.stats.misses == 3 and len(engine.slots.resident()) == 3
