@@ -1,0 +1,305 @@
+"""Serving benchmark: the serve app's engine with 1,000 distinct rank-8 adapters against the base alone.
+
+On the GPU (a random-initialised Llama-2-7B-shaped model in bf16; no weights are downloaded):
+
+    python bench/serve.py --mode gpu --out results-gpu.json
+
+then, on a CPU machine, the cold load of the same adapters from S3 (moto's server on 127.0.0.1),
+merged with the GPU figures into the committed file:
+
+    python bench/serve.py --mode s3 --merge results-gpu.json --out bench/results/serve.json
+
+``--tiny`` runs either mode at toy size (a CPU smoke test of this script). The engine is
+``oppu.serving.engine.GenerationEngine`` and the host tier ``oppu.serving.adapters.AdapterCache``,
+the same code the replicas run; requests skip HTTP so the figures are the engine's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from oppu.serving.adapters import AdapterCache, AdapterShape  # noqa: E402
+from oppu.serving.engine import GenerationEngine, GenerationRow, LoraSlotsConfig  # noqa: E402
+from oppu.store import AdapterKey, AdapterStore  # noqa: E402
+
+TASK, VARIANT, FINGERPRINT = "LaMP-2M", "oppu", "bench7bshape0000"
+TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class BenchShape:
+    """Model, adapter and workload sizes."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    n_adapters: int
+    rank: int
+    gpu_slots: int
+    batch: int
+    prompt_tokens: int
+    new_tokens: int
+    zipf_batches: int
+
+
+FULL = BenchShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, n_adapters=1000, rank=8,
+                  gpu_slots=64, batch=32, prompt_tokens=32, new_tokens=128, zipf_batches=8)
+TINY = BenchShape(hidden=64, intermediate=128, layers=2, heads=4, vocab=512, n_adapters=40, rank=8,
+                  gpu_slots=8, batch=4, prompt_tokens=8, new_tokens=8, zipf_batches=3)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mode", choices=("gpu", "s3"), required=True)
+    parser.add_argument("--tiny", action="store_true", help="toy sizes: a smoke test of this script")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--merge", help="(s3 mode) the GPU run's JSON to merge the S3 figure into")
+    parser.add_argument("--s3-adapters", type=int, default=20, help="(s3 mode) adapters to cold-load")
+    args = parser.parse_args()
+    shape = TINY if args.tiny else FULL
+    results = run_gpu(shape) if args.mode == "gpu" else run_s3(shape, args.s3_adapters)
+    if args.merge:
+        results = json.loads(Path(args.merge).read_text()) | results
+    results["command"] = " ".join([results.get("command", ""), "python " + " ".join(sys.argv)]).strip(" ")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results)
+    return 0
+
+
+def run_gpu(shape: BenchShape) -> dict:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    graphs = device == "cuda"
+    model = random_llama(shape, device)
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=None)  # no EOS: every row decodes its budget
+    model.generation_config.eos_token_id = None
+    prompts = random_prompts(shape, shape.batch, seed=1)
+    out: dict = {"device": torch.cuda.get_device_name() if graphs else "cpu", "n_adapters": shape.n_adapters,
+                 "shape": shape.__dict__, "cuda_graphs": graphs}
+
+    base = GenerationEngine(model, tokenizer, None, cuda_graphs=graphs, static_cache=True)
+    base_b1 = timed_batches(base, [[GenerationRow(prompts[0], None, shape.new_tokens)]] * 3)
+    base_b32 = timed_batches(base, [[GenerationRow(p, None, shape.new_tokens) for p in prompts]] * 3)
+    out["batch1_ms_per_token_base"] = base_b1.ms_per_token
+    out["base_tokens_per_s"] = base_b32.tokens_per_s
+    out["base_ttft_ms_p50"] = base_b32.ttft_ms_p50
+    del base
+    torch.cuda.empty_cache() if graphs else None
+
+    with tempfile.TemporaryDirectory(prefix="oppu-bench-store-") as store_dir:
+        store = AdapterStore(store_dir)
+        started = time.perf_counter()
+        publish_random_adapters(store, shape, range(shape.n_adapters), device)
+        out["publish_s"] = time.perf_counter() - started
+        engine = GenerationEngine(model, tokenizer, LoraSlotsConfig(shape.gpu_slots, shape.rank, TARGETS),
+                                  cuda_graphs=graphs, static_cache=True)
+        cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
+                             capacity=shape.n_adapters, check_ttl_s=3600.0)
+        cold_ms = cold_loads(cache, [user_id(i) for i in range(shape.n_adapters)])
+        out["cold_load_ms_local_p50"] = statistics.median(cold_ms)
+        out["cold_load_ms_local_p99"] = percentile(cold_ms, 99)
+
+        one = asyncio.run(cache.get(user_id(0)))
+        adapter_b1 = timed_batches(engine, [[GenerationRow(prompts[0], one, shape.new_tokens)]] * 3)
+        out["batch1_ms_per_token_adapter"] = adapter_b1.ms_per_token
+
+        # Requests from a Zipf-like mix of all users: the popular few stay resident in the GPU slots.
+        users = zipf_users(shape.n_adapters, shape.batch * (shape.zipf_batches + 1), seed=2)
+        batches = []
+        for b in range(shape.zipf_batches + 1):
+            chosen = users[b * shape.batch:(b + 1) * shape.batch]
+            loaded = [asyncio.run(cache.get(user_id(u))) for u in chosen]
+            batches.append([GenerationRow(p, a, shape.new_tokens) for p, a in zip(prompts, loaded, strict=True)])
+        slot_stats_before = (engine.slots.stats.hits, engine.slots.stats.misses)
+        mixed = timed_batches(engine, batches)
+        hits = engine.slots.stats.hits - slot_stats_before[0]
+        misses = engine.slots.stats.misses - slot_stats_before[1]
+        out["adapters_tokens_per_s"] = mixed.tokens_per_s
+        out["adapters_vs_base_throughput"] = mixed.tokens_per_s / out["base_tokens_per_s"]
+        out["batch1_adapter_vs_base_latency"] = out["batch1_ms_per_token_adapter"] / out["batch1_ms_per_token_base"]
+        out["ttft_ms_p50"], out["ttft_ms_p99"] = mixed.ttft_ms_p50, mixed.ttft_ms_p99
+        out["per_token_ms_p50"], out["per_token_ms_p99"] = mixed.step_ms_p50, mixed.step_ms_p99
+        out["distinct_users_in_mix"] = len(set(users))
+        out["gpu_slot_hit_rate"] = hits / max(1, hits + misses)
+        out["gpu_slot_load_ms_mean"] = 1000 * engine.slots.stats.load_seconds / max(1, engine.slots.stats.misses)
+        out["host_cache_hit_rate_after_warmup"] = 1.0  # every adapter was loaded once above (cold_load_ms_*)
+    return out
+
+
+def run_s3(shape: BenchShape, n_adapters: int) -> dict:
+    """Cold loads of 7B-shaped rank-8 adapters from a local S3 server (moto) through the store."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_EC2_METADATA_DISABLED": "true"})
+    try:
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="bench")
+        store = AdapterStore("s3://bench/adapters")
+        publish_random_adapters(store, shape, range(n_adapters), "cpu")
+        cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
+                             capacity=n_adapters, check_ttl_s=3600.0)
+        cold_ms = cold_loads(cache, [user_id(i) for i in range(n_adapters)])
+    finally:
+        server.stop()
+    return {"cold_load_ms_s3_p50": statistics.median(cold_ms), "cold_load_ms_s3_p99": percentile(cold_ms, 99),
+            "s3_adapters": n_adapters, "s3_adapter_mib": adapter_bytes(shape) / 2**20,
+            "s3_server": "moto ThreadedMotoServer on 127.0.0.1 (CPU machine)"}
+
+
+def random_llama(shape: BenchShape, device: str):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.heads, vocab_size=shape.vocab, max_position_embeddings=4096)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def random_prompts(shape: BenchShape, n: int, seed: int) -> list[list[int]]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, shape.vocab, (n, shape.prompt_tokens), generator=generator).tolist()
+
+
+def user_id(i: int) -> str:
+    return f"user{i:05d}"
+
+
+def adapter_bytes(shape: BenchShape) -> int:
+    return shape.layers * len(TARGETS) * 2 * shape.rank * shape.hidden * 2
+
+
+def publish_random_adapters(store: AdapterStore, shape: BenchShape, indices, device: str) -> None:
+    """Write each user's random rank-``r`` PEFT adapter (bf16, q/v projections) and publish it."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(TARGETS), lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    with tempfile.TemporaryDirectory(prefix="oppu-bench-adapter-") as staging:
+        config.save_pretrained(staging)
+        for i in indices:
+            generator = torch.Generator(device=device).manual_seed(1000 + i)
+            tensors = {}
+            for layer in range(shape.layers):
+                for module in TARGETS:
+                    prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                    a = torch.randn((shape.rank, shape.hidden), generator=generator, device=device) * 0.01
+                    b = torch.randn((shape.hidden, shape.rank), generator=generator, device=device) * 0.01
+                    tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
+                    tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+            save_file(tensors, str(Path(staging) / "adapter_model.safetensors"))
+            store.publish(AdapterKey(TASK, FINGERPRINT, VARIANT, user_id(i)), staging, data_hash=f"bench-{i}",
+                          config={"bench": i}, peft_method="lora", data_span={}, metrics={})
+
+
+def cold_loads(cache: AdapterCache, users: list[str]) -> list[float]:
+    """Milliseconds per first ``get`` (store read, sha256 check, safetensors decode)."""
+    async def load_all() -> list[float]:
+        times = []
+        for user in users:
+            started = time.perf_counter()
+            await cache.get(user)
+            times.append(1000 * (time.perf_counter() - started))
+        return times
+
+    return asyncio.run(load_all())
+
+
+def zipf_users(n_users: int, n_requests: int, seed: int, exponent: float = 1.0) -> list[int]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, n_users + 1) ** exponent
+    return rng.choice(n_users, size=n_requests, p=weights / weights.sum()).tolist()
+
+
+@dataclass
+class Timing:
+    tokens_per_s: float
+    ms_per_token: float
+    ttft_ms_p50: float
+    ttft_ms_p99: float
+    step_ms_p50: float
+    step_ms_p99: float
+
+
+def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) -> Timing:
+    """Run every batch (the first only warms up: graph capture, slot loads) and time the rest."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    ttfts, steps, decode_ms_per_token = [], [], []
+    tokens, elapsed = 0, 0.0
+    for index, rows in enumerate(batches):
+        sync()
+        started = last = time.perf_counter()
+        step_times = []
+        for step in engine.stream(rows):
+            now = time.perf_counter()
+            step_times.append(now - last)
+            last = now
+            if index:
+                tokens += sum(1 for token in step if token is not None)
+        if index == 0:
+            continue
+        elapsed += last - started
+        ttfts.append(1000 * step_times[0])
+        steps.extend(1000 * t for t in step_times[1:])
+        decode_ms_per_token.append(1000 * sum(step_times[1:]) / max(1, len(step_times) - 1))
+    return Timing(tokens_per_s=tokens / elapsed, ms_per_token=statistics.median(decode_ms_per_token),
+                  ttft_ms_p50=statistics.median(ttfts), ttft_ms_p99=percentile(ttfts, 99),
+                  step_ms_p50=statistics.median(steps), step_ms_p99=percentile(steps, 99))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def print_table(results: dict) -> None:
+    for key, value in results.items():
+        if isinstance(value, float):
+            print(f"{key:36s} {value:12.3f}")
+        elif not isinstance(value, dict):
+            print(f"{key:36s} {value}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
