@@ -125,6 +125,19 @@ class EvalStage:
 
 
 @dataclass
+class ProfileSettings:
+    """Who writes the textual user profiles of the ``profile`` flavour and the PAG methods."""
+
+    writer: Literal["statistical", "hf", "openai"] = "statistical"
+    model: str | None = None  # hf: instruction-tuned model id/path; openai: the endpoint's model name
+    base_url: str | None = None  # openai: the endpoint, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
+    items_per_user: int = 10  # history items shown to an LLM writer (the reference samples 10)
+    batch_size: int = 8  # hf: prompts per generation batch
+    max_new_tokens: int = 128
+
+
+@dataclass
 class RaySettings:
     address: str | None = None  # None: RAY_ADDRESS or a new local instance
     num_cpus: int | None = None  # for a new local instance only
@@ -144,6 +157,7 @@ class RunConfig:
     base: BaseStage = field(default_factory=BaseStage)
     users: UserStage = field(default_factory=UserStage)
     eval: EvalStage = field(default_factory=EvalStage)
+    profiles: ProfileSettings = field(default_factory=ProfileSettings)
     ray: RaySettings = field(default_factory=RaySettings)
 
     def __post_init__(self) -> None:
@@ -175,9 +189,15 @@ _VARIANT = re.compile(r"(?:rag-k(?P<k>[1-9][0-9]*)\+)?oppu")
 
 
 def parse_variant(variant: str) -> tuple[str, int]:
-    """A personal-adapter variant -> (base flavour it trains on, retrieved items in its prompts)."""
+    """A personal-adapter variant -> (base flavour it trains on, retrieved items in its prompts).
+
+    ``pag+oppu`` trains on the ``profile`` base with the user's profile in every prompt.
+    """
+    if variant == "pag+oppu":
+        return "profile", 0
     match = _VARIANT.fullmatch(variant)
     if not match:
-        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu' or 'rag-k<N>+oppu'")
+        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu', 'rag-k<N>+oppu' or "
+                          "'pag+oppu'")
     k = int(match["k"] or 0)
     return ("rag" if k else "plain"), k
