@@ -109,14 +109,18 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     from oppu.data.dataset import read_dataset
     from oppu.training.samples import base_samples
 
-    if flavour == "profile":
-        raise ConfigError("base flavour 'profile' needs user profiles, which this version does not "
-                          "generate yet; use base.flavours=[plain,rag]")
     dataset = read_dataset(cfg.data_uri)
     task = dataset.task
     k = cfg.base.rag_k if flavour == "rag" else 0
+    profiles = None
+    if flavour == "profile":
+        from oppu.profiles import run_profiles
+
+        # Every user's profile is written here, once: the personal adapters and the evaluation
+        # of the PAG methods read the same stored profiles.
+        profiles = run_profiles(cfg, dataset.users, log)
     samples = base_samples(task, dataset.base_users(), k, cfg.base.include_history_samples,
-                           cfg.seed, cfg.base.max_samples)
+                           cfg.seed, cfg.base.max_samples, profiles)
     if not samples:
         raise ConfigError(f"no base-training samples in {cfg.data_uri}: the base users have no "
                           "answered queries or history")
@@ -124,6 +128,7 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     log(f"[train_base] {task.name} flavour={flavour} k={k}: {len(samples)} samples from "
         f"{len(dataset.base_users())} base users, {epochs} epochs, {cfg.base.num_workers} worker(s)")
     provenance = {"task": task.name, "flavour": flavour, "rag_k": k, "source_model": cfg.pretrained_uri,
+                  "profile_writer": cfg.profiles.writer if profiles is not None else None,
                   "samples": len(samples), "epochs": epochs, "peft": asdict(cfg.base.peft),
                   "optim": asdict(cfg.base.optim), "seed": cfg.seed}
     train_config = {
