@@ -14,10 +14,11 @@ Retrieval = Literal["none", "bm25", "random"]
 @dataclass(frozen=True)
 class Method:
     name: str
-    base_flavour: str  # "plain" or "rag": which task-adapted base answers
+    base_flavour: str  # "plain", "rag" or "profile": which task-adapted base answers
     retrieval: Retrieval  # how history items get into the prompt
     k: int  # how many
     adapter_variant: str | None  # the personal adapter plugged in, or None
+    profile: bool = False  # the user's textual profile leads the prompt (PAG)
 
     @property
     def personalized_by_adapter(self) -> bool:
@@ -25,10 +26,19 @@ class Method:
 
 
 _RAG = re.compile(r"rag-k(?P<k>[1-9][0-9]*)(?P<oppu>\+oppu)?")
+_PAG_RAG = re.compile(r"pag\+rag-k(?P<k>[1-9][0-9]*)")
 
 
 def resolve_method(name: str) -> Method:
-    """``non-personalized``, ``random-history``, ``rag-k<N>``, ``oppu``, ``rag-k<N>+oppu``."""
+    """``non-personalized``, ``random-history``, ``rag-k<N>``, ``oppu``, ``rag-k<N>+oppu``, and the
+    profile-augmented ``pag``, ``pag+rag-k<N>`` (Appendix C uses k=1) and ``pag+oppu``."""
+    if name == "pag":
+        return Method(name, "profile", "none", 0, None, profile=True)
+    if name == "pag+oppu":
+        return Method(name, "profile", "none", 0, "pag+oppu", profile=True)
+    pag_rag = _PAG_RAG.fullmatch(name)
+    if pag_rag:
+        return Method(name, "profile", "bm25", int(pag_rag["k"]), None, profile=True)
     if name == "non-personalized":
         return Method(name, "plain", "none", 0, None)
     if name == "random-history":
@@ -40,4 +50,4 @@ def resolve_method(name: str) -> Method:
         k = int(match["k"])
         return Method(name, "rag", "bm25", k, name if match["oppu"] else None)
     raise ConfigError(f"unknown method {name!r}: use non-personalized, random-history, rag-k<N>, "
-                      "oppu or rag-k<N>+oppu")
+                      "oppu, rag-k<N>+oppu, pag, pag+rag-k<N> or pag+oppu")
