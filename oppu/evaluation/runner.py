@@ -44,6 +44,11 @@ class QueryAnswerer:
             model, tokenizer = load_model(uri, device=device)
             self.bases[flavour] = (model, tokenizer, base_fingerprint(uri))
         self.store = AdapterStore(self.cfg.store_uri)
+        self.profiles: dict[str, str] = {}
+        if any(m.profile for m in self.methods):
+            from oppu.profiles import read_profiles
+
+            self.profiles = read_profiles(self.cfg.data_uri, self.cfg.profiles.writer)
 
     def __call__(self, batch: dict) -> dict:
         from oppu.data.records import UserData
@@ -60,6 +65,7 @@ class QueryAnswerer:
         from oppu.retrieval import BM25Retriever
 
         retriever = BM25Retriever(self.task, user.history) if method.retrieval == "bm25" else None
+        profile = self.profiles[user.user_id] if method.profile else None
         prompts = []
         for query in user.queries:
             fields = self.task.parse_query(query.input)
@@ -70,7 +76,7 @@ class QueryAnswerer:
                 retrieved = [self.random_items[query.id]]
             else:
                 retrieved = []
-            prompts.append(self.task.build_prompt(fields, retrieved=retrieved))
+            prompts.append(self.task.build_prompt(fields, retrieved=retrieved, profile=profile))
         return prompts
 
     def _answer(self, user, method: Method) -> list[dict]:
@@ -135,6 +141,10 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     task = dataset.task
     test_users = dataset.test_users()
     golds = {q.id: q.gold for u in test_users for q in u.queries if q.gold is not None}
+    if any(m.profile for m in methods):
+        from oppu.profiles import stored_profiles
+
+        stored_profiles(cfg, [u.user_id for u in test_users])  # fail here, not in every actor
     log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
         f"methods {', '.join(m.name for m in methods)}")
     started = time.perf_counter()

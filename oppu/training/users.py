@@ -35,9 +35,12 @@ class UserResult:
 
 def adapter_train_config(cfg: RunConfig, variant: str, epochs: int) -> dict:
     """What makes two adapters of one user the same training (the store hashes it for ``find``)."""
-    _, k = parse_variant(variant)
-    return {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
-            "epochs": epochs, "seed": cfg.seed, "retrieval_k": k}
+    flavour, k = parse_variant(variant)
+    config = {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
+              "epochs": epochs, "seed": cfg.seed, "retrieval_k": k}
+    if flavour == "profile":
+        config["profile_writer"] = cfg.profiles.writer
+    return config
 
 
 class PersonalTrainer:
@@ -66,6 +69,11 @@ class PersonalTrainer:
         self.train_config = adapter_train_config(self.cfg, variant, self.epochs)
         self.config_hash = config_hash(self.train_config)
         self.metrics = _job_metrics()
+        self.profiles: dict[str, str] = {}
+        if flavour == "profile":
+            from oppu.profiles import read_profiles
+
+            self.profiles = read_profiles(self.cfg.data_uri, self.cfg.profiles.writer)
 
     def __call__(self, batch: dict) -> dict:
         from oppu.data.records import UserData
@@ -95,7 +103,15 @@ class PersonalTrainer:
             existing = self.store.find(key, data_hash, self.config_hash)
             if existing is not None:
                 return UserResult(user.user_id, "skipped", version=existing.version)
-        samples = personal_samples(self.task, user, self.k)
+        profile = None
+        if self.profiles or self.variant == "pag+oppu":
+            from oppu.errors import DataError
+
+            if user.user_id not in self.profiles:
+                raise DataError(f"no {self.cfg.profiles.writer} profile for this user: run "
+                                f"`oppu profiles --run {self.cfg.run_dir}` first", user=user.user_id)
+            profile = self.profiles[user.user_id]
+        samples = personal_samples(self.task, user, self.k, profile)
         with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
             stats = train_user_adapter(self.model, self.tokenizer, samples, self.cfg.users.peft,
                                        self.cfg.users.optim, self.epochs, self.cfg.seed, user.user_id,
