@@ -31,14 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import yaml
+
     from oppu import cli
     from oppu.config import load_config, to_dict
     from oppu.fsutil import write_text
     from oppu.pipeline import PACKAGED_CONFIGS, _timestamped_log, run_stages
     from oppu.tasks import get_task
     from oppu.training.config import RunConfig
-
-    import yaml
 
     task = get_task(args.task)
     out = Path(args.out).resolve()

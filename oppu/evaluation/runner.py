@@ -148,7 +148,8 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
         f"methods {', '.join(m.name for m in methods)}")
     started = time.perf_counter()
-    users = ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test")
+    users = (ray.data.read_parquet(users_parquet_path(cfg.data_uri))
+             .filter(lambda r: r["role"] == "test").materialize())  # see train_personal_adapters
     answers_ds = users.map_batches(
         QueryAnswerer,
         fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],

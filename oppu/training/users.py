@@ -158,7 +158,9 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     wanted = {validate_user_id(u) for u in cfg.users.users} if cfg.users.users else None
     users = ray.data.read_parquet(users_parquet_path(cfg.data_uri))
     users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted))
-    users = users.sort("n_history", descending=True)
+    # Materialised before the actor pool starts: on a small cluster the pool's actors would
+    # otherwise hold every CPU while the read and sort wait for one.
+    users = users.sort("n_history", descending=True).materialize()
     results_ds = users.map_batches(
         PersonalTrainer,
         fn_constructor_kwargs={"config": asdict(cfg), "variant": variant},
