@@ -18,6 +18,8 @@ COMMANDS = {
     "prepare": "oppu.commands.prepare",
     "score": "oppu.commands.score",
     "token": "oppu.commands.token",
+    "analyze": "oppu.commands.analyze",
+    "profiles": "oppu.commands.profiles",
 }
 
 EXIT_BAD_INPUT = 2
