@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,3 +103,4 @@ def test_three_nodes_pinning_worker_loss_and_clean_teardown():
     survivors = [p.pid for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert survivors == []
     assert not (Path(config.state_dir) / "cluster.json").exists()
+    shutil.rmtree(config.state_dir)
