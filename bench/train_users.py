@@ -131,8 +131,9 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(shape.llama_config()).to(dtype)
+        model = LlamaForCausalLM(shape.llama_config()).to(device=device, dtype=dtype)
     model.requires_grad_(False)
+    print(f"[bench] model on {next(model.parameters()).device}, {next(model.parameters()).dtype}", flush=True)
     return model
 
 
@@ -184,6 +185,7 @@ def run_batched(name, model, users, hparams, epochs, device, args) -> Measured:
 
     def done(user_id, state, stats):
         m.users += 1
+        print(f"[bench]   {name}: {user_id} done ({stats.steps} steps), {m.users}/{len(users)}", flush=True)
 
     # Warm-up: one tiny user, so kernel selection and allocator growth are not timed.
     train_users_batched(model, None, [("warmup", users[0][1][:hparams.batch_size])], lora_config(), hparams,
@@ -270,6 +272,7 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
         start = time.perf_counter()
         for user_id, samples in users:
             train_one(user_id, samples)
+            print(f"[bench]   {name}: {user_id} done at {time.perf_counter() - start:.1f}s", flush=True)
             m.users += 1
             work = sample_work(samples, epochs)
             m.input_tokens += work[0]
@@ -379,7 +382,14 @@ def main() -> int:
     parser.add_argument("--scratch", default="/tmp/oppu-bench", help="disk for the QLoRA model round trip")
     parser.add_argument("--out", default=None, help="directory for results JSON and profile table")
     parser.add_argument("--results", default=None, help="also write the results JSON here")
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="skip configs not started by then")
+    parser.add_argument("--stack-every-s", type=float, default=0, help="dump Python stacks this often (debug)")
     args = parser.parse_args()
+    started = time.perf_counter()
+    if args.stack_every_s:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.stack_every_s, repeat=True)
 
     shape = TINY if args.tiny else LLAMA2_7B
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -406,8 +416,12 @@ def main() -> int:
         "configs": {},
     }
     measured: dict[str, Measured] = {}
+    print(f"[bench] {time.perf_counter() - started:.0f}s model built", flush=True)
     for name in configs:
-        print(f"[bench] {name} ...", flush=True)
+        if time.perf_counter() - started > args.deadline_s:
+            results["configs"][name] = {"error": "skipped: past --deadline-s"}
+            continue
+        print(f"[bench] {time.perf_counter() - started:.0f}s {name} ...", flush=True)
         try:
             if name in ("sequential", "reference"):
                 measured[name] = run_per_user(name, model, users, hparams, args.epochs, device, args)
@@ -432,7 +446,13 @@ def main() -> int:
         if name in measured:
             results["configs"][name] = summarise(measured[name], shape)
             print(f"[bench] {name}: {json.dumps(results['configs'][name])}", flush=True)
+        write_results(results, out_dir, args.results)
+    print_table(results)
+    return 0
 
+
+def write_results(results: dict, out_dir: Path | None, also: str | None) -> None:
+    """Headline figures from the configurations measured so far, written out (after every config)."""
     figures = results["configs"]
     batched_names = [n for n in ("batched", "batched_liger") if "tokens_per_s" in figures.get(n, {})]
     best = max(batched_names, key=lambda n: figures[n]["tokens_per_s"]) if batched_names else None
@@ -456,8 +476,12 @@ def main() -> int:
     text = json.dumps(results, indent=2)
     if out_dir:
         (out_dir / "train_users.json").write_text(text)
-    if args.results:
-        Path(args.results).write_text(text)
+    if also:
+        Path(also).write_text(text)
+
+
+def print_table(results: dict) -> None:
+    figures = results["configs"]
     print(f"{'config':<15}{'tokens/s':>10}{'users/h':>9}{'peak GiB':>10}{'MFU':>7}")
     for name, fig in figures.items():
         if "tokens_per_s" in fig:
@@ -465,7 +489,6 @@ def main() -> int:
                   f"{fig['peak_memory_gib']:>10.1f}{fig['mfu']:>7.1%}")
         else:
             print(f"{name:<15} {fig.get('error')}")
-    return 0
 
 
 if __name__ == "__main__":
