@@ -92,11 +92,13 @@ def run_gpu(shape: BenchShape) -> dict:
     model.generation_config.eos_token_id = None
     prompts = random_prompts(shape, shape.batch, seed=1)
     out: dict = {"device": torch.cuda.get_device_name() if graphs else "cpu", "n_adapters": shape.n_adapters,
-                 "shape": shape.__dict__, "cuda_graphs": graphs}
+                 "shape": shape.__dict__, "cuda_graphs": graphs, "torch_compile": graphs}
 
-    base = GenerationEngine(model, tokenizer, None, cuda_graphs=graphs, static_cache=True)
+    base = GenerationEngine(model, tokenizer, None, cuda_graphs=graphs, compile_step=graphs, static_cache=True)
     base_b1 = timed_batches(base, [[GenerationRow(prompts[0], None, shape.new_tokens)]] * 3)
+    progress("base batch 1", base_b1)
     base_b32 = timed_batches(base, [[GenerationRow(p, None, shape.new_tokens) for p in prompts]] * 3)
+    progress(f"base batch {shape.batch}", base_b32)
     out["batch1_ms_per_token_base"] = base_b1.ms_per_token
     out["base_tokens_per_s"] = base_b32.tokens_per_s
     out["base_ttft_ms_p50"] = base_b32.ttft_ms_p50
@@ -109,7 +111,7 @@ def run_gpu(shape: BenchShape) -> dict:
         publish_random_adapters(store, shape, range(shape.n_adapters), device)
         out["publish_s"] = time.perf_counter() - started
         engine = GenerationEngine(model, tokenizer, LoraSlotsConfig(shape.gpu_slots, shape.rank, TARGETS),
-                                  cuda_graphs=graphs, static_cache=True)
+                                  cuda_graphs=graphs, compile_step=graphs, static_cache=True)
         cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
                              capacity=shape.n_adapters, check_ttl_s=3600.0)
         cold_ms = cold_loads(cache, [user_id(i) for i in range(shape.n_adapters)])
@@ -117,7 +119,9 @@ def run_gpu(shape: BenchShape) -> dict:
         out["cold_load_ms_local_p99"] = percentile(cold_ms, 99)
 
         one = asyncio.run(cache.get(user_id(0)))
+        progress(f"cold loads p50 {out['cold_load_ms_local_p50']:.1f} ms", None)
         adapter_b1 = timed_batches(engine, [[GenerationRow(prompts[0], one, shape.new_tokens)]] * 3)
+        progress("adapter batch 1", adapter_b1)
         out["batch1_ms_per_token_adapter"] = adapter_b1.ms_per_token
 
         # Requests from a Zipf-like mix of all users: the popular few stay resident in the GPU slots.
@@ -129,6 +133,7 @@ def run_gpu(shape: BenchShape) -> dict:
             batches.append([GenerationRow(p, a, shape.new_tokens) for p, a in zip(prompts, loaded, strict=True)])
         slot_stats_before = (engine.slots.stats.hits, engine.slots.stats.misses)
         mixed = timed_batches(engine, batches)
+        progress(f"zipf mix batch {shape.batch}", mixed)
         hits = engine.slots.stats.hits - slot_stats_before[0]
         misses = engine.slots.stats.misses - slot_stats_before[1]
         out["adapters_tokens_per_s"] = mixed.tokens_per_s
@@ -145,9 +150,12 @@ def run_gpu(shape: BenchShape) -> dict:
 
 def run_s3(shape: BenchShape, n_adapters: int) -> dict:
     """Cold loads of 7B-shaped rank-8 adapters from a local S3 server (moto) through the store."""
+    import logging
     import os
 
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -286,6 +294,14 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
     return Timing(tokens_per_s=tokens / elapsed, ms_per_token=statistics.median(decode_ms_per_token),
                   ttft_ms_p50=statistics.median(ttfts), ttft_ms_p99=percentile(ttfts, 99),
                   step_ms_p50=statistics.median(steps), step_ms_p99=percentile(steps, 99))
+
+
+_STARTED = time.perf_counter()
+
+
+def progress(what: str, timing: Timing | None) -> None:
+    detail = f": {timing.ms_per_token:.2f} ms/token, {timing.tokens_per_s:.0f} tokens/s" if timing else ""
+    print(f"[{time.perf_counter() - _STARTED:6.1f}s] {what}{detail}", flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:

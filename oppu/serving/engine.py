@@ -111,12 +111,13 @@ class GenerationEngine:
     """A frozen base model with LoRA slots, decoding batches of rows greedily."""
 
     def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None, *, static_cache: bool = False,
-                 cuda_graphs: bool = False, max_static_decoders: int = 4):
+                 cuda_graphs: bool = False, compile_step: bool = False, max_static_decoders: int = 4):
         import torch
 
         self.model = model.eval()
-        self.static_cache = static_cache or cuda_graphs
+        self.static_cache = static_cache or cuda_graphs or compile_step
         self.cuda_graphs = cuda_graphs
+        self.compile_step = compile_step
         self.max_static_decoders = max_static_decoders
         self._decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         self.tokenizer = tokenizer
@@ -145,8 +146,8 @@ class GenerationEngine:
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         model, tokenizer = load_model(model_uri, device=device, dtype=getattr(torch, dtype))
-        cuda_graphs = compile_decode and device.startswith("cuda")
-        return cls(model, tokenizer, lora, static_cache=cuda_graphs, cuda_graphs=cuda_graphs)
+        on_cuda = compile_decode and device.startswith("cuda")
+        return cls(model, tokenizer, lora, static_cache=on_cuda, cuda_graphs=on_cuda, compile_step=on_cuda)
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's ids exactly as training and offline evaluation encode them (BOS + text)."""
@@ -234,17 +235,18 @@ class GenerationEngine:
             keep[i, width - len(row.prompt_ids):] = True
         next_ids = decoder.prefill(input_ids.to(self.device), keep.to(self.device),
                                    list(slot_ids) + [-1] * (batch - n_rows))
-        eos = torch.tensor(self.eos_ids, dtype=torch.long, device=self.device)
-        budget = torch.tensor([row.max_new_tokens for row in rows], device=self.device)
-        finished = torch.zeros(n_rows, dtype=torch.bool, device=self.device)
+        # One device-to-host copy per step; the rows' bookkeeping is plain Python.
+        eos = set(self.eos_ids)
+        finished = [False] * n_rows
         for step in range(max_new):
-            row_ids = next_ids[:n_rows]
-            at_eos = torch.isin(row_ids, eos)
-            emitted = (~finished & ~at_eos).tolist()
-            tokens = row_ids.tolist()
-            yield [tokens[i] if emitted[i] else None for i in range(n_rows)]
-            finished |= at_eos | (budget <= step + 1)
-            if bool(finished.all()):
+            tokens = next_ids[:n_rows].tolist()
+            out: list[int | None] = []
+            for i, token in enumerate(tokens):
+                done_before = finished[i]
+                finished[i] = done_before or token in eos or rows[i].max_new_tokens <= step + 1
+                out.append(None if done_before or token in eos else token)
+            yield out
+            if all(finished):
                 return
             next_ids = decoder.decode(next_ids)
 
@@ -256,7 +258,7 @@ class GenerationEngine:
         while len(self._decoders) >= self.max_static_decoders:
             self._decoders.popitem(last=False)
         decoder = StaticDecoder(self.model, batch, cache_len, with_slots=self.slots is not None,
-                                cuda_graph=self.cuda_graphs)
+                                cuda_graph=self.cuda_graphs, compile_step=self.compile_step)
         self._decoders[key] = decoder
         return decoder
 
@@ -289,9 +291,14 @@ class StaticDecoder:
     boolean ``[batch, 1, 1, cache_len]``, adapter slot per row); the cache advances itself.
     """
 
-    def __init__(self, model: Any, batch: int, cache_len: int, *, with_slots: bool, cuda_graph: bool):
+    def __init__(self, model: Any, batch: int, cache_len: int, *, with_slots: bool, cuda_graph: bool,
+                 compile_step: bool = False):
         import torch
         from transformers import StaticCache
+
+        # torch.compile fuses each layer's small element-wise kernels (norms, rotary, the LoRA
+        # gather and scaling), which dominate a decode step once launches are graphed away.
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile_step else self._step
 
         self.model, self.batch, self.cache_len = model, batch, cache_len
         self.with_slots, self.use_cuda_graph = with_slots, cuda_graph
@@ -332,7 +339,7 @@ class StaticDecoder:
         self.length += 1
         if not self.use_cuda_graph:
             with self._torch.no_grad(), self._adapters():
-                return self._step()
+                return self._step_fn()
         if self.graph is None:
             self._capture()
         self.graph.replay()
@@ -352,13 +359,13 @@ class StaticDecoder:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._step()
+                    self._step_fn()
                     for layer, length in zip(self.cache.layers, saved, strict=True):
                         layer.cumulative_length.copy_(length)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.graph_next_ids = self._step()
+                self.graph_next_ids = self._step_fn()
 
     def _adapters(self):
         import contextlib
