@@ -75,7 +75,7 @@ def main() -> int:
     results = run_gpu(shape) if args.mode == "gpu" else run_s3(shape, args.s3_adapters)
     if args.merge:
         results = json.loads(Path(args.merge).read_text()) | results
-    results["command"] = " ".join([results.get("command", ""), "python " + " ".join(sys.argv)]).strip(" ")
+    results["command"] = " && ".join(filter(None, [results.get("command"), "python " + " ".join(sys.argv)]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print_table(results)
