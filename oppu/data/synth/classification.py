@@ -28,8 +28,8 @@ class LabelChoiceSettings:
     drift_sd: float = 0.3  # how far each utility moves from the first history item to the queries
     candidate_skew: float = 0.9  # inverse temperature of drawing the first candidate from the utilities
     choice_temperature: float = 0.5
-    three_candidates_rate: float = 0.3
-    keywords_per_candidate: tuple[int, int] = (2, 3)  # inclusive range
+    three_candidates_rate: float = 0.2
+    keywords_per_candidate: tuple[int, int] = (2, 3)  # inclusive range, the label's genre word included
     reference_population: int = 2000  # simulated users behind the population prediction
 
 
@@ -107,10 +107,13 @@ class LabelChoiceWorld:
     def _text(self, candidates: np.ndarray, rng: np.random.Generator) -> tuple[str, str]:
         low, high = self.settings.keywords_per_candidate
         per_candidate = int(rng.integers(low, high + 1))
-        chosen = [pick(rng, self.keywords[self.labels[c]], per_candidate) for c in candidates]
+        chosen = []
+        for c in candidates:
+            genre_word, *others = self.keywords[self.labels[c]]
+            chosen.append([genre_word, *pick(rng, others, per_candidate - 1)])
         words = [word for group in chosen for word in group]
         text = evidence_text(rng, words, n_sentences=int(rng.integers(3, 5)))
-        title_words = [group[0] for group in chosen]
+        title_words = [group[-1] for group in chosen]
         rng.shuffle(title_words)
         return text, "the " + " and the ".join(title_words)
 

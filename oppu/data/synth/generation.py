@@ -129,7 +129,7 @@ class StyleWorld:
         spec = self.spec
         topic = one_of(rng, tuple(spec.topics))
         keywords = spec.topics[topic]
-        k1, k2, k3, *others = pick(rng, keywords, 7)
+        k1, k2, k3, *others = pick(rng, keywords, min(7, len(keywords)))
         slots = {"k1": k1, "k2": k2, "k3": k3, "name": one_of(rng, PERSON_NAMES), "verb": one_of(rng, VERBS),
                  "adj": one_of(rng, TWEET_ADJECTIVES)}
         if spec is PAPER_TITLE_STYLE:
