@@ -102,7 +102,7 @@ def main() -> int:
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=True),
             run_config=RunConfig(name=f"bench-zero{stage}", storage_path="/tmp/ray-bench"))
         result = trainer.fit()
-        metrics = {k: v for k, v in result.metrics.items() if k in (
+        metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
             "step_s_median", "step_s_all", "tokens_per_s", "peak_memory_gib", "loss", "world_size")}
         metrics["wall_s_including_setup"] = time.perf_counter() - started
         results["stages"][f"zero{stage}"] = metrics

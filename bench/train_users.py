@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from oppu.training.batched import step_plan, train_users_batched  # noqa: E402
+from oppu.training.batched import fixed_plan_attention, step_plan, train_users_batched  # noqa: E402
 from oppu.training.config import OptimSettings  # noqa: E402
 from oppu.training.packing import IGNORE_INDEX, Row, collate, group_by_length  # noqa: E402
 from oppu.training.personal import user_seed  # noqa: E402
@@ -225,7 +225,7 @@ def _sequential_micro_batches(peft_model, step_samples, tokens_per_forward, devi
     """Length-grouped rows of one user's step, right-padded, no mask (SDPA's causal kernel)."""
     rows = [Row(0, i, s["input_ids"], s["labels"]) for i, s in enumerate(step_samples)]
     n_targets = max(1, sum(r.target_tokens for r in rows))
-    for batch in group_by_length(rows, tokens_per_forward):
+    for batch in group_by_length(rows, tokens_per_forward, width_multiple=64):
         tensors = collate(batch, 0, device)
         loss = peft_model(input_ids=tensors["input_ids"], labels=tensors["labels"]).loss
         yield loss * (sum(r.target_tokens for r in batch.rows) / n_targets)
@@ -266,9 +266,12 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
             peft_model.gradient_checkpointing_disable()
         peft_model.base_model.unload()
 
-    train_one("warmup", users[0][1][:hparams.batch_size])
+    with fixed_plan_attention() if not reference else contextlib.nullcontext():
+        train_one("warmup", users[0][1][:hparams.batch_size])
     m = Measured(name)
-    with measure(m, device):
+    # "sequential" is our per-user loop: the same attention backends as the batched trainer.
+    attention = fixed_plan_attention() if not reference else contextlib.nullcontext()
+    with measure(m, device), attention:
         start = time.perf_counter()
         for user_id, samples in users:
             train_one(user_id, samples)
@@ -293,7 +296,7 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     """torch.profiler over a few global steps; GPU time by kernel family and how busy the GPU was."""
     from torch.profiler import ProfilerActivity, profile
 
-    subset = [(uid, samples[:hparams.batch_size * 2]) for uid, samples in users[:args.max_active_users]]
+    subset = [(uid, samples[:hparams.batch_size]) for uid, samples in users[:args.max_active_users]]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     start = time.perf_counter()
@@ -305,7 +308,8 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     families = {"gemm (base + LM head)": 0.0, "flash attention": 0.0, "lora bmm/gather": 0.0,
                 "norm / activation / rope (elementwise)": 0.0, "optimizer + copies": 0.0, "other": 0.0}
     kernels = []
-    for event in prof.key_averages():
+    averages = prof.key_averages()
+    for event in averages:
         device_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
         if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -326,7 +330,7 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
             family = "other"
         families[family] += device_us / 1e6
     busy_s = sum(families.values())
-    table = prof.key_averages().table(sort_by="self_device_time_total" if device.type == "cuda"
+    table = averages.table(sort_by="self_device_time_total" if device.type == "cuda"
                                       else "self_cpu_time_total", row_limit=25)
     if out_dir:
         (out_dir / "profile_batched.txt").write_text(table)

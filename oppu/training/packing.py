@@ -57,14 +57,17 @@ class MicroBatch:
         return len(self.rows) * self.width - self.real_tokens
 
 
-def group_by_length(rows: Sequence[Row], max_tokens: int, batch_overhead_tokens: int = 256) -> list[MicroBatch]:
+def group_by_length(rows: Sequence[Row], max_tokens: int, batch_overhead_tokens: int = 256,
+                    width_multiple: int = 1) -> list[MicroBatch]:
     """Cut ``rows`` into micro-batches of at most ``max_tokens`` padded tokens, longest rows first.
 
     Rows sorted by length are split into consecutive runs chosen (by dynamic programming) to
     minimise padded tokens plus ``batch_overhead_tokens`` per micro-batch: the overhead prices
     the fixed cost of a forward/backward pass, so the split trades a little padding for fewer,
-    fuller passes. The order (length descending, then owner, then sample) depends only on the
-    rows, so the same rows always make the same micro-batches.
+    fuller passes. ``width_multiple`` rounds each micro-batch's width up (64 on GPU: fewer
+    distinct shapes for kernels that plan per shape, better matmul tiles). The order (length
+    descending, then owner, then sample) depends only on the rows, so the same rows always make
+    the same micro-batches.
     """
     ordered = sorted(rows, key=lambda row: (-len(row), row.owner, row.sample))
     for row in ordered:
@@ -73,11 +76,12 @@ def group_by_length(rows: Sequence[Row], max_tokens: int, batch_overhead_tokens:
                              f"more than max_tokens={max_tokens}")
     n = len(ordered)
     lengths = [len(row) for row in ordered]
+    widths = [min(max_tokens, -(-length // width_multiple) * width_multiple) for length in lengths]
     # best[i]: least cost of batching ordered[i:]; cut[i]: where the first batch of that split ends.
     best = [0.0] * (n + 1)
     cut = [n] * (n + 1)
     for start in range(n - 1, -1, -1):
-        width = lengths[start]
+        width = widths[start]
         best[start] = float("inf")
         real = 0
         for end in range(start + 1, min(n, start + max_tokens // width) + 1):
@@ -89,7 +93,7 @@ def group_by_length(rows: Sequence[Row], max_tokens: int, batch_overhead_tokens:
     start = 0
     while start < n:
         end = cut[start]
-        batches.append(MicroBatch(tuple(ordered[start:end]), lengths[start]))
+        batches.append(MicroBatch(tuple(ordered[start:end]), widths[start]))
         start = end
     return batches
 
