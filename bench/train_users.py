@@ -10,7 +10,7 @@ LaMP-like long tail. Configurations, in this order (one process, one GPU):
               autocast, gradient checkpointing, batches of 16 padded to the longest
   batched_liger  batched, with liger-kernel's RMSNorm / SwiGLU / RoPE (patched in place)
   profile     torch.profiler over a few global steps of the faster batched configuration
-  qlora       batched over a bitsandbytes 4-bit base (oppu.models.quantization)
+  qlora       batched over a bitsandbytes 4-bit base (oppu.models.quantization); must come last
 
 Launch on the GPU machine (device tool):
   source .gpu/activate; python3 bench/train_users.py --out $OUT
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import math
 import platform
@@ -342,17 +343,19 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
 # ---------------------------------------------------------------- QLoRA
 
 
-def run_qlora(model, shape, users, hparams, epochs, device, args) -> Measured:
-    from oppu.models.quantization import load_base_4bit
-
+def save_for_qlora(model, args) -> Path:
+    """The bf16 model written out, so the 4-bit loader quantises it as it would a real checkpoint."""
     path = Path(args.scratch) / "random-llama"
     model.save_pretrained(str(path))
-    del model
-    torch.cuda.empty_cache()
+    return path
+
+
+def run_qlora(path: Path, users, hparams, epochs, device, args) -> Measured:
+    from oppu.models.quantization import load_base_4bit
+
     quantized = load_base_4bit(str(path))
-    quantized.requires_grad_(False)
     m = run_batched("qlora", quantized, users, hparams, epochs, device, args)
-    m.extra["base_weights_gib"] = torch.cuda.memory_allocated() / 2**30
+    m.extra["base_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     return m
 
 
@@ -439,8 +442,12 @@ def main() -> int:
                 measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args)
             elif name == "profile":
                 results["profile"] = profile_batched(model, users, hparams, device, args, out_dir)
-            elif name == "qlora":
-                measured[name] = run_qlora(model, shape, users, hparams, args.epochs, device, args)
+            elif name == "qlora":  # last: the bf16 model is released to measure the 4-bit one alone
+                path = save_for_qlora(model, args)
+                model = None
+                gc.collect()
+                torch.cuda.empty_cache()
+                measured[name] = run_qlora(path, users, hparams, args.epochs, device, args)
             else:
                 raise SystemExit(f"unknown config {name!r}")
         except Exception as error:  # one failed configuration must not lose the others' figures
