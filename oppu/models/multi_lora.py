@@ -127,17 +127,25 @@ def _matches(name: str, target_modules: Sequence[str]) -> bool:
 
 @contextlib.contextmanager
 def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
-    """Within the block, batch row ``b`` of every forward uses adapter slot ``slot_ids[b]`` (-1: none)."""
+    """Within the block, batch row ``b`` of every forward uses adapter slot ``slot_ids[b]`` (-1: none).
+
+    Host ``slot_ids`` are range-checked; a tensor already on the device is taken as it is.
+    """
     layers = list(multi_lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no multi-LoRA layers: call inject_multi_lora first")
     device = layers[0].lora_A.device
-    slot_tensor = torch.as_tensor(slot_ids, dtype=torch.long, device=device)
+    slot_tensor = torch.as_tensor(slot_ids, dtype=torch.long)
     if slot_tensor.dim() != 1:
         raise ValueError(f"slot_ids must be one index per batch row, got shape {tuple(slot_tensor.shape)}")
     n_slots = layers[0].n_slots
-    if slot_tensor.numel() and (int(slot_tensor.max()) >= n_slots or int(slot_tensor.min()) < NO_ADAPTER):
-        raise ValueError(f"slot_ids must lie in [-1, {n_slots - 1}], got {slot_tensor.tolist()}")
+    # Values are checked where they live on the host; reading a device tensor would wait for the GPU.
+    if slot_tensor.device.type == "cpu":
+        if slot_tensor.numel() and (int(slot_tensor.max()) >= n_slots or int(slot_tensor.min()) < NO_ADAPTER):
+            raise ValueError(f"slot_ids must lie in [-1, {n_slots - 1}], got {slot_tensor.tolist()}")
+        if device.type == "cuda":
+            slot_tensor = slot_tensor.pin_memory().to(device, non_blocking=True)
+    slot_tensor = slot_tensor.to(device)
     previous = [layer.slot_ids for layer in layers]
     for layer in layers:
         layer.slot_ids = slot_tensor

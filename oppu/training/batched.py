@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from oppu.errors import ConfigError
 from oppu.ids import validate_user_id
 from oppu.training.config import OptimSettings
-from oppu.training.packing import IGNORE_INDEX, Row, collate, group_by_length
+from oppu.training.packing import Row, collate, group_by_length, to_device
 from oppu.training.personal import user_seed
 
 if TYPE_CHECKING:
@@ -142,17 +142,17 @@ class SlotAdamW:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
 
-    def clip_grad_norms(self, slots: Sequence[int], max_norm: float) -> list[float]:
+    def clip_grad_norms(self, slots: Sequence[int], max_norm: float) -> torch.Tensor:
         """Scale each slot's gradient to norm <= ``max_norm`` (torch's clip_grad_norm_ rule); the norms before."""
         import torch
 
-        index = torch.tensor(slots, device=self.params[0].device)
+        index = to_device(torch.tensor(slots), self.params[0].device)
         squared = sum(p.grad.index_select(0, index).flatten(1).pow(2).sum(1) for p in self.params)
         norms = squared.sqrt()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for p in self.params:
             p.grad.index_copy_(0, index, p.grad.index_select(0, index) * _per_slot(scale, p))
-        return norms.tolist()
+        return norms
 
     def step(self, slots: Sequence[int], lrs: Sequence[float]) -> None:
         import torch
@@ -161,14 +161,14 @@ class SlotAdamW:
         for slot in slots:
             self.steps[slot] += 1
         device = self.params[0].device
-        index = torch.tensor(slots, device=device)
+        index = to_device(torch.tensor(slots), device)
         lr = torch.tensor(lrs, dtype=torch.float64)
         steps = torch.tensor([self.steps[s] for s in slots], dtype=torch.float64)
         bias_correction1 = 1 - beta1 ** steps
         bias_correction2_sqrt = (1 - beta2 ** steps).sqrt()
-        decay = (1 - lr * self.weight_decay).to(device, torch.float32)
-        step_size = (lr / bias_correction1).to(device, torch.float32)
-        bias_correction2_sqrt = bias_correction2_sqrt.to(device, torch.float32)
+        decay = to_device((1 - lr * self.weight_decay).float(), device)
+        step_size = to_device((lr / bias_correction1).float(), device)
+        bias_correction2_sqrt = to_device(bias_correction2_sqrt.float(), device)
         with torch.no_grad():
             for p, exp_avg, exp_avg_sq in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
                 grad = p.grad.index_select(0, index)
@@ -252,6 +252,7 @@ def train_users_batched(
             free_slots = list(range(n_slots - 1, -1, -1))
             active: dict[int, _UserRun] = {}
             adapters: dict[str, StateDict] = {}
+            loss_history: list[torch.Tensor] = []  # per global step: each slot's mean loss
             while queue or active:
                 while queue and free_slots:
                     run = queue.pop(0)
@@ -270,7 +271,7 @@ def train_users_batched(
                     run.stats.target_tokens += targets_in_step
                     run.stats.input_tokens += sum(len(row) for row in step_rows)
                     rows.extend(step_rows)
-                inverse_targets = inverse_targets.to(device)
+                inverse_targets = to_device(inverse_targets, device)
 
                 optimizer.zero_grad()
                 slot_losses = torch.zeros(n_slots, device=device)
@@ -278,16 +279,14 @@ def train_users_batched(
                     batch = collate(micro_batch, pad_id, device)
                     with model_adapters(base_model, batch["owners"]):
                         hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-                        shifted_labels = batch["labels"][:, 1:]
-                        trained = shifted_labels != IGNORE_INDEX
+                        predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1])
                         # Only trained positions go through the LM head: prompts are most tokens.
-                        logits = head(hidden[:, :-1][trained]).float()
-                        token_losses = torch.nn.functional.cross_entropy(logits, shifted_labels[trained],
+                        logits = head(predicting.index_select(0, batch["trained_positions"])).float()
+                        token_losses = torch.nn.functional.cross_entropy(logits, batch["trained_labels"],
                                                                          reduction="none")
-                        token_slots = batch["owners"][:, None].expand_as(shifted_labels)[trained]
-                        weighted = token_losses * inverse_targets[token_slots]
+                        weighted = token_losses * inverse_targets[batch["trained_owners"]]
                         weighted.sum().backward()
-                    slot_losses.index_add_(0, token_slots, weighted.detach())
+                    slot_losses.index_add_(0, batch["trained_owners"], weighted.detach())
 
                 optimizer.fill_missing_grads()
                 slots = sorted(active)
@@ -295,19 +294,22 @@ def train_users_batched(
                                                         active[s].total_steps) for s in slots]
                 optimizer.clip_grad_norms(slots, hparams.max_grad_norm)
                 optimizer.step(slots, lrs)
-                step_losses = slot_losses.tolist()
+                loss_history.append(slot_losses)
                 for slot in slots:
                     run = active[slot]
-                    run.stats.losses.append(step_losses[slot])
                     run.next_step += 1
                     if run.next_step == run.total_steps:
-                        run.stats.final_loss = step_losses[slot]
+                        # Reading losses waits for the GPU: once per user, not once per step.
+                        run.stats.losses = torch.stack(loss_history[-run.total_steps:])[:, slot].tolist()
+                        run.stats.final_loss = run.stats.losses[-1]
                         state = export_slot_as_peft(base_model, slot, peft_config)
                         adapters[run.user_id] = state
                         if on_user_done is not None:
                             on_user_done(run.user_id, state, run.stats)
                         del active[slot]
                         free_slots.append(slot)
+                kept_steps = max((run.next_step for run in active.values()), default=0)
+                del loss_history[:len(loss_history) - kept_steps]
             return adapters
     finally:
         if gradient_checkpointing:

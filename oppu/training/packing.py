@@ -99,7 +99,15 @@ def group_by_length(rows: Sequence[Row], max_tokens: int, batch_overhead_tokens:
 
 
 def collate(batch: MicroBatch, pad_token_id: int, device=None) -> dict:
-    """Tensors for one micro-batch: ``input_ids``, ``labels`` (pads are ``IGNORE_INDEX``), ``owners``."""
+    """Tensors for one micro-batch, built on the host and copied without a sync (pinned, non-blocking).
+
+    ``input_ids`` / ``labels`` are ``[rows, width]`` (pads: ``pad_token_id`` / ``IGNORE_INDEX``),
+    ``owners`` ``[rows]``; ``trained_positions`` indexes the flattened ``[rows, width - 1]``
+    predictions that have a target (labels shifted left by one), ``trained_labels`` and
+    ``trained_owners`` are those targets and their rows' owners. Selecting trained positions with
+    an index made here, rather than a boolean mask on the device, keeps the host from waiting
+    for the GPU.
+    """
     import torch
 
     input_ids = torch.full((len(batch.rows), batch.width), pad_token_id, dtype=torch.long)
@@ -108,4 +116,19 @@ def collate(batch: MicroBatch, pad_token_id: int, device=None) -> dict:
         input_ids[i, :len(row)] = torch.as_tensor(row.input_ids, dtype=torch.long)
         labels[i, :len(row)] = torch.as_tensor(row.labels, dtype=torch.long)
     owners = torch.tensor([row.owner for row in batch.rows], dtype=torch.long)
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "owners": owners.to(device)}
+    shifted = labels[:, 1:]
+    trained = shifted != IGNORE_INDEX
+    tensors = {"input_ids": input_ids, "labels": labels, "owners": owners,
+               "trained_positions": trained.flatten().nonzero().squeeze(1),
+               "trained_labels": shifted[trained],
+               "trained_owners": owners[:, None].expand_as(shifted)[trained]}
+    return {name: to_device(tensor, device) for name, tensor in tensors.items()}
+
+
+def to_device(tensor, device):
+    """Host tensor -> ``device``; to a GPU through pinned memory, asynchronously."""
+    import torch
+
+    if device is None or torch.device(device).type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)

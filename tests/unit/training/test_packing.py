@@ -68,3 +68,20 @@ def test_target_tokens_count_the_shifted_labels():
     row = Row(0, 0, [5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8])
     assert row.target_tokens == 2
     assert Row(0, 1, [5, 6], [5, IGNORE_INDEX]).target_tokens == 0
+
+
+def test_widths_round_up_within_budget():
+    rows = long_tailed_rows(seed=4)
+    for batch in group_by_length(rows, max_tokens=1024, width_multiple=64):
+        assert batch.width % 64 == 0 or batch.width == 1024
+        assert batch.width >= max(len(row) for row in batch.rows)
+        assert len(batch.rows) * batch.width <= 1024
+
+
+def test_collate_indexes_exactly_the_trained_predictions():
+    rows = [Row(3, 0, [5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), Row(1, 0, [9, 10], [9, 10])]
+    tensors = collate(group_by_length(rows, max_tokens=64)[0], pad_token_id=0)
+    # Predictions are the [rows, width - 1] grid: position p predicts token p + 1.
+    assert tensors["trained_positions"].tolist() == [1, 2, 3]
+    assert tensors["trained_labels"].tolist() == [7, 8, 10]
+    assert tensors["trained_owners"].tolist() == [3, 3, 1]
