@@ -3,7 +3,8 @@
 Users of the whole data set are ranked by history length and cut into ``n_buckets`` equal-width
 rank buckets; the same number of users is drawn from each (spread within the bucket). Those
 users become the test users of a sub run whose base is trained *without them* (every other user
-adapts the base, and, for the tiny default, pretrains it), so no bucket was seen by the base.
+adapts the base, and, for the tiny default unless ``fresh_pretrained`` is off, pretrains it), so
+no bucket was seen by the base.
 Every method then runs per bucket.
 """
 
@@ -37,7 +38,7 @@ def bucket_users(users: list[UserData], n_buckets: int, per_bucket: int) -> dict
 
 
 def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_samples: int | None = 600,
-        log=print):
+        fresh_pretrained: bool = True, log=print):
     from oppu.data.dataset import read_dataset
     from oppu.pipeline import run_stages
 
@@ -50,7 +51,7 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
                                            for label, members in buckets.items()))
     base = dataclasses.replace(cfg.base, flavours=["plain", "rag"],
                                max_samples=base_max_samples or cfg.base.max_samples)
-    sub = sub_run(cfg, NAME, link_bases=(), base=base)
+    sub = sub_run(cfg, NAME, link_bases=(), link_pretrained=not fresh_pretrained, base=base)
     write_sub_dataset(sub, cfg.task, users, {"suite": NAME, "buckets": {k: [u.user_id for u in v]
                                                                        for k, v in buckets.items()}})
     run_stages(sub, ["base"], log)
@@ -65,10 +66,12 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
                    xlabel="history length bucket", ylabel=metric)
     figure.axes[0].set_xticks(range(len(labels)), labels)
     rows = [[label, *(series[m][i] for m in METHODS), gain[i]] for i, label in enumerate(labels)]
+    pretrained = ("a tiny model pretrained without them too" if fresh_pretrained and cfg.model == "tiny"
+                  else f"the run's pretrained model {cfg.pretrained_uri}")
     section = (f"{n_buckets} buckets x {per_bucket} users by history length, held out of a base trained "
-               f"without them (base samples capped at {base.max_samples}).\n\n"
+               f"without them (base samples capped at {base.max_samples}) from {pretrained}.\n\n"
                + markdown_table(["bucket", *METHODS, "OPPU gain"], rows))
-    data = {"task": cfg.task, "metric": metric, "buckets": {k: [u.user_id for u in v] for k, v in buckets.items()},
+    data = {"task": cfg.task, "metric": metric, "pretrained": pretrained, "buckets": {k: [u.user_id for u in v] for k, v in buckets.items()},
             "history_lengths": {u.user_id: len(u.history) for v in buckets.values() for u in v},
             "series": series, "oppu_gain": dict(zip(labels, gain, strict=True)), "scores": scores}
     return SuiteResult(NAME, TITLE, section, data, time.perf_counter() - started), figure

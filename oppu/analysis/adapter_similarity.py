@@ -112,10 +112,13 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
         f"across {summary['across']}")
 
     figure, axes = new_figure(7.5, 6.2)
-    image = axes.imshow(ordered, cmap="viridis")
+    # The diagonal (1.0) is left blank so the colour scale spans the pairs that differ.
+    shown = [[float("nan") if i == j else value for j, value in enumerate(row)] for i, row in enumerate(ordered)]
+    image = axes.imshow(shown, cmap="viridis")
     figure.colorbar(image, ax=axes, label="cosine similarity (Appendix F)")
-    axes.set_xticks(range(len(users)), ordered_users, rotation=90, fontsize=6)
-    axes.set_yticks(range(len(users)), ordered_users, fontsize=6)
+    tick_labels = [f"{u} ({clusters[u]})" for u in ordered_users]
+    axes.set_xticks(range(len(users)), tick_labels, rotation=90, fontsize=6)
+    axes.set_yticks(range(len(users)), tick_labels, fontsize=6)
     axes.set_xlabel("user (ordered by cluster)")
     axes.set_ylabel("user (ordered by cluster)")
     axes.set_title(f"{cfg.task}: similarity of personal '{variant}' adapters")

@@ -31,6 +31,7 @@ class SuiteOptions:
     buckets: int = 3  # activity: history-length buckets ...
     per_bucket: int = 3  # ... and users per bucket
     activity_base_samples: int = 600  # activity: cap on the held-out base's training samples
+    activity_fresh_pretrained: bool = True  # activity: tiny default pretrained without the buckets too
     keep_fraction: float = 0.5  # behaviour-shift: share of the history kept (the least relevant)
     embedding_model: str | None = None  # behaviour-shift: HF id/path; None: the lexical fallback
     variant: str = "oppu"  # adapter-similarity: which adapters
@@ -51,7 +52,8 @@ def run_suite(name: str, cfg: RunConfig, options: SuiteOptions, log=print) -> di
         "behaviour-shift": {"n_users": options.users, "keep_fraction": options.keep_fraction,
                             "embedding_model": options.embedding_model},
         "activity": {"n_buckets": options.buckets, "per_bucket": options.per_bucket,
-                     "base_max_samples": options.activity_base_samples},
+                     "base_max_samples": options.activity_base_samples,
+                     "fresh_pretrained": options.activity_fresh_pretrained},
         "k-sweep": {"n_users": options.users},
         "history-format": {"n_users": options.users},
         "peft-methods": {"n_users": options.users},

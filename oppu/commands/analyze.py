@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-bucket", type=int, default=defaults.per_bucket, help="activity: users per bucket")
     parser.add_argument("--activity-base-samples", type=int, default=defaults.activity_base_samples,
                         help="activity: cap on the held-out base's training samples")
+    parser.add_argument("--activity-reuse-pretrained", action="store_true",
+                        help="activity: start the held-out base from the run's pretrained tiny model "
+                        "instead of pretraining one without the bucket users (faster)")
     parser.add_argument("--keep-fraction", type=float, default=defaults.keep_fraction,
                         help="behaviour-shift: share of each history kept (the least relevant)")
     parser.add_argument("--embedding-model", default=None, help="behaviour-shift: HF embedding model "
@@ -38,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run, args.config, args.overrides)
     options = SuiteOptions(users=args.users, buckets=args.buckets, per_bucket=args.per_bucket,
                            activity_base_samples=args.activity_base_samples,
+                           activity_fresh_pretrained=not args.activity_reuse_pretrained,
                            keep_fraction=args.keep_fraction, embedding_model=args.embedding_model,
                            variant=args.variant)
     log = _timestamped_log()
