@@ -58,6 +58,16 @@ def test_second_build_returns_at_once_and_a_new_dir_is_filled_from_the_cache(tin
     assert base_fingerprint(fresh) == base_fingerprint(tiny_model_dir)
 
 
+def test_an_existing_dir_with_a_stale_model_is_overwritten_from_the_cache(tiny_model_dir, tmp_path):
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    (stale / BUILD_RECORD).write_text('{"build_hash": "old"}')
+    assert build_tiny_base(make_corpus(), stale, TEST_MODEL_CONFIG, seed=0) == stale
+    assert (stale / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert base_fingerprint(stale) == base_fingerprint(tiny_model_dir)
+
+
 def test_build_hash_follows_config_corpus_and_seed_but_not_logging():
     corpus = make_corpus(20)
     key = build_hash(corpus, TEST_MODEL_CONFIG, 0)
