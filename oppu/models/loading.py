@@ -3,13 +3,15 @@
 A remote model (``s3://bucket/prefix/model``, ``memory://...``, ...) is downloaded once into
 ``$OPPU_CACHE_DIR/models/<sha256 of the URI>`` (default ``~/.cache/oppu``): only ``config.json``,
 the tokenizer files and the weights, into a temporary directory that is renamed into place when
-complete, so a reader never sees half a model. The next call reuses it unless the remote files'
-names or sizes changed. A name without ``://`` that is not an existing path is a hub id and goes
+complete, so a reader never sees half a model; a file lock makes concurrent processes on one
+machine share one download. The next call reuses it unless the remote files' names or sizes
+changed. A name without ``://`` that is not an existing path is a hub id and goes
 to ``from_pretrained`` unchanged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -104,36 +106,31 @@ def _download_cached(uri: str) -> Path:
     wanted = {name: sizes[name] for name in _wanted_files(list(sizes))}
 
     target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:32]
-    record = target / SOURCE_RECORD
-    if record.is_file() and json.loads(record.read_text()).get("files") == wanted:
-        return target
-
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-    try:
-        for name in wanted:
-            fs.get_file(f"{root}/{name}", str(staging / name))
-        (staging / SOURCE_RECORD).write_text(json.dumps({"uri": uri, "files": wanted}, indent=1))
-        _publish_dir(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # One download per model and machine: other processes (Ray workers) wait here, then reuse it.
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _cached_files(target) == wanted:
+            return target
+        staging = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+        try:
+            for name in wanted:
+                fs.get_file(f"{root}/{name}", str(staging / name))
+            (staging / SOURCE_RECORD).write_text(json.dumps({"uri": uri, "files": wanted}, indent=1))
+            if target.exists():  # an older download of this URI: the remote files changed since
+                os.rename(target, staging.with_name(staging.name + "-stale"))
+                shutil.rmtree(staging.with_name(staging.name + "-stale"))
+            os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def _publish_dir(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``, replacing a stale ``target``; a concurrent winner is kept."""
-    if target.exists():
-        stale = Path(tempfile.mkdtemp(prefix=".stale-", dir=target.parent))
-        try:
-            os.rename(target, stale / "old")
-        except OSError:
-            pass  # another process moved it first
-        shutil.rmtree(stale, ignore_errors=True)
+def _cached_files(target: Path) -> dict[str, int] | None:
     try:
-        os.rename(staging, target)
-    except OSError:
-        if not (target / SOURCE_RECORD).is_file():
-            raise
+        return json.loads((target / SOURCE_RECORD).read_text()).get("files")
+    except (OSError, ValueError):
+        return None
 
 
 def default_dtype(device: str):

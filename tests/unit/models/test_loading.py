@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -75,6 +76,19 @@ def test_fsspec_uri_is_downloaded_once_into_the_cache(remote_model, tiny_model_d
     assert (local / "config.json").read_bytes().endswith(b"\n")  # changed remote: downloaded again
     model, tokenizer = load_model(uri)
     assert model.config.vocab_size == len(tokenizer)
+
+
+def test_concurrent_resolves_share_one_download(remote_model, tmp_path, monkeypatch):
+    fs, root = remote_model
+    monkeypatch.setenv("OPPU_CACHE_DIR", str(tmp_path / "cache"))
+    fetched = []
+    real_get_file = type(fs).get_file
+    monkeypatch.setattr(type(fs), "get_file", lambda self, rpath, lpath, **kw: (
+        fetched.append(rpath), real_get_file(self, rpath, lpath, **kw))[1])
+    with ThreadPoolExecutor(4) as pool:
+        dirs = set(pool.map(lambda _: resolve_model_dir(f"memory://{root}"), range(4)))
+    assert len(dirs) == 1
+    assert len(fetched) == len(set(fetched)) == len([p for p in dirs.pop().iterdir() if not p.name.startswith(".")])
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
