@@ -43,8 +43,9 @@ class TinyModelConfig:
     Sized on a 2-core CPU: forward+backward+AdamW on 16x128 tokens ran at about 6000 tokens per
     CPU-second for hidden 128 x 2 layers, 3100 for 128 x 4, 2000 for 192 x 4 and 1300 for 256 x 4.
     The default (192 x 4, 1.8M parameters; 140 steps x 8 x 128 = 143k tokens) brings the synthetic
-    LaMP-2M corpus (3.9 MB, 830k tokens) to a loss of 0.68 (0.70 held out) in about 70 CPU-seconds,
-    where 80 steps of 16 stopped at 0.98; 128 x 4 reaches the same loss at half the cost.
+    LaMP-2M corpus (3.9 MB, 830k tokens) to a loss of 0.68 (0.70 held out): about 70 CPU-seconds
+    at one thread (126 s wall on the busy shared machine), where 80 steps of 16 stopped at 0.98;
+    128 x 4 reaches the same loss at half the cost.
     """
 
     vocab_size: int = 3072  # most tokens the BPE tokenizer learns (256 byte symbols + 4 specials + merges)
@@ -68,8 +69,9 @@ class TinyModelConfig:
     log_every_steps: int = 25  # print loss and tokens/s this often
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "tokenizer_max_chars", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
-                     "max_position_embeddings", "pretrain_batch_size", "pretrain_seq_len", "log_every_steps"):
+        for name in ("vocab_size", "tokenizer_max_chars", "hidden_size", "num_layers", "num_heads",
+                     "num_kv_heads", "intermediate_size", "max_position_embeddings", "pretrain_batch_size",
+                     "pretrain_seq_len", "log_every_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)!r}")
         if self.vocab_size < 260 + len(SPECIAL_TOKENS):
