@@ -135,10 +135,10 @@ def test_bad_user_fails_alone(run_dir, tmp_path):
     write_dataset(data, "LaMP-2M", users, {})
     try:
         run_stages(_config(run_dir, f"data={data}", f"store={tmp_path / 'store'}",
-                           f"run_dir={tmp_path}", "users.variants=[oppu]"), ["users"])
+                           "users.variants=[oppu]"), ["users"])
     finally:
         ray.shutdown()
-    report = load_report(str(tmp_path), "oppu")
+    report = load_report(str(run_dir), "oppu")
     by_user = pd.DataFrame(report["users"]).set_index("user_id")["status"].to_dict()
     assert by_user[broken.user_id] == "failed"
     assert "tag" in next(u["error"] for u in report["users"] if u["user_id"] == broken.user_id)

@@ -1,0 +1,69 @@
+"""Check the quality bars of the embedded default over several seeds (CPU; CI does not run this).
+
+    python bench/quality.py --seeds 0 1 2 --tasks LaMP-2M LaMP-3 LaMP-5 --out runs/quality
+
+For each (task, seed) it runs ``oppu quickstart`` and checks: OPPU closes at least half the gap
+between non-personalized and the Bayes-optimal reference (classification: accuracy; rating: MAE),
+RAG k=1 + OPPU is at least as good as RAG k=1, and on generation tasks OPPU's ROUGE-1 beats
+non-personalized. Writes ``bench/results/quality.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def bars(metrics: dict) -> dict:
+    methods, reference = metrics["methods"], metrics.get("reference", {})
+    metric = next(iter(methods["oppu"]))
+    higher = metric not in ("MAE", "RMSE")
+
+    def at_least(a: float, b: float) -> bool:
+        return a >= b if higher else a <= b
+
+    out = {"metric": metric, "non-personalized": methods["non-personalized"][metric],
+           "oppu": methods["oppu"][metric], "rag-k1": methods["rag-k1"][metric],
+           "rag-k1+oppu": methods["rag-k1+oppu"][metric],
+           "rag_oppu_at_least_rag": at_least(methods["rag-k1+oppu"][metric], methods["rag-k1"][metric])}
+    if metric.startswith("rouge"):
+        out["oppu_beats_non_personalized"] = out["oppu"] > out["non-personalized"]
+    elif "bayes" in reference:
+        out["bayes"] = reference["bayes"][metric]
+        out["gap_closed"] = metrics.get("oppu_gap_closed")
+        out["closes_half_the_gap"] = out["gap_closed"] is not None and out["gap_closed"] >= 0.5
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--tasks", nargs="+", default=["LaMP-2M", "LaMP-3", "LaMP-5"])
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--results", default="bench/results/quality.json")
+    args = parser.parse_args()
+    rows = []
+    for task in args.tasks:
+        for seed in args.seeds:
+            run_dir = Path(args.out) / f"{task}-seed{seed}"
+            started = time.perf_counter()
+            done = subprocess.run(["oppu", "quickstart", "--task", task, "--seed", str(seed),
+                                   "--out", str(run_dir)], capture_output=True, text=True)
+            if done.returncode:
+                print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
+                rows.append({"task": task, "seed": seed, "error": done.returncode})
+                continue
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            rows.append({"task": task, "seed": seed, "seconds": round(time.perf_counter() - started),
+                         **bars(metrics)})
+            print(json.dumps(rows[-1]), flush=True)
+    Path(args.results).write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
