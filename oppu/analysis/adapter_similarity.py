@@ -40,6 +40,18 @@ def adapter_cosine_matrix(adapters: Mapping[str, Mapping[str, object]]) -> tuple
     return users, matrix
 
 
+def lora_deltas(adapter: Mapping[str, object]) -> dict[str, object]:
+    """{module: B @ A}, the weight change each LoRA module makes (scaling left out: it is the same
+    for every user and cancels in a cosine). Empty for adapters that are not LoRA."""
+    deltas = {}
+    for key, a_matrix in adapter.items():
+        if ".lora_A." in key:
+            b_key = key.replace(".lora_A.", ".lora_B.")
+            if b_key in adapter:
+                deltas[key.replace(".lora_A.", ".")] = adapter[b_key].double() @ a_matrix.double()
+    return deltas
+
+
 def load_adapters(cfg: RunConfig, variant: str, flavour: str = "plain") -> dict[str, dict]:
     """The newest adapter of ``variant`` of every user in the run's store, as tensors."""
     from safetensors.torch import load as load_safetensors
@@ -100,6 +112,11 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
         raise ConfigError(f"adapter-similarity needs at least 2 users' '{variant}' adapters in "
                           f"{cfg.store_uri}; found {len(adapters)} (train them first)")
     users, matrix = adapter_cosine_matrix(adapters)
+    # Appendix F compares A and B tensors as stored; users whose LoRA starts from different random
+    # A matrices then look unrelated even with the same update, so the cosine of the weight change
+    # B @ A (the same space for every user) is reported beside it.
+    deltas = {u: lora_deltas(a) for u, a in adapters.items()}
+    delta_matrix = adapter_cosine_matrix(deltas)[1] if all(deltas.values()) else None
     clusters = planted_clusters(cfg, users)
     source = "planted persona (synthetic reference)"
     if clusters is None:
@@ -108,8 +125,9 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
     ordered_users = [users[i] for i in order]
     ordered = [[matrix[i][j] for j in order] for i in order]
     summary = within_across(users, matrix, clusters)
-    log(f"[{NAME}] {len(users)} users, {variant}: within-cluster {summary['within']}, "
-        f"across {summary['across']}")
+    delta_summary = within_across(users, delta_matrix, clusters) if delta_matrix else None
+    log(f"[{NAME}] {len(users)} users, {variant}: Appendix F within-cluster {summary['within']}, "
+        f"across {summary['across']}; weight change B@A: {delta_summary}")
 
     figure, axes = new_figure(7.5, 6.2)
     # The diagonal (1.0) is left blank so the colour scale spans the pairs that differ.
@@ -124,14 +142,17 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
     axes.set_title(f"{cfg.task}: similarity of personal '{variant}' adapters")
     _outline_clusters(axes, [clusters[u] for u in ordered_users])
 
-    rows = [["same cluster", summary["within"], summary["n_within_pairs"]],
-            ["different clusters", summary["across"], summary["n_across_pairs"]]]
+    delta = delta_summary or {"within": "–", "across": "–"}
+    rows = [["same cluster", summary["within"], delta["within"], summary["n_within_pairs"]],
+            ["different clusters", summary["across"], delta["across"], summary["n_across_pairs"]]]
     section = (f"{len(users)} test users' `{variant}` adapters from the run's store; clusters: {source}.\n\n"
-               + markdown_table(["user pairs", "mean cosine", "pairs"], rows)
+               + markdown_table(["user pairs", "mean cosine (Appendix F)", "mean cosine of B@A", "pairs"], rows)
                + "\n\nThe heatmap orders users by cluster; outlined squares are clusters.")
     data = {"task": cfg.task, "variant": variant, "n_users": len(users), "cluster_source": source,
             "users": ordered_users, "clusters": {u: clusters[u] for u in ordered_users},
-            "matrix": ordered, **summary}
+            "matrix": ordered, **summary, "weight_change": delta_summary,
+            "weight_change_matrix": ([[delta_matrix[i][j] for j in order] for i in order]
+                                     if delta_matrix else None)}
     return SuiteResult(NAME, TITLE, section, data, time.perf_counter() - started), figure
 
 

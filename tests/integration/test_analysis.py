@@ -66,10 +66,13 @@ def _suite(run_dir: Path, name: str, **options) -> dict:
 
 def test_users_sharing_a_persona_have_more_similar_adapters(run_dir):
     result = _suite(run_dir, "adapter-similarity")
-    print("adapter-similarity:", {k: result[k] for k in ("within", "across", "n_within_pairs", "n_across_pairs")})
+    print("adapter-similarity: Appendix F", {k: result[k] for k in ("within", "across", "n_within_pairs")},
+          "weight change B@A", result["weight_change"])
     assert result["n_users"] == 8 and result["cluster_source"].startswith("planted persona")
     assert result["n_within_pairs"] > 0
-    assert result["within"] > result["across"]
+    # Appendix F's cosine of the stored A and B tensors is near 0 for every pair here (each user's
+    # LoRA starts from its own random A), so the planted structure is asserted on the weight change.
+    assert result["weight_change"]["within"] > result["weight_change"]["across"] + 0.05
 
 
 def test_with_only_irrelevant_history_oppu_beats_rag(run_dir):

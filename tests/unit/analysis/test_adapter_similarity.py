@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oppu.analysis.adapter_similarity import adapter_cosine_matrix, fitted_clusters, within_across
+from oppu.analysis.adapter_similarity import (
+    adapter_cosine_matrix,
+    fitted_clusters,
+    lora_deltas,
+    within_across,
+)
 from oppu.errors import ConfigError
 
 
@@ -47,3 +52,17 @@ def test_within_and_across_cluster_means():
     assert summary == {"within": 0.9, "across": pytest.approx(0.2), "n_within_pairs": 1, "n_across_pairs": 2}
     fitted = fitted_clusters(users, matrix, n_clusters=2)
     assert fitted["a"] == fitted["b"] != fitted["c"]
+
+
+def test_weight_change_is_the_same_for_the_same_update_whatever_the_lora_basis():
+    generator = torch.Generator().manual_seed(1)
+    a = torch.randn(2, 6, generator=generator, dtype=torch.float64)
+    b = torch.randn(6, 2, generator=generator, dtype=torch.float64)
+    mix = torch.tensor([[2.0, 1.0], [0.0, 1.0]], dtype=torch.float64)  # another basis, same B @ A
+    first = {"m.lora_A.weight": a, "m.lora_B.weight": b}
+    second = {"m.lora_A.weight": mix @ a, "m.lora_B.weight": b @ torch.linalg.inv(mix)}
+    deltas = {"u1": lora_deltas(first), "u2": lora_deltas(second)}
+    assert list(deltas["u1"]) == ["m.weight"]
+    assert adapter_cosine_matrix(deltas)[1][0][1] == pytest.approx(1.0)
+    assert adapter_cosine_matrix({"u1": first, "u2": second})[1][0][1] < 0.99
+    assert lora_deltas({"prompt_embeddings": torch.ones(2)}) == {}
