@@ -164,6 +164,7 @@ def _deepspeed_config(cfg: RunConfig) -> dict | None:
 
 
 def _train_storage(cfg: RunConfig) -> str:
-    """Ray Train's checkpoint storage: under the run dir, so multi-node runs share it via S3."""
-    uri = fsutil.join(cfg.run_dir, "ray-train")
+    """Ray Train's checkpoint storage: ``base.train_storage``, else under the run dir, so that
+    multi-node runs share it (S3 servers that refuse Ray's empty multipart probe need the former)."""
+    uri = cfg.base.train_storage or fsutil.join(cfg.run_dir, "ray-train")
     return uri if fsutil.is_remote(uri) else str(fsutil.local_path(uri).resolve())

@@ -92,6 +92,7 @@ class BaseStage:
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (GPU only), e.g. configs/deepspeed/zero2.json
+    train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
 
 
 @dataclass
