@@ -87,3 +87,31 @@ def collate(batch: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, tor
         labels[i, :n] = torch.tensor(row["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled tokens: the loss ``model(**batch).loss`` gives.
+
+    The LM head runs only at the positions that predict a labelled token in some row. A
+    supervised LaMP sample trains a few answer tokens after a prompt of a hundred or more;
+    projecting every prompt position onto the vocabulary would cost a quarter of the tiny
+    model's forward pass, and the logits most of its activation memory, for nothing. Prompt
+    learning (PEFT prompt tuning) prepends virtual tokens, which shifts every position, so such
+    a model takes the ordinary path.
+    """
+    import torch
+
+    if _prepends_virtual_tokens(model):
+        return model(**batch).loss
+    labels = batch["labels"]
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = model(**inputs, logits_to_keep=positions).logits
+    return torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), labels[:, positions + 1].flatten(), ignore_index=IGNORE_INDEX)
+
+
+def _prepends_virtual_tokens(model) -> bool:
+    model = getattr(model, "module", model)  # DDP and DeepSpeed engines wrap the model
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))

@@ -29,7 +29,7 @@ def train_base_loop(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from oppu.models import encode_sample, load_model
-    from oppu.models.samples import collate
+    from oppu.models.samples import collate, target_loss
     from oppu.tasks.base import TrainingSample
 
     context = ray.train.get_context()
@@ -70,7 +70,7 @@ def train_base_loop(config: dict) -> None:
             encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length)
                        for p, t in zip(rows["prompt"], rows["target"], strict=True)]
             batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
-            loss = train_model(**batch).loss
+            loss = target_loss(train_model, batch)
             if engine is not None:
                 engine.backward(loss)
                 engine.step()

@@ -62,7 +62,7 @@ def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from oppu.models.samples import collate
+    from oppu.models.samples import collate, target_loss
 
     start = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -80,7 +80,7 @@ def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler
         for first in range(0, len(order), optim.batch_size):
             batch = collate([encoded[i] for i in order[first:first + optim.batch_size]], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
+            loss = target_loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, optim.max_grad_norm)
             optimizer.step()

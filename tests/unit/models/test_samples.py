@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from oppu.models.samples import IGNORE_INDEX, collate, encode_prompt, encode_sample
+from oppu.models.samples import IGNORE_INDEX, collate, encode_prompt, encode_sample, target_loss
 from oppu.tasks.base import TrainingSample
 
 PROMPT = "description: the robot tells a story about the old city. tag:"
@@ -76,3 +76,28 @@ def test_collate_right_pads_with_masked_labels():
     assert tensors["input_ids"].tolist() == [[1, 5, 6, 2], [1, 7, 0, 0]]
     assert tensors["labels"].tolist() == [[-100, -100, 6, 2], [-100, 7, -100, -100]]
     assert tensors["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("peft_config", ["none", "lora", "prompt-tuning"])
+def test_target_loss_equals_the_models_own_loss(tiny_model, peft_config):
+    import peft
+    import torch
+
+    model, tokenizer = tiny_model
+    samples = [TrainingSample(PROMPT, TARGET), TrainingSample("a much longer prompt: " + PROMPT * 2, " comedy"),
+               TrainingSample("", "the robot tells a story")]  # next-token sample: every position trained
+    batch = collate([encode_sample(tokenizer, s, 128) for s in samples], tokenizer.pad_token_id)
+    configs = {"lora": peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+               "prompt-tuning": peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)}
+    if peft_config != "none":
+        model = peft.get_peft_model(model, configs[peft_config])
+    try:
+        with torch.no_grad():
+            expected = model(**batch).loss
+            assert float(target_loss(model, batch)) == pytest.approx(float(expected), rel=1e-5)
+            # rows with prompts only: the answer-only positions are a strict subset of the sequence
+            short = collate([encode_sample(tokenizer, s, 128) for s in samples[:2]], tokenizer.pad_token_id)
+            assert float(target_loss(model, short)) == pytest.approx(float(model(**short).loss), rel=1e-5)
+    finally:
+        if peft_config == "lora":
+            model.base_model.unload()
