@@ -96,19 +96,63 @@ class BaseStage:
 
 
 @dataclass
+class BatchedSettings:
+    """Knobs of ``users.trainer: batched``: they change speed and memory, not the adapters."""
+
+    max_active_users: int = 8  # users training at once in an actor (LoRA slots)
+    tokens_per_forward: int = 16384  # padded tokens per micro-batch (activation memory); >= optim.max_length
+    gradient_checkpointing: bool = False  # only where activation memory demands it
+
+    def __post_init__(self) -> None:
+        if self.max_active_users < 1:
+            raise ConfigError(f"users.batched.max_active_users must be >= 1, got {self.max_active_users}")
+
+
+@dataclass
 class UserStage:
-    """One personal adapter per test user (jobs/train_users.py)."""
+    """One personal adapter per test user (jobs/train_users.py).
+
+    ``trainer`` picks how an actor trains the users of a batch:
+
+    - ``per-user`` (default): one user after another, each with its own PEFT model
+      (``oppu.training.personal``). A user's adapter is bit-identical whatever else ran, so runs
+      reproduce exactly; every PEFT method (``lora``, ``ia3``, ``prompt_tuning``) works. The right
+      choice on CPU, where batching users buys little.
+    - ``batched``: the users of a batch train together over the one frozen base, rows of many
+      users in each forward pass, each with its own LoRA, optimiser, schedule, clipping and epochs
+      (``oppu.training.batched``; ``batched`` holds its knobs). The same recipe and sample order as
+      per-user, and a user's adapter is the same alone or in any company up to floating-point
+      order (LoRA dropout masks aside), but its LoRA init draws differ from PEFT's, so it is not
+      bit-identical to the per-user adapter. Many times faster on a GPU; LoRA only.
+      Give each actor enough users to fill its slots: ``users_per_batch`` a few times
+      ``batched.max_active_users``.
+    """
 
     variants: list[str] = field(default_factory=lambda: ["oppu", "rag-k1+oppu"])
     peft: PeftSettings = field(default_factory=PeftSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
+    trainer: Literal["per-user", "batched"] = "per-user"
+    batched: BatchedSettings = field(default_factory=BatchedSettings)
     actors: int = 2  # Ray Data actor pool size; each actor loads the base once
-    users_per_batch: int = 4  # users handed to an actor at a time
+    users_per_batch: int = 4  # users handed to an actor at a time (consecutive in history length)
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0  # fractions share a GPU between actors
     users: list[str] | None = None  # only these users (default: every test user)
     skip_existing: bool = True  # skip users whose adapter for the same data and config exists
-    max_retries: int = 2  # re-runs of a batch whose actor died
+    max_retries: int = 2  # re-runs of a batch whose actor died; then its unfinished users fail
+
+    def __post_init__(self) -> None:
+        if self.users_per_batch < 1:
+            raise ConfigError(f"users.users_per_batch must be >= 1, got {self.users_per_batch}")
+        if self.max_retries < 0:
+            raise ConfigError(f"users.max_retries must be >= 0, got {self.max_retries}")
+        if self.trainer == "batched":
+            if self.peft.method != "lora":
+                raise ConfigError(f"users.trainer=batched trains LoRA only, not users.peft.method="
+                                  f"{self.peft.method}: use users.trainer=per-user")
+            if self.batched.tokens_per_forward < self.optim.max_length:
+                raise ConfigError(f"users.batched.tokens_per_forward={self.batched.tokens_per_forward} "
+                                  f"is below users.optim.max_length={self.optim.max_length}")
 
 
 @dataclass

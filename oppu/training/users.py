@@ -1,11 +1,20 @@
 """One personal adapter per test user, through a Ray Data actor pool (jobs/train_users.py).
 
-Users stream from ``users.parquet`` (longest history first, so a long-tail user starts early and
-does not stall the end of the run) into ``PersonalTrainer`` actors; each actor loads the base once
-and trains many users, publishing each adapter to the store the moment it is done. The store is
-the job's memory: a user whose adapter for the same data and config exists is skipped, so a
-re-run (or Ray re-executing the batch of an actor that died) never trains or publishes twice.
-A user whose data or training fails is reported as failed; the others go on.
+Users stream from ``users.parquet`` into ``PersonalTrainer`` actors; each actor loads the base
+once and trains many users, publishing each adapter to the store the moment it is done.
+
+Grouping by history length: the users are sorted by ``n_history``, longest first, and
+materialised; ``map_batches`` then cuts that order into consecutive runs of
+``users.users_per_batch`` users, and each run is one task on one actor. So the users an actor
+trains together have similar history lengths (what ``users.trainer: batched`` needs to keep
+its slots busy: no long-tail user trains alone for long while its batch-mates idle), and the
+longest users start first, so none of them stalls the end of the run.
+
+The store is the job's memory: a user whose adapter for the same data and config exists is
+skipped, so a re-run, or Ray re-executing the batch of an actor that died (actors restart, a
+batch is retried ``users.max_retries`` times), never trains or publishes a user twice; a batch
+that still fails leaves its unfinished users reported as failed, not the job. A user whose data
+or training fails is reported as failed; the others go on.
 """
 
 from __future__ import annotations
@@ -33,14 +42,32 @@ class UserResult:
     error: str = ""
 
 
-def adapter_train_config(cfg: RunConfig, variant: str, epochs: int) -> dict:
-    """What makes two adapters of one user the same training (the store hashes it for ``find``)."""
+def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str = "per-user") -> dict:
+    """What makes two adapters of one user the same training (the store hashes it for ``find``).
+
+    ``trainer`` is recorded only when it is not ``per-user`` (older manifests keep their hash):
+    batched training gives the same adapter up to floating-point order and dropout masks, not bit
+    for bit, so switching trainers trains afresh rather than mixing the two.
+    """
     flavour, k = parse_variant(variant)
     config = {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
               "epochs": epochs, "seed": cfg.seed, "retrieval_k": k}
     if flavour == "profile":
         config["profile_writer"] = cfg.profiles.writer
+    if trainer != "per-user":
+        config["trainer"] = trainer
     return config
+
+
+@dataclass
+class _Pending:
+    """A user to train: its place in the batch, store key, data hash and samples."""
+
+    index: int
+    user: object  # UserData
+    key: object  # AdapterKey
+    data_hash: str
+    samples: list
 
 
 class PersonalTrainer:
@@ -66,7 +93,8 @@ class PersonalTrainer:
         self.fingerprint = base_fingerprint(base_uri)
         self.store = AdapterStore(self.cfg.store_uri)
         self.epochs = self.cfg.users.optim.epochs or self.task.default_epochs
-        self.train_config = adapter_train_config(self.cfg, variant, self.epochs)
+        self.trainer = self.cfg.users.trainer
+        self.train_config = adapter_train_config(self.cfg, variant, self.epochs, self.trainer)
         self.config_hash = config_hash(self.train_config)
         self.metrics = _job_metrics()
         self.profiles: dict[str, str] = {}
@@ -76,27 +104,38 @@ class PersonalTrainer:
             self.profiles = read_profiles(self.cfg.data_uri, self.cfg.profiles.writer)
 
     def __call__(self, batch: dict) -> dict:
-        from oppu.data.records import UserData
-
         rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
-        results = []
-        for row in rows:
+        results: list[UserResult | None] = [None] * len(rows)
+        pending: list[_Pending] = []
+        for index, row in enumerate(rows):
             try:
-                user = UserData.from_row(row)
-                results.append(self._train_one(user))
+                prepared = self._prepare(index, row)
             except Exception as exc:  # one bad user fails that user, never the batch
-                results.append(UserResult(str(row.get("user_id")), "failed",
-                                          error=f"{type(exc).__name__}: {exc}"[:2000]))
-                traceback.print_exc()
-            self._record(results[-1])
+                self._finish(results, index, _failed(row.get("user_id"), exc))
+                continue
+            if isinstance(prepared, UserResult):
+                self._finish(results, index, prepared)
+            else:
+                pending.append(prepared)
+        if self.trainer == "batched":
+            self._train_batched(pending, results)
+        else:
+            for job in pending:
+                try:
+                    result = self._train_alone(job)
+                except Exception as exc:
+                    result = _failed(job.user.user_id, exc)
+                self._finish(results, job.index, result)
         return {name: [getattr(r, name) for r in results] for name in RESULT_FIELDS}
 
-    def _train_one(self, user) -> UserResult:
-        from oppu.data.dataset import dataset_fingerprint, history_span
+    def _prepare(self, index: int, row: dict) -> UserResult | _Pending:
+        """A skip result when the store holds this user's adapter already, else the user's samples."""
+        from oppu.data.dataset import dataset_fingerprint
+        from oppu.data.records import UserData
         from oppu.store import AdapterKey
-        from oppu.training.personal import train_user_adapter
         from oppu.training.samples import personal_samples
 
+        user = UserData.from_row(row)
         key = AdapterKey(self.task.name, self.fingerprint, self.variant, user.user_id)
         data_hash = dataset_fingerprint(user)
         if self.cfg.users.skip_existing:
@@ -112,26 +151,128 @@ class PersonalTrainer:
                                 f"`oppu profiles --run {self.cfg.run_dir}` first", user=user.user_id)
             profile = self.profiles[user.user_id]
         samples = personal_samples(self.task, user, self.k, profile)
+        if not samples:
+            raise ValueError(f"user {user.user_id!r} has no training samples")
+        return _Pending(index, user, key, data_hash, samples)
+
+    def _train_alone(self, job: _Pending) -> UserResult:
+        from oppu.training.personal import train_user_adapter
+
         with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
-            stats = train_user_adapter(self.model, self.tokenizer, samples, self.cfg.users.peft,
-                                       self.cfg.users.optim, self.epochs, self.cfg.seed, user.user_id,
+            stats = train_user_adapter(self.model, self.tokenizer, job.samples, self.cfg.users.peft,
+                                       self.cfg.users.optim, self.epochs, self.cfg.seed, job.user.user_id,
                                        out_dir)
-            manifest = self.store.publish(
-                key, out_dir, data_hash=data_hash, config=self.train_config,
-                peft_method=self.cfg.users.peft.method, data_span=history_span(user),
-                metrics={"final_loss": stats.final_loss, "samples": stats.samples,
-                         "steps": stats.steps, "tokens": stats.tokens, "seconds": stats.seconds})
-        return UserResult(user.user_id, "trained", version=manifest.version, samples=stats.samples,
+            manifest = self._publish(job, out_dir, {
+                "final_loss": stats.final_loss, "samples": stats.samples, "steps": stats.steps,
+                "tokens": stats.tokens, "seconds": stats.seconds})
+        return UserResult(job.user.user_id, "trained", version=manifest.version, samples=stats.samples,
                           tokens=stats.input_tokens, seconds=stats.seconds, loss=stats.final_loss)
 
-    def _record(self, result: UserResult) -> None:
-        tags = {"task": self.task.name, "variant": self.variant}
+    def _publish(self, job: _Pending, adapter_dir: str, metrics: dict):
+        from oppu.data.dataset import history_span
+
+        return self.store.publish(job.key, adapter_dir, data_hash=job.data_hash, config=self.train_config,
+                                  peft_method=self.cfg.users.peft.method,
+                                  data_span=history_span(job.user), metrics=metrics)
+
+    def _train_batched(self, pending: list[_Pending], results: list[UserResult | None]) -> None:
+        """Train ``pending`` together (``train_users_batched``), publishing each user as it finishes.
+
+        A user whose samples cannot be encoded fails alone. Should the batched pass itself raise,
+        the users it had not finished are retried one by one, so a bad user fails only itself.
+        """
+        from oppu.models import encode_sample
+        from oppu.training.batched import train_users_batched
+
+        optim = self.cfg.users.optim
+        jobs: dict[str, _Pending] = {}
+        encoded: list[tuple[str, list[dict]]] = []
+        for job in pending:
+            try:
+                encoded.append((job.user.user_id, [encode_sample(self.tokenizer, s, optim.max_length)
+                                                   for s in job.samples]))
+                jobs[job.user.user_id] = job
+            except Exception as exc:
+                self._finish(results, job.index, _failed(job.user.user_id, exc))
+        if not encoded:
+            return
+        peft_config = self._lora_config()
+        started = time.perf_counter()
+        trained: list[UserResult] = []
+
+        def publish(user_id: str, state: dict, stats) -> None:
+            from safetensors.torch import save_file
+
+            job = jobs[user_id]
+            try:
+                # Seconds: the wall time from the start of this batched pass to this user's last
+                # step (the pass trains several users at once; the report shares it out below).
+                seconds = time.perf_counter() - started
+                with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
+                    save_file(state, f"{out_dir}/adapter_model.safetensors", metadata={"format": "pt"})
+                    peft_config.save_pretrained(out_dir)
+                    manifest = self._publish(job, out_dir, {
+                        "final_loss": stats.final_loss, "samples": stats.samples, "steps": stats.steps,
+                        "tokens": stats.target_tokens, "seconds": seconds})
+                result = UserResult(user_id, "trained", version=manifest.version, samples=stats.samples,
+                                    tokens=stats.input_tokens, seconds=seconds, loss=stats.final_loss)
+                trained.append(result)
+            except Exception as exc:
+                result = _failed(user_id, exc)
+            self._finish(results, job.index, result)
+
+        try:
+            train_users_batched(
+                self.model, self.tokenizer, encoded, peft_config, optim, self.cfg.seed, epochs=self.epochs,
+                max_active_users=self.cfg.users.batched.max_active_users,
+                tokens_per_forward=self.cfg.users.batched.tokens_per_forward,
+                gradient_checkpointing=self.cfg.users.batched.gradient_checkpointing,
+                on_user_done=publish)
+        except Exception as exc:
+            unfinished = [job for job in jobs.values() if results[job.index] is None]
+            traceback.print_exc()
+            if len(jobs) == 1:
+                for job in unfinished:
+                    self._finish(results, job.index, _failed(job.user.user_id, exc))
+            else:
+                for job in unfinished:  # one at a time: the user that breaks the pass fails alone
+                    self._train_batched([job], results)
+        for job in jobs.values():
+            if results[job.index] is None:  # the pass returned without finishing this user
+                self._finish(results, job.index, _failed(job.user.user_id, RuntimeError(
+                    "batched training returned without this user's adapter")))
+        # Report each user's share of the pass's wall time, by tokens, so that summed seconds
+        # are the actor's busy time (as on the per-user path).
+        wall = time.perf_counter() - started
+        tokens = sum(r.tokens for r in trained)
+        for result in trained:
+            result.seconds = wall * result.tokens / tokens if tokens else wall / len(trained)
+        if trained and wall > 0:
+            self.metrics["tokens_per_s"].set(tokens / wall, tags=self._tags())
+
+    def _lora_config(self):
+        """The LoraConfig saved beside each adapter, as ``PeftModel.save_pretrained`` writes it."""
+        peft_config = self.cfg.users.peft.to_peft_config(inference_mode=True)
+        peft_config.base_model_name_or_path = getattr(self.model, "name_or_path", None)
+        return peft_config
+
+    def _finish(self, results: list[UserResult | None], index: int, result: UserResult) -> None:
+        results[index] = result
+        tags = self._tags()
         if result.status == "failed":
             self.metrics["failed"].inc(1, tags=tags)
         else:
             self.metrics["done"].inc(1, tags=tags)
-        if result.status == "trained" and result.seconds > 0:
+        if result.status == "trained" and result.seconds > 0 and self.trainer != "batched":
             self.metrics["tokens_per_s"].set(result.tokens / result.seconds, tags=tags)
+
+    def _tags(self) -> dict:
+        return {"task": self.task.name, "variant": self.variant}
+
+
+def _failed(user_id, exc: BaseException) -> UserResult:
+    traceback.print_exception(exc)
+    return UserResult(str(user_id), "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
 
 
 def _job_metrics() -> dict:
@@ -160,7 +301,11 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted))
     # Materialised before the actor pool starts: on a small cluster the pool's actors would
     # otherwise hold every CPU while the read and sort wait for one.
+    # Sorted, each batch below is a run of consecutive users in that order: similar history
+    # lengths on one actor, the longest first.
     users = users.sort("n_history", descending=True).materialize()
+    expected = [str(row["user_id"]) for row in users.select_columns(["user_id"]).take_all()]
+    batches = -(-len(expected) // cfg.users.users_per_batch)
     results_ds = users.map_batches(
         PersonalTrainer,
         fn_constructor_kwargs={"config": asdict(cfg), "variant": variant},
@@ -168,9 +313,14 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
         concurrency=cfg.users.actors,
         num_cpus=cfg.users.num_cpus_per_actor,
         num_gpus=cfg.users.num_gpus_per_actor or None,
+        # An actor that dies is restarted (loading the base again) and its batch re-run up to
+        # max_retries times; users it had published by then are skipped as already present.
+        max_restarts=-1,
         max_task_retries=cfg.users.max_retries,
         batch_format="numpy",
     )
+    # A batch that failed every retry costs its users, not the job: they are reported as failed.
+    results_ds.context.max_errored_blocks = batches
     results: list[UserResult] = []
     started = time.perf_counter()
     for row in results_ds.iter_rows():
@@ -181,6 +331,12 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
                   if result.status == "trained" else result.error or result.version)
         log(f"[train_users {variant}] {len(results)} users ({elapsed:.0f}s): "
             f"{result.user_id} {result.status} — {detail}")
+    seen = {r.user_id for r in results}
+    for user_id in expected:
+        if user_id not in seen:
+            results.append(UserResult(user_id, "failed", error=(
+                f"its batch failed {cfg.users.max_retries + 1} times (the actor died; see the Ray "
+                "logs); adapters it published survive, a re-run trains the rest")))
     _write_report(cfg, variant, results, time.perf_counter() - started)
     failed = [r for r in results if r.status == "failed"]
     log(f"[train_users {variant}] trained {sum(r.status == 'trained' for r in results)}, "
