@@ -5,12 +5,20 @@ trained ones), LoRA rank 8 on q_proj/v_proj, synthetic users whose history sizes
 LaMP-like long tail. Configurations, in this order (one process, one GPU):
 
   sequential  one PEFT model per user, bf16, length-grouped rows, SDPA, no checkpointing
-  batched     oppu.training.batched: many users' LoRAs in one pass (multi-LoRA slots)
+  batched     oppu.training.batched: many users' LoRAs in one pass (multi-LoRA slots), samples
+              packed end to end into passes of --tokens-per-forward tokens, varlen attention
+  batched_grouped  the same trainer with one sample per row, rows length-grouped and padded
+              (packed=False: the trainer before packing)
   reference   the reference recipe: fresh PEFT model per user on fp32-upcast weights, bf16
               autocast, gradient checkpointing, batches of 16 padded to the longest
-  batched_liger  batched, with liger-kernel's RMSNorm / SwiGLU / RoPE (patched in place)
-  profile     torch.profiler over a few global steps of the faster batched configuration
+  reference_default_sdpa  reference with PyTorch's default SDPA backend choice (cuDNN on H100)
+  batched_liger  batched, with liger-kernel's RMSNorm / SwiGLU / RoPE (patched in place: every
+              later configuration runs with them too)
+  profile     torch.profiler over two global steps of 8 users (the model as patched so far)
   qlora       batched over a bitsandbytes 4-bit base (oppu.models.quantization); must come last
+A batched name may end in @TOKENS to set tokens per forward pass for it (batched_liger@12288).
+Every loop runs SDPA without the cuDNN backend (it re-plans per shape), except
+reference_default_sdpa.
 
 Launch on the GPU machine (device tool):
   source .gpu/activate; python3 bench/train_users.py --out $OUT
@@ -43,7 +51,7 @@ from oppu.training.personal import user_seed  # noqa: E402
 
 H100_BF16_FLOPS = 790e12
 TOKENS_PER_USER = 60_000  # the issue's yardstick for users per GPU-hour
-ALL_CONFIGS = ("sequential", "batched", "reference", "batched_liger", "profile")
+ALL_CONFIGS = ("reference", "sequential", "batched", "batched_liger", "profile")
 
 
 @dataclass
@@ -181,8 +189,10 @@ def measure(m: Measured, device: torch.device):
 # ---------------------------------------------------------------- the three loops
 
 
-def run_batched(name, model, users, hparams, epochs, device, args) -> Measured:
+def run_batched(name, model, users, hparams, epochs, device, args, tokens_per_forward: int | None = None,
+                packed: bool = True) -> Measured:
     m = Measured(name)
+    tokens_per_forward = tokens_per_forward or args.tokens_per_forward
 
     def done(user_id, state, stats):
         m.users += 1
@@ -190,17 +200,18 @@ def run_batched(name, model, users, hparams, epochs, device, args) -> Measured:
 
     # Warm-up: one tiny user, so kernel selection and allocator growth are not timed.
     train_users_batched(model, None, [("warmup", users[0][1][:hparams.batch_size])], lora_config(), hparams,
-                        seed=0, epochs=1, tokens_per_forward=args.tokens_per_forward)
+                        seed=0, epochs=1, tokens_per_forward=tokens_per_forward, packed=packed)
     with measure(m, device):
         train_users_batched(model, None, users, lora_config(), hparams, seed=0, epochs=epochs,
-                            max_active_users=args.max_active_users, tokens_per_forward=args.tokens_per_forward,
-                            on_user_done=done)
+                            max_active_users=args.max_active_users, tokens_per_forward=tokens_per_forward,
+                            packed=packed, on_user_done=done)
     for _, samples in users:
         work = sample_work(samples, epochs)
         m.input_tokens += work[0]
         m.target_tokens += work[1]
         m.attention_token_pairs += work[2]
-    m.extra = {"max_active_users": args.max_active_users, "tokens_per_forward": args.tokens_per_forward}
+    m.extra = {"max_active_users": args.max_active_users, "tokens_per_forward": tokens_per_forward,
+               "packed": packed}
     return m
 
 
@@ -249,7 +260,10 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
     """
     import peft
 
-    reference = name == "reference"
+    reference = name.startswith("reference")
+    # Every loop runs SDPA on the same fixed backends; ``reference_default_sdpa`` keeps PyTorch's
+    # default choice (cuDNN on an H100, which re-plans per shape) to show what that costs.
+    fixed_attention = name != "reference_default_sdpa"
     if reference:
         model.float()
 
@@ -267,11 +281,10 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
             peft_model.gradient_checkpointing_disable()
         peft_model.base_model.unload()
 
-    with fixed_plan_attention() if not reference else contextlib.nullcontext():
+    with fixed_plan_attention() if fixed_attention else contextlib.nullcontext():
         train_one("warmup", users[0][1][:hparams.batch_size])
     m = Measured(name)
-    # "sequential" is our per-user loop: the same attention backends as the batched trainer.
-    attention = fixed_plan_attention() if not reference else contextlib.nullcontext()
+    attention = fixed_plan_attention() if fixed_attention else contextlib.nullcontext()
     with measure(m, device), attention:
         start = time.perf_counter()
         for user_id, samples in users:
@@ -290,21 +303,56 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
     return m
 
 
-# ---------------------------------------------------------------- profile
+# ---------------------------------------------------------------- checks and profile
+
+
+def check_varlen(device: torch.device) -> dict:
+    """The packed attention on this device against SDPA sample by sample: forward and gradients."""
+    from oppu.training.varlen import flash_varlen_usable, varlen_causal_attention
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    lengths = [700, 1, 129, 2048, 64, 300]
+    total = sum(lengths)
+    inputs = [torch.randn(total, 32, 128, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    grad = torch.randn(total, 32, 128, device=device, dtype=dtype)
+    out = varlen_causal_attention(*inputs, cu, max(lengths))
+    got = [out, *torch.autograd.grad(out, inputs, grad)]
+    expected = [torch.empty_like(t) for t in got]
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        q, k, v = (t.detach()[start:end].transpose(0, 1).float().requires_grad_() for t in inputs)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        grads = torch.autograd.grad(o, (q, k, v), grad[start:end].transpose(0, 1).float())
+        for slot, value in zip(expected, (o, *grads), strict=True):
+            slot[start:end] = value.detach().transpose(0, 1).to(dtype)
+    errors = {name: float((g.float() - e.float()).norm() / e.float().norm())
+              for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True)}
+    return {"flash_varlen": flash_varlen_usable(inputs[0]), "relative_error": errors,
+            "ok": all(err < 2e-2 for err in errors.values())}
+
 
 
 def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -> dict:
     """torch.profiler over a few global steps; GPU time by kernel family and how busy the GPU was."""
     from torch.profiler import ProfilerActivity, profile
 
-    subset = [(uid, samples[:hparams.batch_size]) for uid, samples in users[:args.max_active_users]]
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sync(device)
-    start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    subset = [(uid, samples[:2 * hparams.batch_size]) for uid, samples in users[:args.max_active_users]]
+    real_tokens = sum(len(s["input_ids"]) for _, samples in subset for s in samples)
+
+    def train():
         train_users_batched(model, None, subset, lora_config(), hparams, seed=0, epochs=1,
                             max_active_users=args.max_active_users, tokens_per_forward=args.tokens_per_forward)
         sync(device)
+
+    train()  # the same work unprofiled: its wall time, and nothing first-time in the profile
+    start = time.perf_counter()
+    train()
+    unprofiled_s = time.perf_counter() - start
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        train()
     wall_s = time.perf_counter() - start
     families = {"gemm (base + LM head)": 0.0, "flash attention": 0.0, "lora bmm/gather": 0.0,
                 "norm / activation / rope (elementwise)": 0.0, "optimizer + copies": 0.0, "other": 0.0}
@@ -336,8 +384,14 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     if out_dir:
         (out_dir / "profile_batched.txt").write_text(table)
     top = sorted(kernels, key=lambda kv: -kv[1])[:12]
-    return {"wall_s": wall_s, "gpu_busy_s": busy_s, "gpu_busy_share": busy_s / wall_s if wall_s else 0.0,
-            "by_family_s": families, "top_kernels_us": top}
+    self_cpu_s = sum(event.self_cpu_time_total for event in averages) / 1e6
+    return {"real_tokens": real_tokens, "tokens_per_forward": args.tokens_per_forward,
+            "unprofiled_wall_s": unprofiled_s,
+            "unprofiled_tokens_per_s": real_tokens / unprofiled_s if unprofiled_s else 0.0,
+            "wall_s": wall_s, "gpu_busy_s": busy_s, "gpu_busy_share": busy_s / wall_s if wall_s else 0.0,
+            "busy_tokens_per_s": real_tokens / busy_s if busy_s else 0.0,
+            "unprofiled_busy_share": busy_s / unprofiled_s if unprofiled_s else 0.0,
+            "self_cpu_s": self_cpu_s, "by_family_s": families, "top_kernels_us": top}
 
 
 # ---------------------------------------------------------------- QLoRA
@@ -419,29 +473,44 @@ def main() -> int:
                   "history_tokens": sorted(sum(len(s["input_ids"]) for s in samples) for _, samples in users)},
         "flops_convention": "mfu: (4*N_decoder_linear*tokens + 4*d*V*target_tokens + 6*layers*d*sum(len^2)) "
                             "/ time / 790e12; mfu_6n_convention: 6*N*tokens / time / 790e12",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": _version("transformers"), "peft": _version("peft"),
+                     "liger_kernel": _version("liger_kernel"),
+                     "torch_varlen_attn": _has_module("torch.nn.attention.varlen")},
         "configs": {},
     }
     measured: dict[str, Measured] = {}
+    liger_applied = False
     print(f"[bench] {time.perf_counter() - started:.0f}s model built", flush=True)
     for name in configs:
         if time.perf_counter() - started > args.deadline_s:
             results["configs"][name] = {"error": "skipped: past --deadline-s"}
             continue
         print(f"[bench] {time.perf_counter() - started:.0f}s {name} ...", flush=True)
+        kind, _, tokens = name.partition("@")
+        tokens_per_forward = int(tokens) if tokens else None
         try:
-            if name in ("sequential", "reference"):
+            if name in ("sequential", "reference", "reference_default_sdpa"):
                 measured[name] = run_per_user(name, model, users, hparams, args.epochs, device, args)
-            elif name == "batched":
-                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args)
-            elif name == "batched_liger":
-                from liger_kernel.transformers import apply_liger_kernel_to_llama
+            elif kind in ("batched", "batched_grouped"):
+                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args,
+                                             tokens_per_forward, packed=kind == "batched")
+            elif kind == "batched_liger":
+                if not liger_applied:
+                    from liger_kernel.transformers import apply_liger_kernel_to_llama
 
-                apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                            fused_linear_cross_entropy=False, model=model)
-                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args)
+                    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                                fused_linear_cross_entropy=False, model=model)
+                    liger_applied = True
+                measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args,
+                                             tokens_per_forward)
+            elif name == "varlen_check":
+                results["varlen_check"] = check_varlen(device)
+                print(f"[bench] varlen_check: {json.dumps(results['varlen_check'])}", flush=True)
             elif name == "profile":
                 results["profile"] = profile_batched(model, users, hparams, device, args, out_dir)
+                summary = {k: v for k, v in results["profile"].items() if k != "top_kernels_us"}
+                print(f"[bench] profile: {json.dumps(summary)}", flush=True)
             elif name == "qlora":  # last: the bf16 model is released to measure the 4-bit one alone
                 path = save_for_qlora(model, args)
                 model = None
@@ -462,10 +531,26 @@ def main() -> int:
     return 0
 
 
+def _version(package: str) -> str | None:
+    try:
+        return __import__(package).__version__
+    except Exception:  # noqa: BLE001 (an absent or broken package is reported as None)
+        return None
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def write_results(results: dict, out_dir: Path | None, also: str | None) -> None:
     """Headline figures from the configurations measured so far, written out (after every config)."""
     figures = results["configs"]
-    batched_names = [n for n in ("batched", "batched_liger") if "tokens_per_s" in figures.get(n, {})]
+    batched_names = [n for n in figures if n.startswith("batched") and "tokens_per_s" in figures[n]]
     best = max(batched_names, key=lambda n: figures[n]["tokens_per_s"]) if batched_names else None
     results["tokens_per_s"] = {"reference_loop": figures.get("reference", {}).get("tokens_per_s"),
                                "sequential": figures.get("sequential", {}).get("tokens_per_s"),

@@ -60,11 +60,14 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("scaling", torch.full((n_slots,), alpha / rank, device=base.weight.device,
                                                    dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.slot_ids: torch.Tensor | None = None  # LongTensor[batch], set by model_adapters
+        self.slot_ids: torch.Tensor | None = None  # LongTensor[batch] or [batch, seq], set by model_adapters
+        self.slot_onehot: torch.Tensor | None = None  # BoolTensor[tokens, n_slots] for per-token slot_ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
         slot_ids = self.slot_ids
+        if slot_ids is not None and slot_ids.dim() == 2:
+            return self._forward_per_token(x, slot_ids)
+        result = self.base(x)
         if slot_ids is None:
             return result
         batch = x.shape[0]
@@ -79,6 +82,34 @@ class MultiLoraLinear(nn.Module):
         hidden = torch.bmm(self.dropout(rows), lora_a.transpose(1, 2))
         delta = torch.bmm(hidden, lora_b.transpose(1, 2)) * row_scaling[:, None, None]
         return result + delta.reshape(result.shape)
+
+    def _forward_per_token(self, x: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """Every token its own slot (``slot_ids``: ``[batch, seq]``), for packed rows of many users.
+
+        All slots' ``A`` stacked form one ``[n_slots * rank, in]`` matrix: one matmul gives every
+        slot's down-projection of every token, a mask keeps each token's own slot's ``rank``
+        columns (times its scaling; -1 keeps none) and one ``addmm`` with all slots' ``B`` adds
+        the update to the base output. A token's update, and the gradient a slot receives, are
+        those of its own slot alone: the other slots' columns are multiplied by exact zeros. Two
+        plain GEMMs whose width is ``n_slots * rank`` (64 for 8 slots of rank 8), no gathered
+        copies of ``A`` / ``B``, no per-row batched matmuls.
+        """
+        if slot_ids.shape != x.shape[:-1]:
+            raise ValueError(f"per-token slot_ids has shape {tuple(slot_ids.shape)}, "
+                             f"the input has {tuple(x.shape[:-1])} tokens")
+        result = self.base(x)
+        tokens = slot_ids.numel()
+        width = self.n_slots * self.rank
+        owned = self.slot_onehot
+        if owned is None or owned.shape != (tokens, self.n_slots):
+            owned = slot_onehot(slot_ids, self.n_slots)
+        weights = torch.where(owned, self.scaling, 0.0).to(x.dtype)  # [tokens, n_slots]
+        lora_a = self.lora_A.to(x.dtype).reshape(width, self.in_features)
+        lora_b = self.lora_B.to(result.dtype).transpose(0, 1).reshape(self.out_features, width)
+        hidden = torch.nn.functional.linear(self.dropout(x.reshape(tokens, self.in_features)), lora_a)
+        hidden = (hidden.view(tokens, self.n_slots, self.rank) * weights[:, :, None]).view(tokens, width)
+        out = torch.addmm(result.reshape(tokens, self.out_features), hidden.to(result.dtype), lora_b.t())
+        return out.view(result.shape)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -125,19 +156,27 @@ def _matches(name: str, target_modules: Sequence[str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
+def slot_onehot(slot_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """``[tokens, n_slots]`` booleans: which slot each token (of ``slot_ids``, any shape) uses."""
+    return slot_ids.reshape(-1, 1) == torch.arange(n_slots, device=slot_ids.device)
+
+
 @contextlib.contextmanager
 def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
     """Within the block, batch row ``b`` of every forward uses adapter slot ``slot_ids[b]`` (-1: none).
 
-    Host ``slot_ids`` are range-checked; a tensor already on the device is taken as it is.
+    ``slot_ids`` of shape ``[batch, seq]`` choose a slot per token instead (rows that pack
+    samples of several users; see ``MultiLoraLinear._forward_per_token``). Host ``slot_ids`` are
+    range-checked; a tensor already on the device is taken as it is.
     """
     layers = list(multi_lora_layers(model).values())
     if not layers:
         raise ValueError("the model has no multi-LoRA layers: call inject_multi_lora first")
     device = layers[0].lora_A.device
     slot_tensor = torch.as_tensor(slot_ids, dtype=torch.long)
-    if slot_tensor.dim() != 1:
-        raise ValueError(f"slot_ids must be one index per batch row, got shape {tuple(slot_tensor.shape)}")
+    if slot_tensor.dim() not in (1, 2):
+        raise ValueError(f"slot_ids must be one index per batch row (or per token), "
+                         f"got shape {tuple(slot_tensor.shape)}")
     n_slots = layers[0].n_slots
     # Values are checked where they live on the host; reading a device tensor would wait for the GPU.
     if slot_tensor.device.type == "cpu":
@@ -146,14 +185,16 @@ def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> 
         if device.type == "cuda":
             slot_tensor = slot_tensor.pin_memory().to(device, non_blocking=True)
     slot_tensor = slot_tensor.to(device)
-    previous = [layer.slot_ids for layer in layers]
+    # Per-token slots: which slot each token uses is worked out once for all layers.
+    onehot = slot_onehot(slot_tensor, n_slots) if slot_tensor.dim() == 2 else None
+    previous = [(layer.slot_ids, layer.slot_onehot) for layer in layers]
     for layer in layers:
-        layer.slot_ids = slot_tensor
+        layer.slot_ids, layer.slot_onehot = slot_tensor, onehot
     try:
         yield
     finally:
-        for layer, slot in zip(layers, previous, strict=True):
-            layer.slot_ids = slot
+        for layer, (slot, owned) in zip(layers, previous, strict=True):
+            layer.slot_ids, layer.slot_onehot = slot, owned
 
 
 def peft_scaling(peft_config: LoraConfig) -> float:

@@ -22,6 +22,7 @@ The LoRA matrices and AdamW moments are kept in float32 while the base runs in i
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 from oppu.errors import ConfigError
 from oppu.ids import validate_user_id
 from oppu.training.config import OptimSettings
-from oppu.training.packing import Row, collate, group_by_length, to_device
+from oppu.training.packing import Row, collate, collate_packed, group_by_length, pack_rows, to_device
 from oppu.training.personal import user_seed
 
 if TYPE_CHECKING:
@@ -200,6 +201,7 @@ def train_users_batched(
     tokens_per_forward: int = 16384,
     batch_overhead_tokens: int = 256,
     width_multiple: int = 64,
+    packed: bool = True,
     gradient_checkpointing: bool = False,
     on_user_done: Callable[[str, StateDict, UserTrainStats], None] | None = None,
 ) -> dict[str, StateDict]:
@@ -208,7 +210,11 @@ def train_users_batched(
     ``users`` pairs a user id with its samples (``TrainingSample``, encoded here with
     ``hparams.max_length``, or already encoded ``{"input_ids", "labels"}``). ``epochs`` is one
     count for all, or per user id; default ``hparams.epochs``. ``tokens_per_forward`` bounds a
-    micro-batch's padded tokens (activation memory). ``on_user_done`` is called as soon as a user
+    micro-batch's tokens, padding included (activation memory). ``packed`` (default) lays the
+    step's samples end to end in passes of ``tokens_per_forward`` tokens with attention kept
+    within each sample (``oppu.training.varlen``; transformers models) and selects the LoRA per
+    token; ``packed=False`` runs one sample per row, rows grouped by length and right-padded
+    (any model whose attention is causal). ``on_user_done`` is called as soon as a user
     finishes, with the state dict in PEFT's saved format (``PeftModel.from_pretrained`` loads it
     next to ``peft_config``), so a caller can store adapters while others still train.
     ``base_model`` is frozen and used in place; its layers are restored before returning.
@@ -223,6 +229,7 @@ def train_users_batched(
         peft_scaling,
         remove_multi_lora,
     )
+    from oppu.training.varlen import packed_attention, packed_forward_kwargs
 
     runs = _plan_users(tokenizer, users, hparams, seed, epochs)
     if tokens_per_forward < hparams.max_length:
@@ -246,7 +253,8 @@ def train_users_batched(
         decoder, head = base_model.get_decoder(), base_model.get_output_embeddings()
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
-        with fixed_plan_attention():
+        attention = packed_attention(base_model) if packed else contextlib.nullcontext()
+        with fixed_plan_attention(), attention:
             # Longest plans first, so the last global steps are not one long user training alone.
             queue = sorted(runs, key=lambda run: (-run.total_steps, run.user_id))
             free_slots = list(range(n_slots - 1, -1, -1))
@@ -275,11 +283,20 @@ def train_users_batched(
 
                 optimizer.zero_grad()
                 slot_losses = torch.zeros(n_slots, device=device)
-                for micro_batch in group_by_length(rows, tokens_per_forward, batch_overhead_tokens, width_multiple):
-                    batch = collate(micro_batch, pad_id, device)
+                if packed:
+                    micro_batches = (collate_packed(b, pad_id, device)
+                                     for b in pack_rows(rows, tokens_per_forward, width_multiple))
+                else:
+                    micro_batches = (collate(b, pad_id, device) for b in
+                                     group_by_length(rows, tokens_per_forward, batch_overhead_tokens, width_multiple))
+                for batch in micro_batches:
                     with model_adapters(base_model, batch["owners"]):
-                        hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
-                        predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                        if packed:
+                            hidden = decoder(**packed_forward_kwargs(batch)).last_hidden_state
+                            predicting = hidden.reshape(-1, hidden.shape[-1])
+                        else:
+                            hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+                            predicting = hidden[:, :-1].reshape(-1, hidden.shape[-1])
                         # Only trained positions go through the LM head: prompts are most tokens.
                         logits = head(predicting.index_select(0, batch["trained_positions"])).float()
                         token_losses = torch.nn.functional.cross_entropy(logits, batch["trained_labels"],

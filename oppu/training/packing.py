@@ -1,13 +1,18 @@
 """Group tokenised samples of many users into forward passes with little padding.
 
-Each row of a forward pass is one whole sample of one user, so per-row adapter selection
-(``oppu.models.multi_lora``) applies the right user's LoRA to every token. Rows are grouped by
-length: the samples of a step are sorted longest first and cut into runs of similar length whose
-padded size (rows x longest row) stays within ``max_tokens``. Padding goes on the right, where causal
-attention keeps it invisible to the real tokens; so no attention mask is needed and PyTorch's
-scaled-dot-product attention can take its fused causal kernel. True packing (several samples in a
-row) would need a block-diagonal mask, which takes that kernel away; with a step's samples sorted
-by length the padding left by grouping is a few percent (``MicroBatch.padding_tokens`` counts it).
+Two ways, both keeping every sample whole:
+
+- Packing (``pack_rows`` / ``collate_packed``, what ``oppu.training.batched`` uses): samples of
+  many users are laid end to end in one flat sequence of up to ``max_tokens`` tokens per forward
+  pass (first-fit decreasing, so passes are full and few). Attention stays inside each sample
+  through variable-length ("varlen") causal flash attention over the samples' boundaries
+  (``cu_seqlens``; ``oppu.training.varlen``), positions restart at 0 in every sample, and each
+  token goes through its own user's LoRA (per-token slot selection, ``oppu.models.multi_lora``).
+  No padding but a pass's tail rounded up to ``width_multiple``.
+- Length grouping (``group_by_length`` / ``collate``): each row of a pass is one sample, rows of
+  similar length right-padded together, where causal attention keeps the padding invisible to
+  the real tokens; PyTorch's plain SDPA applies. The padding left is a few percent to ~10%
+  (``MicroBatch.padding_tokens`` counts it), and every pass has its own shape.
 """
 
 from __future__ import annotations
@@ -132,3 +137,92 @@ def to_device(tensor, device):
     if device is None or torch.device(device).type == "cpu":
         return tensor
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    """Whole samples laid end to end in one sequence of ``width`` tokens (the tail is padding)."""
+
+    rows: tuple[Row, ...]
+    width: int
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(len(row) for row in self.rows)
+
+    @property
+    def padding_tokens(self) -> int:
+        return self.width - self.real_tokens
+
+
+def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> list[PackedBatch]:
+    """Pack ``rows`` into as few sequences of at most ``max_tokens`` tokens as first-fit decreasing finds.
+
+    Rows are taken longest first (then by owner, sample: the same rows always pack the same
+    way), each into the first pass with room. A pass's width is its tokens rounded up to
+    ``width_multiple`` (at most ``max_tokens``); the rounding is its only padding.
+    """
+    ordered = sorted(rows, key=lambda row: (-len(row), row.owner, row.sample))
+    bins: list[list[Row]] = []
+    loads: list[int] = []
+    for row in ordered:
+        if len(row) > max_tokens:
+            raise ValueError(f"sample {row.sample} of owner {row.owner} has {len(row)} tokens, "
+                             f"more than max_tokens={max_tokens}")
+        for i, load in enumerate(loads):
+            if load + len(row) <= max_tokens:
+                bins[i].append(row)
+                loads[i] += len(row)
+                break
+        else:
+            bins.append([row])
+            loads.append(len(row))
+    return [PackedBatch(tuple(rows_in), min(max_tokens, -(-load // width_multiple) * width_multiple))
+            for rows_in, load in zip(bins, loads, strict=True)]
+
+
+def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
+    """Tensors for one packed pass, built on the host and copied without a sync.
+
+    ``input_ids``, ``position_ids`` (restarting at 0 in every sample) and ``owners`` (the row's
+    owner for each token, -1 on padding) are ``[1, width]``; ``cu_seqlens`` (int32) are the
+    sample boundaries, the padding tail counted as one more segment so that every position has
+    defined attention, and ``max_seqlen`` (a host int) the longest segment.
+    ``trained_positions`` index the positions that predict a labelled token of their own sample
+    (position ``t`` predicts token ``t + 1``), with ``trained_labels`` / ``trained_owners``.
+    """
+    import torch
+
+    width = batch.width
+    input_ids = torch.full((1, width), pad_token_id, dtype=torch.long)
+    positions = torch.zeros((1, width), dtype=torch.long)
+    owners = torch.full((1, width), -1, dtype=torch.long)
+    boundaries = [0]
+    trained_positions, trained_labels, trained_owners = [], [], []
+    offset = 0
+    for row in batch.rows:
+        n = len(row)
+        input_ids[0, offset:offset + n] = torch.as_tensor(row.input_ids, dtype=torch.long)
+        positions[0, offset:offset + n] = torch.arange(n)
+        owners[0, offset:offset + n] = row.owner
+        targets = torch.as_tensor(row.labels[1:], dtype=torch.long)
+        trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        trained_positions.append(trained + offset)
+        trained_labels.append(targets[trained])
+        trained_owners.append(torch.full((len(trained),), row.owner, dtype=torch.long))
+        offset += n
+        boundaries.append(offset)
+    if offset > width:
+        raise ValueError(f"packed rows hold {offset} tokens, more than the width {width}")
+    if offset < width:
+        positions[0, offset:] = torch.arange(width - offset)
+        boundaries.append(width)
+    lengths = [end - start for start, end in zip(boundaries, boundaries[1:], strict=False)]
+    tensors = {"input_ids": input_ids, "position_ids": positions, "owners": owners,
+               "cu_seqlens": torch.tensor(boundaries, dtype=torch.int32),
+               "trained_positions": torch.cat(trained_positions) if trained_positions else torch.zeros(0, dtype=torch.long),
+               "trained_labels": torch.cat(trained_labels) if trained_labels else torch.zeros(0, dtype=torch.long),
+               "trained_owners": torch.cat(trained_owners) if trained_owners else torch.zeros(0, dtype=torch.long)}
+    out = {name: to_device(tensor, device) for name, tensor in tensors.items()}
+    out["max_seqlen"] = max(lengths)
+    return out

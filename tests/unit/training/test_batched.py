@@ -169,3 +169,51 @@ def test_slot_adamw_updates_only_named_slots_like_torch_adamw():
         torch_optimizer.step()
     torch.testing.assert_close(stacked.detach()[1], reference.detach())
     torch.testing.assert_close(stacked.detach()[[0, 2]], untouched)
+
+
+def test_packed_passes_train_the_same_adapters_as_length_grouped_rows(base, together):
+    grouped = train_users_batched(base, None, list(USERS.items()), LORA, HPARAMS, SEED, max_active_users=2,
+                                  tokens_per_forward=96, packed=False)
+    for user_id in USERS:
+        assert_same_adapter(together[0][user_id], grouped[user_id])
+
+
+def test_varlen_attention_equals_attention_sample_by_sample():
+    from oppu.training.varlen import varlen_causal_attention
+
+    torch.manual_seed(1)
+    lengths = [5, 1, 9, 3]
+    query = torch.randn(sum(lengths), 4, 8)
+    key, value = torch.randn(sum(lengths), 2, 8), torch.randn(sum(lengths), 2, 8)  # grouped-query
+    cu_seqlens = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    out = varlen_causal_attention(query, key, value, cu_seqlens, max(lengths))
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist(), strict=True):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key.repeat_interleave(2, 1),
+                                                            value.repeat_interleave(2, 1)))
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(out[start:end], expected)
+
+
+def test_per_token_slots_equal_per_row_slots_and_route_gradients_to_owners():
+    from oppu.models.multi_lora import MultiLoraLinear, model_adapters
+
+    torch.manual_seed(2)
+    layer = torch.nn.Module()
+    layer.proj = MultiLoraLinear(torch.nn.Linear(6, 5), n_slots=3, rank=2, alpha=4)
+    with torch.no_grad():
+        layer.proj.lora_A.normal_()
+        layer.proj.lora_B.normal_()
+        layer.proj.scaling.copy_(torch.tensor([2.0, 0.5, 1.0]))
+    x = torch.randn(3, 4, 6)
+    rows = torch.tensor([2, -1, 0])
+    with model_adapters(layer, rows):
+        per_row = layer.proj(x)
+    with model_adapters(layer, rows[:, None].expand(3, 4)):
+        per_token = layer.proj(x)
+    torch.testing.assert_close(per_token, per_row)
+    # Packed: one row of tokens of slots 0 and 2 only; slot 1 gets an exactly zero gradient.
+    owners = torch.tensor([[0, 0, 2, 2, 2, -1]])
+    with model_adapters(layer, owners):
+        layer.proj(torch.randn(1, 6, 6)).sum().backward()
+    assert layer.proj.lora_B.grad[1].abs().sum() == 0 and layer.proj.lora_A.grad[1].abs().sum() == 0
+    assert layer.proj.lora_B.grad[0].abs().sum() > 0 and layer.proj.lora_B.grad[2].abs().sum() > 0

@@ -85,3 +85,41 @@ def test_collate_indexes_exactly_the_trained_predictions():
     assert tensors["trained_positions"].tolist() == [1, 2, 3]
     assert tensors["trained_labels"].tolist() == [7, 8, 10]
     assert tensors["trained_owners"].tolist() == [3, 3, 1]
+
+
+def test_packing_places_every_sample_once_within_budget_and_nearly_full():
+    from oppu.training.packing import pack_rows
+
+    rows = long_tailed_rows(n_users=30, seed=5)
+    passes = pack_rows(rows, max_tokens=1024, width_multiple=64)
+    placed = Counter((row.owner, row.sample) for batch in passes for row in batch.rows)
+    assert placed == Counter((row.owner, row.sample) for row in rows)
+    for batch in passes:
+        assert batch.real_tokens <= batch.width <= 1024
+        assert batch.width % 64 == 0 or batch.width == 1024
+    real = sum(len(row) for row in rows)
+    # First-fit decreasing: no more passes than one over the ideal count, little padding.
+    assert len(passes) <= -(-real // 1024) + 1
+    assert sum(batch.padding_tokens for batch in passes) < 1024 + 64 * len(passes)
+    assert pack_rows(rows, 1024, 64) == pack_rows(list(reversed(rows)), 1024, 64)
+    with pytest.raises(ValueError, match="owner 4 has 9 tokens"):
+        pack_rows([Row(4, 0, list(range(9)), list(range(9)))], max_tokens=8)
+
+
+def test_collate_packed_lays_samples_end_to_end_with_their_own_positions_and_targets():
+    from oppu.training.packing import PackedBatch, collate_packed
+
+    rows = (Row(3, 0, [5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 7, 8]), Row(1, 0, [9, 10, 11], [9, 10, 11]))
+    tensors = collate_packed(PackedBatch(rows, 9), pad_token_id=0)
+    assert tensors["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 0, 0]]
+    assert tensors["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1]]
+    assert tensors["owners"].tolist() == [[3, 3, 3, 3, 1, 1, 1, -1, -1]]
+    # The padding tail is a segment of its own, so every position has a defined attention.
+    assert tensors["cu_seqlens"].tolist() == [0, 4, 7, 9]
+    assert tensors["max_seqlen"] == 4
+    # Position t predicts token t + 1 of its own sample; no prediction crosses a boundary.
+    assert tensors["trained_positions"].tolist() == [1, 2, 4, 5]
+    assert tensors["trained_labels"].tolist() == [7, 8, 10, 11]
+    assert tensors["trained_owners"].tolist() == [3, 3, 1, 1]
+    full = collate_packed(PackedBatch(rows, 7), pad_token_id=0)
+    assert full["cu_seqlens"].tolist() == [0, 4, 7]
