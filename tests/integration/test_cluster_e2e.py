@@ -1,11 +1,14 @@
-"""The cluster path end to end, at the tiny size: on the local 3-node cluster with every artefact
-in a local S3-protocol server (moto), ``ray job submit`` of jobs/train_users.py trains every test
-user's adapter into S3.
+"""The cluster path end to end, at the tiny size, on one local 3-node cluster with every artefact
+in a local S3-protocol server (moto):
 
-Not here yet (written in commit 76c0d46, not proven on the build machine: under a load average
-of several hundred the serve replicas did not start within 5 minutes): ``serve deploy`` of
-cluster/serve-local.yaml answering from those adapters while a replica is killed, and a worker
-node killed during jobs/train_users.py with every adapter complete at the end.
+- ``ray job submit`` of jobs/train_users.py trains every test user's adapter into S3;
+- ``serve deploy`` of cluster/serve-local.yaml answers each user with that user's adapter (the
+  answers offline PEFT inference gives) and keeps answering while a model replica is killed;
+- a worker node killed during jobs/train_users.py still leaves every user exactly one complete
+  adapter version.
+
+The tests share one module-scoped cluster, S3 server and run, and run in file order (the last one
+kills a worker node).
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -55,7 +62,8 @@ def cluster(s3_server):
 
 
 def _client_env(cluster: LocalCluster) -> dict[str, str]:
-    return {**os.environ, **cluster.client_env(), "RAY_ADDRESS": cluster.dashboard_url}
+    return {**os.environ, **cluster.client_env(), "RAY_ADDRESS": cluster.dashboard_url,
+            "RAY_DASHBOARD_ADDRESS": cluster.dashboard_url}
 
 
 def _runtime_env_json(s3_server) -> str:
@@ -82,22 +90,24 @@ def _finish(job: subprocess.Popen, timeout_s: float) -> str:
     return output
 
 
-def _complete_adapters(store_uri: str, variant: str = "oppu") -> dict[str, str]:
-    """user -> newest version whose files all match their manifest's sha256 (read from S3)."""
+def _adapter_versions(store_uri: str, variant: str = "oppu") -> dict[str, list[str]]:
+    """user -> complete versions (with a manifest), each verified against its manifest's sha256."""
     from oppu import fsutil
     from oppu.store import AdapterKey, AdapterStore
 
     store = AdapterStore(store_uri)
     fs, task_path = fsutil.filesystem(f"{store_uri}/LaMP-2M")
     fs.invalidate_cache()
-    complete = {}
+    versions: dict[str, list[str]] = {}
     for fingerprint in fs.ls(task_path, detail=False):
         fingerprint = fingerprint.rstrip("/").rsplit("/", 1)[-1]
         for user in store.users("LaMP-2M", fingerprint, variant):
-            manifest, files = store.read_files(AdapterKey("LaMP-2M", fingerprint, variant, user))
-            assert set(files) >= {"adapter_config.json", "adapter_model.safetensors"}
-            complete[user] = manifest.version
-    return complete
+            key = AdapterKey("LaMP-2M", fingerprint, variant, user)
+            versions[user] = store.versions(key)
+            for version in versions[user]:
+                _, files = store.read_files(key, version)
+                assert set(files) >= {"adapter_config.json", "adapter_model.safetensors"}
+    return versions
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +149,170 @@ def test_train_users_job_publishes_every_adapter_to_s3(run_uri):
     test_users = sorted(u.user_id for u in read_dataset(f"{run_uri}/data").test_users())
     assert len(test_users) == N_TEST_USERS
     assert fsutil.exists(f"{run_uri}/base/config.json")
-    assert sorted(_complete_adapters(f"{run_uri}/adapters")) == test_users
+    versions = _adapter_versions(f"{run_uri}/adapters")
+    assert sorted(versions) == test_users and all(len(v) == 1 for v in versions.values()), versions
     report = load_report(run_uri, "oppu")
     assert report["trained"] == N_TEST_USERS and report["failed"] == 0
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+REQUEST_ATTEMPTS = 3  # tries of one request while Serve replaces a killed replica
+
+
+def _dashboard_get(cluster: LocalCluster, path: str) -> dict:
+    headers = {}
+    if cluster.config.auth == "token":
+        headers["Authorization"] = f"Bearer {cluster.token_path.read_text().strip()}"
+    request = urllib.request.Request(cluster.dashboard_url + path, headers=headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _model_replicas(cluster: LocalCluster) -> list[dict]:
+    """The RUNNING replicas of the app's ``model`` deployment (Serve's REST API)."""
+    app = _dashboard_get(cluster, "/api/serve/applications/").get("applications", {}).get("oppu")
+    if not app or "model" not in app.get("deployments", {}):
+        return []
+    return [r for r in app["deployments"]["model"]["replicas"] if r["state"] == "RUNNING"]
+
+
+def _post(url: str, body: dict, timeout_s: float = 120) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST", headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {ADMIN_TOKEN}"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        return json.loads(response.read())
+
+
+def _offline_answers(run_uri: str, prompts: dict[str, str], max_new_tokens: int) -> dict[str, tuple]:
+    """user -> (S3 adapter version, greedy answer of the base + that adapter, of the bare base)."""
+    from peft import PeftModel
+
+    from oppu.models import base_fingerprint, generate_greedy, load_model
+    from oppu.store import AdapterKey, AdapterStore
+
+    store = AdapterStore(f"{run_uri}/adapters")
+    fingerprint = base_fingerprint(f"{run_uri}/base")
+    answers = {}
+    with tempfile.TemporaryDirectory(prefix="oppu-e2e-") as tmp:
+        for user, prompt in prompts.items():
+            key = AdapterKey("LaMP-2M", fingerprint, "oppu", user)
+            adapter_dir = store.fetch(key, Path(tmp) / user)
+            model, tokenizer = load_model(f"{run_uri}/base")
+            plain = generate_greedy(model, tokenizer, [prompt], max_new_tokens)[0]
+            personal = PeftModel.from_pretrained(model, adapter_dir).eval()
+            answers[user] = (store.latest(key).version,
+                             generate_greedy(personal, tokenizer, [prompt], max_new_tokens)[0], plain)
+    return answers
+
+
+def test_serve_deploy_answers_from_s3_adapters_and_survives_a_killed_replica(cluster, run_uri, tmp_path):
+    from oppu.data.dataset import read_dataset
+    from oppu.tasks import get_task
+
+    task = get_task("LaMP-2M")
+    http_port = _free_port()
+    serve_config = yaml.safe_load((ROOT / "cluster" / "serve-local.yaml").read_text())
+    serve_config["http_options"]["port"] = http_port
+    app = serve_config["applications"][0]
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        app["runtime_env"]["env_vars"][name] = os.environ[name]
+    app["args"].update(model=f"{run_uri}/base", store=f"{run_uri}/adapters", data=f"{run_uri}/data")
+    config_path = tmp_path / "serve.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config))
+    env = _client_env(cluster)
+    started = time.monotonic()
+    deployed = subprocess.run([sys.executable, "-m", "ray.serve.scripts", "deploy", str(config_path)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    try:
+        dataset = read_dataset(f"{run_uri}/data")
+        users = sorted(u.user_id for u in dataset.test_users())
+        inputs = {user: dataset.user(user).queries[0].input for user in users}
+        prompts = {user: task.build_prompt(task.parse_query(inputs[user]), retrieved=[]) for user in users}
+        # computed while the replicas start
+        expected = _offline_answers(run_uri, prompts, task.max_new_tokens)
+
+        deadline = time.monotonic() + 300
+        while len(replicas := _model_replicas(cluster)) < 2:
+            assert time.monotonic() < deadline, json.dumps(_dashboard_get(cluster, "/api/serve/applications/"))
+            time.sleep(2)
+        url = f"http://127.0.0.1:{http_port}"
+        failures: list[str] = []
+
+        def ask(user: str) -> dict:
+            for attempt in range(1, REQUEST_ATTEMPTS + 1):
+                try:
+                    return _post(f"{url}/v1/predict", {"task": "LaMP-2M", "user": user,
+                                                       "input": inputs[user], "k": 0})
+                except (urllib.error.URLError, OSError) as exc:
+                    body = exc.read().decode(errors="replace") if isinstance(exc, urllib.error.HTTPError) else ""
+                    failures.append(f"{user} attempt {attempt}: {exc} {body[:300]}")
+                    if attempt == REQUEST_ATTEMPTS:
+                        raise AssertionError(f"{user}: every attempt failed: {failures}") from exc
+                    time.sleep(1)
+            raise AssertionError("unreachable")
+
+        def check(user: str, answer: dict) -> None:
+            version, personal, _ = expected[user]
+            assert (answer["user"], answer["adapter_version"], answer["raw"]) == (user, version, personal)
+
+        for user in users:  # each user's own adapter answers, as offline PEFT inference does
+            check(user, ask(user))
+        ready_s = time.monotonic() - started
+        assert failures == [], failures
+        completion = _post(f"{url}/v1/completions", {"model": f"base:{users[0]}", "prompt": prompts[users[0]],
+                                                      "max_tokens": task.max_new_tokens})
+        assert completion["choices"][0]["text"] == expected[users[0]][1]
+
+        # A model replica's process dies (SIGKILL): the other one keeps answering, Serve replaces it.
+        victim = replicas[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        for user in users * 2:
+            check(user, ask(user))
+        deadline = time.monotonic() + 180
+        while True:
+            now = {r["replica_id"] for r in _model_replicas(cluster)}
+            if len(now) == 2 and victim["replica_id"] not in now:
+                break
+            assert time.monotonic() < deadline, f"Serve did not replace {victim['replica_id']}: {now}"
+            time.sleep(2)
+        for user in users:
+            check(user, ask(user))
+        print(f"serve: ready and answering {ready_s:.0f}s after deploy; failed attempts after the "
+              f"replica kill: {len(failures)} {failures}; personal != base answer for "
+              f"{sum(e[1] != e[2] for e in expected.values())}/{len(users)} users")
+        assert len(failures) <= len(users), failures
+    finally:
+        subprocess.run([sys.executable, "-m", "ray.serve.scripts", "shutdown", "-y"], cwd=ROOT, env=env,
+                       capture_output=True, timeout=120)
+    deadline = time.monotonic() + 120  # the replicas' CPUs are free for the next test
+    while _model_replicas(cluster):
+        assert time.monotonic() < deadline
+        time.sleep(2)
+
+
+# -- a worker node lost during train_users -------------------------------------------------------
+
+def test_worker_killed_during_train_users_leaves_every_adapter_complete(cluster, s3_server, run_uri):
+    from oppu.data.dataset import read_dataset
+    from oppu.training.users import load_report
+
+    store = f"{run_uri}/adapters-fault"  # same data and base, a fresh store
+    job = _submit(cluster, s3_server, "jobs/train_users.py", [f"run_dir={run_uri}", f"store={store}"])
+    lines = []
+    for line in job.stdout:  # the first adapter is published: the pool is mid-run on both workers
+        lines.append(line)
+        if "[train_users oppu] 1 users" in line:
+            break
+    else:
+        pytest.fail("train_users ended before any user finished:\n" + "".join(lines[-60:]))
+    cluster.kill_node("node_b")
+    output = "".join(lines) + _finish(job, timeout_s=600)
+    assert "failed 0" in output, output[-4000:]
+    test_users = sorted(u.user_id for u in read_dataset(f"{run_uri}/data").test_users())
+    versions = _adapter_versions(store)
+    assert sorted(versions) == test_users
+    assert all(len(v) == 1 for v in versions.values()), versions
+    report = load_report(run_uri, "oppu")
+    assert report["failed"] == 0 and report["trained"] + report["skipped"] == N_TEST_USERS, report
