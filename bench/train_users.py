@@ -351,7 +351,7 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     unprofiled_s = time.perf_counter() - start
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     start = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         train()
     wall_s = time.perf_counter() - start
     families = {"gemm (base + LM head)": 0.0, "flash attention": 0.0, "lora bmm/gather": 0.0,
@@ -381,8 +381,11 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     busy_s = sum(families.values())
     table = averages.table(sort_by="self_device_time_total" if device.type == "cuda"
                                       else "self_cpu_time_total", row_limit=25)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_device_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=40)
     if out_dir:
         (out_dir / "profile_batched.txt").write_text(table)
+        (out_dir / "profile_by_shape.txt").write_text(by_shape)
     top = sorted(kernels, key=lambda kv: -kv[1])[:12]
     self_cpu_s = sum(event.self_cpu_time_total for event in averages) / 1e6
     return {"real_tokens": real_tokens, "tokens_per_forward": args.tokens_per_forward,

@@ -105,7 +105,9 @@ class MultiLoraLinear(nn.Module):
             owned = slot_onehot(slot_ids, self.n_slots)
         weights = torch.where(owned, self.scaling, 0.0).to(x.dtype)  # [tokens, n_slots]
         lora_a = self.lora_A.to(x.dtype).reshape(width, self.in_features)
-        lora_b = self.lora_B.to(result.dtype).transpose(0, 1).reshape(self.out_features, width)
+        # One cast-and-transpose copy: [n_slots, out, rank] -> [out, n_slots * rank].
+        lora_b = self.lora_B.transpose(0, 1).to(result.dtype, memory_format=torch.contiguous_format)
+        lora_b = lora_b.reshape(self.out_features, width)  # a view, unless .to() had nothing to cast
         hidden = torch.nn.functional.linear(self.dropout(x.reshape(tokens, self.in_features)), lora_a)
         hidden = (hidden.view(tokens, self.n_slots, self.rank) * weights[:, :, None]).view(tokens, width)
         out = torch.addmm(result.reshape(tokens, self.out_features), hidden.to(result.dtype), lora_b.t())

@@ -100,12 +100,59 @@ def init_user_slot(model, slot: int, seed: int, user_id: str) -> None:
     from oppu.models.multi_lora import multi_lora_layers
 
     generator = torch.Generator().manual_seed(user_seed(seed, user_id))
+    layers = list(multi_lora_layers(model).values())
+    # Drawn on the host (the same numbers on any device), moved in one pinned, non-blocking copy:
+    # a pageable copy per layer would make the host wait for the GPU once per layer.
+    initial = torch.empty(sum(layer.rank * layer.in_features for layer in layers), dtype=torch.float32)
+    offset = 0
     with torch.no_grad():
-        for layer in multi_lora_layers(model).values():
-            lora_a = torch.empty(layer.rank, layer.in_features, dtype=torch.float32)
+        for layer in layers:
+            lora_a = initial[offset:offset + layer.rank * layer.in_features].view(layer.rank, layer.in_features)
             torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-            layer.lora_A[slot].copy_(lora_a)
+            offset += lora_a.numel()
+        initial = to_device(initial, layers[0].lora_A.device)
+        offset = 0
+        for layer in layers:
+            size = layer.rank * layer.in_features
+            layer.lora_A[slot].copy_(initial[offset:offset + size].view(layer.rank, layer.in_features))
             layer.lora_B[slot].zero_()
+            offset += size
+
+
+def export_slot(model, slot: int, peft_config: LoraConfig) -> StateDict:
+    """``export_slot_as_peft`` with one device-to-host copy for the whole adapter (one wait, not one per tensor)."""
+    import torch
+
+    from oppu.models.multi_lora import PEFT_PREFIX, multi_lora_layers
+
+    targets = _target_module_names_of(model, peft_config)
+    rank = peft_config.r
+    names, parts = [], []
+    for name, layer in multi_lora_layers(model).items():
+        if name not in targets:
+            continue
+        if rank > layer.rank:
+            raise ConfigError(f"peft_config.r={rank} exceeds the slots' rank {layer.rank} (layer {name!r})")
+        for matrix, tensor in (("lora_A", layer.lora_A[slot, :rank]), ("lora_B", layer.lora_B[slot, :, :rank])):
+            names.append((f"{PEFT_PREFIX}{name}.{matrix}.weight", tensor.shape))
+            parts.append(tensor.detach().reshape(-1))
+    if not parts:
+        raise ConfigError(f"peft_config.target_modules={peft_config.target_modules} selects no multi-LoRA layer")
+    flat = torch.cat(parts).cpu()
+    state, offset = {}, 0
+    for key, shape in names:
+        size = math.prod(shape)
+        state[key] = flat[offset:offset + size].view(shape).clone()
+        offset += size
+    return state
+
+
+def _target_module_names_of(model, peft_config: LoraConfig) -> set[str]:
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from oppu.models.multi_lora import multi_lora_layers
+
+    return {name for name in multi_lora_layers(model) if check_target_module_exists(peft_config, name)}
 
 
 class SlotAdamW:
@@ -222,7 +269,7 @@ def train_users_batched(
     import torch
 
     from oppu.models.multi_lora import (
-        export_slot_as_peft,
+        _check_supported,
         inject_multi_lora,
         model_adapters,
         multi_lora_layers,
@@ -231,6 +278,7 @@ def train_users_batched(
     )
     from oppu.training.varlen import packed_attention, packed_forward_kwargs
 
+    _check_supported(peft_config)
     runs = _plan_users(tokenizer, users, hparams, seed, epochs)
     if tokens_per_forward < hparams.max_length:
         raise ConfigError(f"tokens_per_forward={tokens_per_forward} is below max_length={hparams.max_length}: "
@@ -319,7 +367,7 @@ def train_users_batched(
                         # Reading losses waits for the GPU: once per user, not once per step.
                         run.stats.losses = torch.stack(loss_history[-run.total_steps:])[:, slot].tolist()
                         run.stats.final_loss = run.stats.losses[-1]
-                        state = export_slot_as_peft(base_model, slot, peft_config)
+                        state = export_slot(base_model, slot, peft_config)
                         adapters[run.user_id] = state
                         if on_user_done is not None:
                             on_user_done(run.user_id, state, run.stats)

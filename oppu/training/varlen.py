@@ -86,8 +86,11 @@ def hf_packed_attention(module, query, key, value, attention_mask, dropout: floa
         raise ValueError(f"packed attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout:
         raise ValueError("packed attention has no attention dropout")
-    out = varlen_causal_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                                  cu_seq_lens_q, max_length_q, scaling)
+    # squeeze, not [0]: indexing's backward writes the gradient into a fresh zero-filled tensor
+    # (a fill and a strided copy of every q/k/v gradient, seen in the H100 profile); a squeeze's
+    # backward is a view.
+    out = varlen_causal_attention(query.squeeze(0).transpose(0, 1), key.squeeze(0).transpose(0, 1),
+                                  value.squeeze(0).transpose(0, 1), cu_seq_lens_q, max_length_q, scaling)
     return out.unsqueeze(0), None
 
 

@@ -217,3 +217,22 @@ def test_per_token_slots_equal_per_row_slots_and_route_gradients_to_owners():
         layer.proj(torch.randn(1, 6, 6)).sum().backward()
     assert layer.proj.lora_B.grad[1].abs().sum() == 0 and layer.proj.lora_A.grad[1].abs().sum() == 0
     assert layer.proj.lora_B.grad[0].abs().sum() > 0 and layer.proj.lora_B.grad[2].abs().sum() > 0
+
+
+def test_one_copy_export_equals_export_slot_as_peft(base):
+    from oppu.models.multi_lora import remove_multi_lora
+    from oppu.training.batched import export_slot
+
+    model = copy.deepcopy(base)
+    inject_multi_lora(model, ["q_proj", "v_proj"], n_slots=3, rank=6, alpha=8)
+    init_user_slot(model, 1, SEED, "u1")
+    for layer in model.modules():
+        if hasattr(layer, "lora_B"):
+            torch.nn.init.normal_(layer.lora_B)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])
+    expected = export_slot_as_peft(model, 1, config)
+    got = export_slot(model, 1, config)
+    assert list(got) == list(expected)
+    for key in expected:
+        assert torch.equal(got[key], expected[key]) and got[key].is_contiguous()
+    remove_multi_lora(model)
