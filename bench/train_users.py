@@ -295,11 +295,17 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
             m.input_tokens += work[0]
             m.target_tokens += work[1]
             m.attention_token_pairs += work[2]
+            if reference:
+                plan = step_plan(len(samples), hparams.batch_size, epochs,
+                                 torch.Generator().manual_seed(user_seed(1, user_id)))
+                padded = sum(len(step) * max(len(samples[i]["input_ids"]) for i in step) for step in plan)
+                m.extra["padded_tokens"] = m.extra.get("padded_tokens", 0) + padded
             sync(device)
             if time.perf_counter() - start > args.budget_s:
                 break
     if reference:
         model.to(torch.bfloat16 if device.type == "cuda" else torch.float32)
+        m.extra["real_token_share"] = round(m.input_tokens / m.extra["padded_tokens"], 3)
     return m
 
 

@@ -119,8 +119,40 @@ def init_user_slot(model, slot: int, seed: int, user_id: str) -> None:
             offset += size
 
 
-def export_slot(model, slot: int, peft_config: LoraConfig) -> StateDict:
-    """``export_slot_as_peft`` with one device-to-host copy for the whole adapter (one wait, not one per tensor)."""
+@dataclass
+class SlotSnapshot:
+    """A slot's adapter (and its user's per-step losses) on their way to the host.
+
+    The copies are queued behind the GPU's work without waiting for it: a device copy of the
+    slot first (so the slot can take its next user at once), then one non-blocking copy into
+    pinned host memory. ``ready`` says whether it has landed; ``state_dict`` waits if not.
+    """
+
+    names: list[tuple[str, tuple[int, ...]]]
+    adapter: torch.Tensor
+    losses: torch.Tensor | None
+    event: object | None  # torch.cuda.Event once the copies are queued on a GPU
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def wait(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+
+    def state_dict(self) -> StateDict:
+        """The adapter in PEFT's saved format: each tensor its own contiguous CPU copy."""
+        self.wait()
+        state, offset = {}, 0
+        for key, shape in self.names:
+            size = math.prod(shape)
+            state[key] = self.adapter[offset:offset + size].view(shape).clone()
+            offset += size
+        return state
+
+
+def snapshot_slot(model, slot: int, peft_config: LoraConfig, losses: torch.Tensor | None = None) -> SlotSnapshot:
+    """Start copying slot ``slot`` (the layers ``peft_config`` targets, cut to its rank) to the host."""
     import torch
 
     from oppu.models.multi_lora import PEFT_PREFIX, multi_lora_layers
@@ -134,17 +166,27 @@ def export_slot(model, slot: int, peft_config: LoraConfig) -> StateDict:
         if rank > layer.rank:
             raise ConfigError(f"peft_config.r={rank} exceeds the slots' rank {layer.rank} (layer {name!r})")
         for matrix, tensor in (("lora_A", layer.lora_A[slot, :rank]), ("lora_B", layer.lora_B[slot, :, :rank])):
-            names.append((f"{PEFT_PREFIX}{name}.{matrix}.weight", tensor.shape))
+            names.append((f"{PEFT_PREFIX}{name}.{matrix}.weight", tuple(tensor.shape)))
             parts.append(tensor.detach().reshape(-1))
     if not parts:
         raise ConfigError(f"peft_config.target_modules={peft_config.target_modules} selects no multi-LoRA layer")
-    flat = torch.cat(parts).cpu()
-    state, offset = {}, 0
-    for key, shape in names:
-        size = math.prod(shape)
-        state[key] = flat[offset:offset + size].view(shape).clone()
-        offset += size
-    return state
+    flat = torch.cat(parts)
+    if not flat.is_cuda:
+        return SlotSnapshot(names, flat, None if losses is None else losses.detach().clone(), None)
+    host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+    host.copy_(flat, non_blocking=True)
+    host_losses = None
+    if losses is not None:
+        host_losses = torch.empty(losses.shape, dtype=losses.dtype, pin_memory=True)
+        host_losses.copy_(losses, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return SlotSnapshot(names, host, host_losses, event)
+
+
+def export_slot(model, slot: int, peft_config: LoraConfig) -> StateDict:
+    """``export_slot_as_peft`` with one device-to-host copy for the whole adapter (one wait, not one per tensor)."""
+    return snapshot_slot(model, slot, peft_config).state_dict()
 
 
 def _target_module_names_of(model, peft_config: LoraConfig) -> set[str]:
@@ -261,9 +303,11 @@ def train_users_batched(
     step's samples end to end in passes of ``tokens_per_forward`` tokens with attention kept
     within each sample (``oppu.training.varlen``; transformers models) and selects the LoRA per
     token; ``packed=False`` runs one sample per row, rows grouped by length and right-padded
-    (any model whose attention is causal). ``on_user_done`` is called as soon as a user
-    finishes, with the state dict in PEFT's saved format (``PeftModel.from_pretrained`` loads it
-    next to ``peft_config``), so a caller can store adapters while others still train.
+    (any model whose attention is causal). ``on_user_done`` is called as soon as a user's
+    adapter has reached the host (the copy runs behind the GPU's work, so this can be a global
+    step after the user's last one), with the state dict in PEFT's saved format
+    (``PeftModel.from_pretrained`` loads it next to ``peft_config``), so a caller can store
+    adapters while others still train.
     ``base_model`` is frozen and used in place; its layers are restored before returning.
     """
     import torch
@@ -276,7 +320,7 @@ def train_users_batched(
         peft_scaling,
         remove_multi_lora,
     )
-    from oppu.training.varlen import packed_attention, packed_forward_kwargs
+    from oppu.training.varlen import packed_attention, packed_attention_calls, packed_forward_kwargs
 
     _check_supported(peft_config)
     runs = _plan_users(tokenizer, users, hparams, seed, epochs)
@@ -309,6 +353,23 @@ def train_users_batched(
             active: dict[int, _UserRun] = {}
             adapters: dict[str, StateDict] = {}
             loss_history: list[torch.Tensor] = []  # per global step: each slot's mean loss
+            pending: list[tuple[_UserRun, SlotSnapshot]] = []  # finished users whose copies are under way
+
+            def finish(wait: bool) -> None:
+                """Hand over the finished users whose adapters have reached the host (all, if ``wait``)."""
+                waiting = []
+                for run, snapshot in pending:
+                    if not wait and not snapshot.ready():
+                        waiting.append((run, snapshot))
+                        continue
+                    state = snapshot.state_dict()
+                    run.stats.losses = snapshot.losses.tolist()
+                    run.stats.final_loss = run.stats.losses[-1]
+                    adapters[run.user_id] = state
+                    if on_user_done is not None:
+                        on_user_done(run.user_id, state, run.stats)
+                pending[:] = waiting
+
             while queue or active:
                 while queue and free_slots:
                     run = queue.pop(0)
@@ -340,7 +401,12 @@ def train_users_batched(
                 for batch in micro_batches:
                     with model_adapters(base_model, batch["owners"]):
                         if packed:
+                            calls = packed_attention_calls()
                             hidden = decoder(**packed_forward_kwargs(batch)).last_hidden_state
+                            if packed_attention_calls() == calls:
+                                raise ConfigError(f"{type(base_model).__name__} does not run its attention through "
+                                                  "transformers' AttentionInterface, so packed samples would "
+                                                  "attend to each other: train it with packed=False")
                             predicting = hidden.reshape(-1, hidden.shape[-1])
                         else:
                             hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
@@ -364,17 +430,15 @@ def train_users_batched(
                     run = active[slot]
                     run.next_step += 1
                     if run.next_step == run.total_steps:
-                        # Reading losses waits for the GPU: once per user, not once per step.
-                        run.stats.losses = torch.stack(loss_history[-run.total_steps:])[:, slot].tolist()
-                        run.stats.final_loss = run.stats.losses[-1]
-                        state = export_slot(base_model, slot, peft_config)
-                        adapters[run.user_id] = state
-                        if on_user_done is not None:
-                            on_user_done(run.user_id, state, run.stats)
+                        # Copied out behind the GPU's work; the slot takes its next user at once.
+                        losses = torch.stack(loss_history[-run.total_steps:])[:, slot]
+                        pending.append((run, snapshot_slot(base_model, slot, peft_config, losses)))
                         del active[slot]
                         free_slots.append(slot)
                 kept_steps = max((run.next_step for run in active.values()), default=0)
                 del loss_history[:len(loss_history) - kept_steps]
+                finish(wait=False)
+            finish(wait=True)
             return adapters
     finally:
         if gradient_checkpointing:

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import torch
 
 ATTENTION_NAME = "oppu_packed_varlen"
+_calls = [0]  # packed attention calls so far: lets a caller check that a model really routes through it
 
 
 class _FlashVarlen(torch.autograd.Function):
@@ -86,6 +87,7 @@ def hf_packed_attention(module, query, key, value, attention_mask, dropout: floa
         raise ValueError(f"packed attention takes one packed row, got a batch of {query.shape[0]}")
     if dropout:
         raise ValueError("packed attention has no attention dropout")
+    _calls[0] += 1
     # squeeze, not [0]: indexing's backward writes the gradient into a fresh zero-filled tensor
     # (a fill and a strided copy of every q/k/v gradient, seen in the H100 profile); a squeeze's
     # backward is a view.
@@ -94,12 +96,18 @@ def hf_packed_attention(module, query, key, value, attention_mask, dropout: floa
     return out.unsqueeze(0), None
 
 
+def packed_attention_calls() -> int:
+    return _calls[0]
+
+
 @contextlib.contextmanager
 def packed_attention(model) -> Iterator[None]:
     """Within the block, ``model`` (a transformers model) attends within packed samples only.
 
     Its forward then needs ``position_ids`` and ``cu_seq_lens_q`` / ``max_length_q``
     (``packed_forward_kwargs``). The model's attention implementation is restored afterwards.
+    A model whose attention does not go through transformers' ``AttentionInterface`` would
+    ignore it (and attend across samples): check ``packed_attention_calls`` after a forward.
     """
     from transformers import AttentionInterface
 
