@@ -45,14 +45,48 @@ class SlotStats:
 
 
 class AdapterSlots:
-    """Which adapter version sits in which slot of the multi-LoRA model; LRU replacement."""
+    """Which adapter version sits in which slot of the multi-LoRA model; LRU replacement.
 
-    def __init__(self, model: Any, n_slots: int):
+    Adapters enter slots from their packed form (``multi_lora.PackedAdapter``: one pinned buffer
+    in slot format, made once per host-cached version by :meth:`prepare`), so a slot load is one
+    asynchronous host-to-device copy and one batched device copy, queued ahead of the batch's
+    prefill on the same stream.
+    """
+
+    def __init__(self, model: Any, n_slots: int, host_adapters: int = 0):
+        from oppu.models import multi_lora
+
         self.model = model
         self.n_slots = n_slots
+        self.loader = multi_lora.SlotLoader(model)
+        # On CUDA, packed adapters live in pooled page-locked buffers (pinning one by one costs
+        # milliseconds per adapter); room for the host tier's adapters is pinned up front.
+        self.pool = None
+        if next(model.parameters()).device.type == "cuda":
+            self.pool = multi_lora.PinnedBuffers(self.loader.layout.numel, self.loader.layout.dtype)
+            self.pool.reserve(host_adapters)
         self._resident: OrderedDict[str, int] = OrderedDict()  # cache_id -> slot
         self._free = list(range(n_slots))
         self.stats = SlotStats()
+
+    def prepare(self, adapter: LoadedAdapter) -> None:
+        """Pack ``adapter`` for this model's slots (once); ``AdapterIntegrityError`` if it does not fit.
+
+        Its ``state_dict`` then shares the packed buffer's memory, so host memory holds one copy.
+        """
+        from oppu.models import multi_lora
+
+        packed = adapter.packed
+        if packed is not None and packed.layout == self.loader.layout:
+            return
+        try:
+            packed = multi_lora.pack_peft_adapter(self.loader.layout, adapter.state_dict, adapter.peft_config,
+                                                  pool=self.pool)
+        except Exception as exc:  # whatever the tensors got wrong, it is this adapter's fault
+            raise AdapterIntegrityError(f"adapter of user {adapter.user!r} version {adapter.version} does not "
+                                        f"fit the base model: {exc}") from exc
+        adapter.state_dict = packed.state_dict
+        adapter.packed = packed
 
     def assign(self, adapters: Sequence[LoadedAdapter | None]) -> list[int | Exception]:
         """A slot per row (-1 for the base), loading the adapters not resident yet.
@@ -60,8 +94,6 @@ class AdapterSlots:
         A row whose adapter cannot be loaded into a slot (tensors that do not fit the model) gets
         the exception instead, so only that row fails.
         """
-        from oppu.models import multi_lora
-
         needed = {a.cache_id: a for a in adapters if a is not None}
         if len(needed) > self.n_slots:
             raise ValueError(f"a batch uses {len(needed)} adapters but the model has {self.n_slots} slots")
@@ -73,17 +105,13 @@ class AdapterSlots:
                 continue
             self.stats.misses += 1
             started = time.perf_counter()
-            slot = self._take_slot(pinned=needed.keys())
             try:
-                multi_lora.load_peft_adapter_into_slot(self.model, slot, adapter.state_dict,
-                                                       adapter.peft_config)
-            except Exception as exc:  # whatever the tensors got wrong, it is this adapter's fault
-                multi_lora.clear_slot(self.model, slot)
-                self._free.append(slot)
-                failures[cache_id] = AdapterIntegrityError(
-                    f"adapter of user {adapter.user!r} version {adapter.version} does not fit the "
-                    f"base model: {exc}")
+                self.prepare(adapter)
+            except AdapterIntegrityError as exc:
+                failures[cache_id] = exc
                 continue
+            slot = self._take_slot(pinned=needed.keys())
+            self.loader.load(slot, adapter.packed)
             self._resident[cache_id] = slot
             self.stats.load_seconds += time.perf_counter() - started
         return [-1 if a is None else failures.get(a.cache_id) or self._resident[a.cache_id]
@@ -111,7 +139,8 @@ class GenerationEngine:
     """A frozen base model with LoRA slots, decoding batches of rows greedily."""
 
     def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None, *, static_cache: bool = False,
-                 cuda_graphs: bool = False, compile_step: bool = False, max_static_decoders: int = 4):
+                 cuda_graphs: bool = False, compile_step: bool = False, max_static_decoders: int = 4,
+                 cache_block: int = 32, host_adapters: int = 0):
         import torch
 
         self.model = model.eval()
@@ -119,6 +148,7 @@ class GenerationEngine:
         self.cuda_graphs = cuda_graphs
         self.compile_step = compile_step
         self.max_static_decoders = max_static_decoders
+        self.cache_block = cache_block
         self._decoders: OrderedDict[tuple[int, int], StaticDecoder] = OrderedDict()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -129,14 +159,18 @@ class GenerationEngine:
             from oppu.models import multi_lora
 
             # Each slot's scaling comes from its adapter's own config when it is loaded.
+            from oppu.serving.lora import use_serving_layers
+
             multi_lora.inject_multi_lora(model, list(lora.target_modules), n_slots=lora.n_slots,
                                          rank=lora.max_rank, alpha=lora.max_rank)
-            self.slots = AdapterSlots(model, lora.n_slots)
+            use_serving_layers(model)  # the fused one-token decode path; eval mode
+            self.slots = AdapterSlots(model, lora.n_slots, host_adapters)
         self._torch = torch
 
     @classmethod
     def from_pretrained(cls, model_uri: str, lora: LoraSlotsConfig | None, *, device: str = "auto",
-                        dtype: str = "auto", compile_decode: bool = False) -> GenerationEngine:
+                        dtype: str = "auto", compile_decode: bool = False,
+                        host_adapters: int = 0) -> GenerationEngine:
         import torch
 
         from oppu.models import load_model
@@ -147,7 +181,13 @@ class GenerationEngine:
             dtype = "bfloat16" if device.startswith("cuda") else "float32"
         model, tokenizer = load_model(model_uri, device=device, dtype=getattr(torch, dtype))
         on_cuda = compile_decode and device.startswith("cuda")
-        return cls(model, tokenizer, lora, static_cache=on_cuda, cuda_graphs=on_cuda, compile_step=on_cuda)
+        return cls(model, tokenizer, lora, static_cache=on_cuda, cuda_graphs=on_cuda, compile_step=on_cuda,
+                   host_adapters=host_adapters)
+
+    def prepare_adapter(self, adapter: LoadedAdapter) -> None:
+        """``AdapterCache``'s ``prepare`` hook: pack a new host-cached adapter for the GPU slots."""
+        if self.slots is not None:
+            self.slots.prepare(adapter)
 
     def encode(self, prompt: str) -> list[int]:
         """The prompt's ids exactly as training and offline evaluation encode them (BOS + text)."""
@@ -217,7 +257,8 @@ class GenerationEngine:
     def _stream_static(self, rows: Sequence[GenerationRow], slot_ids: list[int]) -> Iterator[list[int | None]]:
         """The same decoding over a static KV cache (and a CUDA graph per decode step on CUDA).
 
-        The batch is padded to a power of two and the cache length to a multiple of 64, so a few
+        The batch is padded to a power of two and the cache length to a multiple of ``cache_block``
+        (32: a decode step reads the whole static cache, so coarser buckets cost attention reads), so a few
         (batch, length) shapes, each captured once, serve every request.
         """
         torch = self._torch
@@ -225,7 +266,7 @@ class GenerationEngine:
         batch = 1 << (n_rows - 1).bit_length()
         width = max(len(row.prompt_ids) for row in rows)
         max_new = max(row.max_new_tokens for row in rows)
-        cache_len = -(-(width + max_new) // 64) * 64
+        cache_len = -(-(width + max_new - 1) // self.cache_block) * self.cache_block  # the last token is not fed
         decoder = self._decoder(batch, cache_len)
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         keep = torch.zeros((batch, width), dtype=torch.bool)
@@ -235,11 +276,15 @@ class GenerationEngine:
             keep[i, width - len(row.prompt_ids):] = True
         next_ids = decoder.prefill(input_ids.to(self.device), keep.to(self.device),
                                    list(slot_ids) + [-1] * (batch - n_rows))
-        # One device-to-host copy per step; the rows' bookkeeping is plain Python.
+        # The device runs one step ahead of the host: step n+1 is queued before step n's tokens
+        # are read back (one small copy per step), so the GPU never waits for the Python below.
+        # A batch that ends at an end-of-sequence token has computed one step for nothing.
         eos = set(self.eos_ids)
         finished = [False] * n_rows
+        decoder.read_back(next_ids)
         for step in range(max_new):
-            tokens = next_ids[:n_rows].tolist()
+            upcoming = decoder.decode(next_ids) if step + 1 < max_new else None
+            tokens = decoder.tokens()[:n_rows]
             out: list[int | None] = []
             for i, token in enumerate(tokens):
                 done_before = finished[i]
@@ -248,7 +293,8 @@ class GenerationEngine:
             yield out
             if all(finished):
                 return
-            next_ids = decoder.decode(next_ids)
+            next_ids = upcoming
+            decoder.read_back(next_ids)
 
     def _decoder(self, batch: int, cache_len: int) -> StaticDecoder:
         key = (batch, cache_len)
@@ -312,6 +358,10 @@ class StaticDecoder:
         self.graph = None
         self.graph_next_ids = None
         self._torch = torch
+        # Where each step's tokens land on the host: pinned, copied without blocking, then waited for.
+        on_cuda = device.type == "cuda"
+        self._host_ids = torch.zeros(batch, dtype=torch.long, pin_memory=on_cuda)
+        self._copied = torch.cuda.Event() if on_cuda else None
 
     def prefill(self, input_ids, keep, slot_ids: list[int]):
         """Run the prompts (``keep`` marks real tokens) into a fresh cache; the first next tokens."""
@@ -326,13 +376,26 @@ class StaticDecoder:
         positions = (keep.long().cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad(), self._adapters():
             logits = self.model(input_ids=input_ids, attention_mask=causal[None, None] & self.mask,
-                                position_ids=positions, past_key_values=self.cache, use_cache=True).logits
+                                position_ids=positions, past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=1).logits
         self.position_ids.copy_(positions[:, -1:])
         self.length = width
         return logits[:, -1].argmax(-1)
 
+    def read_back(self, token_ids) -> None:
+        """Start copying ``token_ids`` to the host; :meth:`tokens` waits for that copy alone."""
+        self._host_ids.copy_(token_ids, non_blocking=self._copied is not None)
+        if self._copied is not None:
+            self._copied.record()
+
+    def tokens(self) -> list[int]:
+        """The ids of the last :meth:`read_back` (work queued after it keeps running)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_ids.tolist()
+
     def decode(self, token_ids):
-        """Feed one token per row; the next token per row."""
+        """Feed one token per row; the next token per row (queued on the device, not waited for)."""
         self.input_ids.copy_(token_ids[:, None])
         self.position_ids.add_(1)
         self.mask[:, 0, 0, self.length] = True

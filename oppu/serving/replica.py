@@ -64,14 +64,15 @@ class ModelReplica:
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
                                                        dtype=self.config.dtype,
-                                                       compile_decode=self.config.compile_decode)
+                                                       compile_decode=self.config.compile_decode,
+                                                       host_adapters=self.config.host_cache_adapters)
         self.fingerprint = base_fingerprint(self.config.model)
         self.metrics = ServingMetrics()
         self.adapters = AdapterCache(
             AdapterStore(self.config.store), task=self.config.task, variant=self.config.variant,
             shape=AdapterShape(self.fingerprint, self.config.max_lora_rank, tuple(self.config.target_modules)),
             capacity=self.config.host_cache_adapters, check_ttl_s=self.config.adapter_check_ttl_s,
-            recorder=self.metrics, on_evict=self._release_slot)
+            recorder=self.metrics, on_evict=self._release_slot, prepare=self.engine.prepare_adapter)
         # One compute thread: slot bookkeeping and decoding never run concurrently.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-decode")
         self.events = events_actor(serve.get_replica_context().app_name)
