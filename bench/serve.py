@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from oppu.serving.adapters import AdapterCache, AdapterShape  # noqa: E402
+from oppu.serving.adapters import AdapterCache, AdapterShape, decode_adapter  # noqa: E402
 from oppu.serving.engine import GenerationEngine, GenerationRow, LoraSlotsConfig  # noqa: E402
 from oppu.store import AdapterKey, AdapterStore  # noqa: E402
 
@@ -70,9 +70,11 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--merge", help="(s3 mode) the GPU run's JSON to merge the S3 figure into")
     parser.add_argument("--s3-adapters", type=int, default=20, help="(s3 mode) adapters to cold-load")
+    parser.add_argument("--profile-dir", help="(gpu mode) also profile the first decode steps of a base and an "
+                                              "adapter batch; kernel tables go here")
     args = parser.parse_args()
     shape = TINY if args.tiny else FULL
-    results = run_gpu(shape) if args.mode == "gpu" else run_s3(shape, args.s3_adapters)
+    results = run_gpu(shape, args.profile_dir) if args.mode == "gpu" else run_s3(shape, args.s3_adapters)
     if args.merge:
         results = json.loads(Path(args.merge).read_text()) | results
     results["command"] = " && ".join(filter(None, [results.get("command"), "python " + " ".join(sys.argv)]))
@@ -82,7 +84,7 @@ def main() -> int:
     return 0
 
 
-def run_gpu(shape: BenchShape) -> dict:
+def run_gpu(shape: BenchShape, profile_dir: str | None = None) -> dict:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +104,10 @@ def run_gpu(shape: BenchShape) -> dict:
     out["batch1_ms_per_token_base"] = base_b1.ms_per_token
     out["base_tokens_per_s"] = base_b32.tokens_per_s
     out["base_ttft_ms_p50"] = base_b32.ttft_ms_p50
+    out["base_per_token_ms_p50"] = base_b32.step_ms_p50
+    out["base_decode_tokens_per_s"] = base_b32.decode_tokens_per_s
+    if profile_dir:
+        profile_batch(base, [GenerationRow(p, None, shape.new_tokens) for p in prompts], Path(profile_dir) / "base")
     del base
     torch.cuda.empty_cache() if graphs else None
 
@@ -110,13 +116,19 @@ def run_gpu(shape: BenchShape) -> dict:
         started = time.perf_counter()
         publish_random_adapters(store, shape, range(shape.n_adapters), device)
         out["publish_s"] = time.perf_counter() - started
+        started = time.perf_counter()
         engine = GenerationEngine(model, tokenizer, LoraSlotsConfig(shape.gpu_slots, shape.rank, TARGETS),
-                                  cuda_graphs=graphs, compile_step=graphs, static_cache=True)
+                                  cuda_graphs=graphs, compile_step=graphs, static_cache=True,
+                                  host_adapters=shape.n_adapters)  # as a replica: host_cache_adapters
+        out["engine_start_s"] = time.perf_counter() - started  # incl. pinning the host tier's buffers
+        # As a replica does: each adapter is packed into one pinned slot-format buffer as it enters the host tier.
         cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
-                             capacity=shape.n_adapters, check_ttl_s=3600.0)
+                             capacity=shape.n_adapters, check_ttl_s=3600.0, prepare=engine.prepare_adapter)
         cold_ms = cold_loads(cache, [user_id(i) for i in range(shape.n_adapters)])
         out["cold_load_ms_local_p50"] = statistics.median(cold_ms)
         out["cold_load_ms_local_p99"] = percentile(cold_ms, 99)
+        out["cold_load_includes"] = "store read + sha256 + header check + pack into one slot-format buffer (pinned on CUDA)"
+        out.update(slot_load_times(engine, store, cache, shape))
 
         one = asyncio.run(cache.get(user_id(0)))
         progress(f"cold loads p50 {out['cold_load_ms_local_p50']:.1f} ms", None)
@@ -131,7 +143,7 @@ def run_gpu(shape: BenchShape) -> dict:
             chosen = users[b * shape.batch:(b + 1) * shape.batch]
             loaded = [asyncio.run(cache.get(user_id(u))) for u in chosen]
             batches.append([GenerationRow(p, a, shape.new_tokens) for p, a in zip(prompts, loaded, strict=True)])
-        slot_stats_before = (engine.slots.stats.hits, engine.slots.stats.misses)
+        slot_stats_before = (engine.slots.stats.hits, engine.slots.stats.misses, engine.slots.stats.load_seconds)
         mixed = timed_batches(engine, batches)
         progress(f"zipf mix batch {shape.batch}", mixed)
         hits = engine.slots.stats.hits - slot_stats_before[0]
@@ -142,9 +154,16 @@ def run_gpu(shape: BenchShape) -> dict:
         out["ttft_ms_p50"], out["ttft_ms_p99"] = mixed.ttft_ms_p50, mixed.ttft_ms_p99
         out["per_token_ms_p50"], out["per_token_ms_p99"] = mixed.step_ms_p50, mixed.step_ms_p99
         out["distinct_users_in_mix"] = len(set(users))
+        out["adapters_decode_tokens_per_s"] = mixed.decode_tokens_per_s
+        out["adapters_vs_base_decode_only"] = mixed.decode_tokens_per_s / out["base_decode_tokens_per_s"]
         out["gpu_slot_hit_rate"] = hits / max(1, hits + misses)
-        out["gpu_slot_load_ms_mean"] = 1000 * engine.slots.stats.load_seconds / max(1, engine.slots.stats.misses)
+        out["gpu_slot_misses_per_batch"] = misses / shape.zipf_batches
+        # Host time per slot load in the mix (the copies themselves are queued on the GPU stream).
+        load_s = engine.slots.stats.load_seconds - slot_stats_before[2]
+        out["gpu_slot_load_ms_host_mean"] = 1000 * load_s / max(1, misses)
         out["host_cache_hit_rate_after_warmup"] = 1.0  # every adapter was loaded once above (cold_load_ms_*)
+        if profile_dir:
+            profile_batch(engine, batches[1], Path(profile_dir) / "adapters")
     return out
 
 
@@ -214,27 +233,38 @@ def adapter_bytes(shape: BenchShape) -> int:
 
 def publish_random_adapters(store: AdapterStore, shape: BenchShape, indices, device: str) -> None:
     """Write each user's random rank-``r`` PEFT adapter (bf16, q/v projections) and publish it."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import torch
     from peft import LoraConfig
     from safetensors.torch import save_file
 
     config = LoraConfig(r=shape.rank, lora_alpha=2 * shape.rank, target_modules=list(TARGETS), lora_dropout=0.0,
                         task_type="CAUSAL_LM")
-    with tempfile.TemporaryDirectory(prefix="oppu-bench-adapter-") as staging:
-        config.save_pretrained(staging)
-        for i in indices:
-            generator = torch.Generator(device=device).manual_seed(1000 + i)
-            tensors = {}
-            for layer in range(shape.layers):
-                for module in TARGETS:
-                    prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-                    a = torch.randn((shape.rank, shape.hidden), generator=generator, device=device) * 0.01
-                    b = torch.randn((shape.hidden, shape.rank), generator=generator, device=device) * 0.01
-                    tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
-                    tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+
+    def tensors_for(i: int) -> dict:
+        generator = torch.Generator(device=device).manual_seed(1000 + i)
+        tensors = {}
+        for layer in range(shape.layers):
+            for module in TARGETS:
+                prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+                a = torch.randn((shape.rank, shape.hidden), generator=generator, device=device) * 0.01
+                b = torch.randn((shape.hidden, shape.rank), generator=generator, device=device) * 0.01
+                tensors[f"{prefix}.lora_A.weight"] = a.to(torch.bfloat16).cpu()
+                tensors[f"{prefix}.lora_B.weight"] = b.to(torch.bfloat16).cpu()
+        return tensors
+
+    def publish(i: int, tensors: dict) -> None:  # file writes and sha256 release the GIL: a few threads
+        with tempfile.TemporaryDirectory(prefix="oppu-bench-adapter-") as staging:
+            config.save_pretrained(staging)
             save_file(tensors, str(Path(staging) / "adapter_model.safetensors"))
             store.publish(AdapterKey(TASK, FINGERPRINT, VARIANT, user_id(i)), staging, data_hash=f"bench-{i}",
                           config={"bench": i}, peft_method="lora", data_span={}, metrics={})
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(publish, i, tensors_for(i)) for i in indices]
+        for future in futures:
+            future.result()
 
 
 def cold_loads(cache: AdapterCache, users: list[str]) -> list[float]:
@@ -258,9 +288,65 @@ def zipf_users(n_users: int, n_requests: int, seed: int, exponent: float = 1.0) 
     return rng.choice(n_users, size=n_requests, p=weights / weights.sum()).tolist()
 
 
+def slot_load_times(engine: GenerationEngine, store: AdapterStore, cache: AdapterCache, shape: BenchShape,
+                    n: int = 16) -> dict:
+    """GPU slot loads timed to completion (synchronised): the packed path against the old per-tensor copies."""
+    import torch
+
+    from oppu.models import multi_lora
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    adapters = [asyncio.run(cache.get(user_id(i))) for i in range(n)]  # host hits: cached above
+    packed_ms, old_ms, pack_ms = [], [], []
+    for slot, adapter in enumerate(adapters):
+        sync()
+        started = time.perf_counter()
+        engine.slots.loader.load(slot % shape.gpu_slots, adapter.packed)
+        sync()
+        packed_ms.append(1000 * (time.perf_counter() - started))
+        state = {k: v.clone() for k, v in adapter.state_dict.items()}  # pageable tensors, as the old path held
+        sync()
+        started = time.perf_counter()
+        multi_lora.load_peft_adapter_into_slot(engine.model, slot % shape.gpu_slots, state, adapter.peft_config)
+        sync()
+        old_ms.append(1000 * (time.perf_counter() - started))
+        manifest, files = store.read_files(cache.key(adapter.user))
+        fresh = decode_adapter(manifest, files, cache.shape, zero_copy=True)
+        started = time.perf_counter()
+        engine.prepare_adapter(fresh)
+        pack_ms.append(1000 * (time.perf_counter() - started))
+    for slot in range(min(n, shape.gpu_slots)):  # leave the slots as the engine's bookkeeping expects: empty
+        multi_lora.clear_slot(engine.model, slot)
+    return {"gpu_slot_load_ms_p50": statistics.median(packed_ms),
+            "gpu_slot_load_ms_p50_per_tensor_path": statistics.median(old_ms),
+            "host_pack_ms_p50": statistics.median(pack_ms)}
+
+
+def profile_batch(engine: GenerationEngine, rows: list[GenerationRow], out_dir: Path, steps: int = 8) -> None:
+    """Kernel table of one batch's prefill and first ``steps`` decode steps (the rest runs unprofiled)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    stream = engine.stream(rows)
+    with profile(activities=activities) as prof:
+        for _ in zip(range(steps + 1), stream, strict=False):
+            pass
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+    for _ in stream:
+        pass
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
+    (out_dir / "kernels.txt").write_text(table)
+    print(f"profile of {out_dir.name} (prefill + {steps} steps), top kernels:")
+    print("\n".join(table.splitlines()[:14]), flush=True)
+
+
 @dataclass
 class Timing:
     tokens_per_s: float
+    decode_tokens_per_s: float  # after the first token (prefill, slot loads) of each batch
     ms_per_token: float
     ttft_ms_p50: float
     ttft_ms_p99: float
@@ -274,7 +360,7 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     ttfts, steps, decode_ms_per_token = [], [], []
-    tokens, elapsed = 0, 0.0
+    tokens, elapsed, first_tokens, first_elapsed = 0, 0.0, 0, 0.0
     for index, rows in enumerate(batches):
         sync()
         started = last = time.perf_counter()
@@ -285,13 +371,18 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
             last = now
             if index:
                 tokens += sum(1 for token in step if token is not None)
+                if len(step_times) == 1:
+                    first_tokens += sum(1 for token in step if token is not None)
         if index == 0:
             continue
         elapsed += last - started
+        first_elapsed += step_times[0]
         ttfts.append(1000 * step_times[0])
         steps.extend(1000 * t for t in step_times[1:])
         decode_ms_per_token.append(1000 * sum(step_times[1:]) / max(1, len(step_times) - 1))
-    return Timing(tokens_per_s=tokens / elapsed, ms_per_token=statistics.median(decode_ms_per_token),
+    return Timing(tokens_per_s=tokens / elapsed,
+                  decode_tokens_per_s=(tokens - first_tokens) / (elapsed - first_elapsed),
+                  ms_per_token=statistics.median(decode_ms_per_token),
                   ttft_ms_p50=statistics.median(ttfts), ttft_ms_p99=percentile(ttfts, 99),
                   step_ms_p50=statistics.median(steps), step_ms_p99=percentile(steps, 99))
 
