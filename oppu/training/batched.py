@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -96,78 +95,28 @@ def step_plan(n_samples: int, batch_size: int, epochs: int, shuffler: torch.Gene
 
 def init_user_slot(model, slot: int, seed: int, user_id: str) -> None:
     """Fresh adapter for ``user_id`` in ``slot``: PEFT's LoRA init (A Kaiming-uniform, B zero), seeded per user."""
+    import torch
+
     from oppu.models.multi_lora import multi_lora_layers
 
+    generator = torch.Generator().manual_seed(user_seed(seed, user_id))
     layers = list(multi_lora_layers(model).values())
-    initial = to_device(_initial_lora_a(layers, seed, user_id), layers[0].lora_A.device)
+    # Drawn on the host (the same numbers on any device), moved in one pinned, non-blocking copy:
+    # a pageable copy per layer would make the host wait for the GPU once per layer.
+    initial = torch.empty(sum(layer.rank * layer.in_features for layer in layers), dtype=torch.float32)
     offset = 0
-    with torch_no_grad():
+    with torch.no_grad():
+        for layer in layers:
+            lora_a = initial[offset:offset + layer.rank * layer.in_features].view(layer.rank, layer.in_features)
+            torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+            offset += lora_a.numel()
+        initial = to_device(initial, layers[0].lora_A.device)
+        offset = 0
         for layer in layers:
             size = layer.rank * layer.in_features
             layer.lora_A[slot].copy_(initial[offset:offset + size].view(layer.rank, layer.in_features))
             layer.lora_B[slot].zero_()
             offset += size
-
-
-def _initial_lora_a(layers, seed: int, user_id: str):
-    """All layers' initial A, concatenated in layer order, drawn on the host (the same numbers on any device)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(user_seed(seed, user_id))
-    initial = torch.empty(sum(layer.rank * layer.in_features for layer in layers), dtype=torch.float32)
-    offset = 0
-    for layer in layers:
-        lora_a = initial[offset:offset + layer.rank * layer.in_features].view(layer.rank, layer.in_features)
-        torch.nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-        offset += lora_a.numel()
-    return initial
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
-
-
-class FlatSlots:
-    """Every layer's stacked LoRA matrices as views of one ``[n_slots, total]`` float32 buffer.
-
-    Slot ``s`` of the buffer holds all layers' ``A`` (layer order) then all their ``B``. The
-    layers' ``lora_A`` / ``lora_B`` become parameters viewing it, and their gradients views of
-    one gradient buffer of the same shape (autograd accumulates into an existing ``.grad`` in
-    place), so the optimizer, clipping, zeroing and a slot's (re)initialisation are a handful
-    of kernels over two buffers instead of a few per parameter (~3,000 launches per step for
-    64 adapted layers).
-    """
-
-    def __init__(self, layers, n_slots: int):
-        import torch
-        from torch import nn
-
-        device = layers[0].lora_A.device
-        a_sizes = [layer.rank * layer.in_features for layer in layers]
-        b_sizes = [layer.out_features * layer.rank for layer in layers]
-        self.a_total = sum(a_sizes)
-        self.data = torch.zeros(n_slots, self.a_total + sum(b_sizes), dtype=torch.float32, device=device)
-        self.grad = torch.zeros_like(self.data)
-        offset = 0
-        for name, sizes in (("lora_A", a_sizes), ("lora_B", b_sizes)):
-            for layer, size in zip(layers, sizes, strict=True):
-                shape = getattr(layer, name).shape
-                param = nn.Parameter(self.data[:, offset:offset + size].view(shape))
-                param.grad = self.grad[:, offset:offset + size].view(shape)
-                setattr(layer, name, param)
-                offset += size
-        # The optimizer's view of the whole buffer (it updates it in place, under no_grad).
-        self.param = nn.Parameter(self.data, requires_grad=False)
-        self.param.grad = self.grad
-
-    def init_slot(self, layers, slot: int, seed: int, user_id: str) -> None:
-        """``init_user_slot`` for the whole buffer: one copy of all A, one fill of all B."""
-        initial = to_device(_initial_lora_a(layers, seed, user_id), self.data.device)
-        with torch_no_grad():
-            self.data[slot, :self.a_total].copy_(initial)
-            self.data[slot, self.a_total:].zero_()
 
 
 @dataclass
@@ -387,8 +336,8 @@ def train_users_batched(
         layers: list[MultiLoraLinear] = list(multi_lora_layers(base_model).values())
         for layer in layers:
             layer.scaling.fill_(peft_scaling(peft_config))
-        flat = FlatSlots(layers, n_slots)
-        optimizer = SlotAdamW([flat.param], n_slots, hparams.weight_decay)
+        optimizer = SlotAdamW([p for layer in layers for p in (layer.lora_A, layer.lora_B)], n_slots,
+                              hparams.weight_decay)
         if gradient_checkpointing:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base_model.train()
@@ -397,9 +346,7 @@ def train_users_batched(
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
         attention = packed_attention(base_model) if packed else contextlib.nullcontext()
-        with fixed_plan_attention(), attention, warnings.catch_warnings():
-            # The layers' gradients are strided views of one buffer, on purpose (FlatSlots).
-            warnings.filterwarnings("ignore", message="grad and param do not obey the gradient layout contract")
+        with fixed_plan_attention(), attention:
             # Longest plans first, so the last global steps are not one long user training alone.
             queue = sorted(runs, key=lambda run: (-run.total_steps, run.user_id))
             free_slots = list(range(n_slots - 1, -1, -1))
@@ -427,7 +374,7 @@ def train_users_batched(
                 while queue and free_slots:
                     run = queue.pop(0)
                     run.slot = free_slots.pop()
-                    flat.init_slot(layers, run.slot, seed, run.user_id)
+                    init_user_slot(base_model, run.slot, seed, run.user_id)
                     optimizer.reset_slot(run.slot)
                     active[run.slot] = run
 
@@ -443,7 +390,7 @@ def train_users_batched(
                     rows.extend(step_rows)
                 inverse_targets = to_device(inverse_targets, device)
 
-                flat.grad.zero_()  # not None: the layers' gradients are views of it
+                optimizer.zero_grad()
                 slot_losses = torch.zeros(n_slots, device=device)
                 if packed:
                     micro_batches = (collate_packed(b, pad_id, device)
@@ -472,6 +419,7 @@ def train_users_batched(
                         weighted.sum().backward()
                     slot_losses.index_add_(0, batch["trained_owners"], weighted.detach())
 
+                optimizer.fill_missing_grads()
                 slots = sorted(active)
                 lrs = [hparams.lr * linear_warmup_decay(active[s].next_step, active[s].warmup_steps,
                                                         active[s].total_steps) for s in slots]
