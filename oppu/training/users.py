@@ -313,9 +313,9 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
         concurrency=cfg.users.actors,
         num_cpus=cfg.users.num_cpus_per_actor,
         num_gpus=cfg.users.num_gpus_per_actor or None,
-        # An actor that dies is restarted (loading the base again) and its batch re-run up to
-        # max_retries times; users it had published by then are skipped as already present.
-        max_restarts=-1,
+        # An actor that dies is restarted (Ray Data's default max_restarts=-1; it loads the base
+        # again) and its batch re-run up to max_retries times; users it had published by then
+        # are skipped as already present.
         max_task_retries=cfg.users.max_retries,
         batch_format="numpy",
     )
