@@ -215,14 +215,20 @@ class LocalCluster:
         self.address_path.write_text(self.address + "\n")
         return self.address
 
-    def stop(self) -> None:
-        """SIGTERM each node (workers first, head last), SIGKILL what outlives stop_timeout_s."""
+    def stop(self) -> dict[str, str]:
+        """SIGTERM each node (workers first, head last), SIGKILL what outlives stop_timeout_s.
+
+        Returns how each node ended, e.g. ``{"node_a": "exited in 1.2s", "head": "exited in 4.0s;
+        killed after 30s: ['raylet']"}``.
+        """
+        ended = {}
         for node in reversed(self.nodes):
-            self._end_node(node, graceful=True)
+            ended[node.name] = self._end_node(node, graceful=True)
         self.nodes = []
         self.state_path.unlink(missing_ok=True)
         self.address_path.unlink(missing_ok=True)
         self.token_path.unlink(missing_ok=True)
+        return ended
 
     def kill_node(self, name: str) -> None:
         """SIGKILL every process of worker node ``name`` at once, as if its machine were lost."""
@@ -333,17 +339,20 @@ class LocalCluster:
         raise ClusterError(f"node {name!r} exited while starting, {self.config.start_attempts} times; "
                            f"last lines of {log_path}:\n{_tail(log_path)}")
 
-    def _end_node(self, node: NodeProcess, *, graceful: bool) -> None:
+    def _end_node(self, node: NodeProcess, *, graceful: bool) -> str:
         tree = node.tree()
         if not tree:
-            return
+            return "already gone"
+        started = time.monotonic()
         if graceful:
             tree[0].send_signal(signal.SIGTERM)
             _, alive = psutil.wait_procs(tree, timeout=self.config.stop_timeout_s)
         else:
             alive = tree
+        names = []
         for proc in alive:
             try:
+                names.append(proc.name())
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
@@ -351,6 +360,11 @@ class LocalCluster:
         if still_alive:
             raise ClusterError(f"node {node.name!r}: processes {[p.pid for p in still_alive]} "
                                "survived SIGKILL")
+        if not graceful:
+            return f"killed: {len(tree)} processes"
+        if alive:
+            return f"killed after {self.config.stop_timeout_s:.0f}s: {sorted(names)}"
+        return f"exited in {time.monotonic() - started:.1f}s"
 
     def _write_state(self) -> None:
         state = {
@@ -385,7 +399,7 @@ def _up(args: argparse.Namespace) -> int:
     print(f"  cluster address : {address}   (also in {cluster.address_path})")
     print(f"  dashboard       : {cluster.dashboard_url}")
     print("Clients (ray job submit, serve deploy, drivers) need:")
-    print(f"  export RAY_ADDRESS={cluster.dashboard_url}")
+    print(f"  export RAY_ADDRESS={cluster.dashboard_url} RAY_DASHBOARD_ADDRESS={cluster.dashboard_url}")
     for name, value in cluster.client_env().items():
         print(f"  export {name}={value}")
     return 0
@@ -395,8 +409,9 @@ def _down(args: argparse.Namespace) -> int:
     if not (Path(args.state_dir) / "cluster.json").exists():
         print(f"no local cluster recorded in {args.state_dir}; nothing to stop")
         return 0
-    LocalCluster.attach(args.state_dir).stop()
-    print(f"local Ray cluster in {args.state_dir} stopped")
+    ended = LocalCluster.attach(args.state_dir).stop()
+    print(f"local Ray cluster in {args.state_dir} stopped: "
+          + ", ".join(f"{name} {how}" for name, how in ended.items()))
     return 0
 
 
