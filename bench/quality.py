@@ -45,14 +45,27 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=["LaMP-2M", "LaMP-3", "LaMP-5"])
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--results", default="bench/results/quality.json")
+    parser.add_argument("--collect", action="store_true",
+                        help="only read the metrics.json of runs already in --out (e.g. run one by one)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="run-config override passed to every quickstart (repeatable)")
     args = parser.parse_args()
     rows = []
     for task in args.tasks:
         for seed in args.seeds:
             run_dir = Path(args.out) / f"{task}-seed{seed}"
             started = time.perf_counter()
+            if args.collect:
+                if not (run_dir / "metrics.json").exists():
+                    rows.append({"task": task, "seed": seed, "error": "no metrics.json"})
+                    continue
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+                rows.append({"task": task, "seed": seed, **bars(metrics)})
+                print(json.dumps(rows[-1]), flush=True)
+                continue
+            overrides = [arg for kv in args.set for arg in ("--set", kv)]
             done = subprocess.run(["oppu", "quickstart", "--task", task, "--seed", str(seed),
-                                   "--out", str(run_dir)], capture_output=True, text=True)
+                                   "--out", str(run_dir), *overrides], capture_output=True, text=True)
             if done.returncode:
                 print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
                 rows.append({"task": task, "seed": seed, "error": done.returncode})
