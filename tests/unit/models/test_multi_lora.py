@@ -22,15 +22,9 @@ from oppu.models.multi_lora import (  # noqa: E402
 )
 
 VOCAB = 64
+from tests.unit.tiny_models import one_thread, tiny_llama  # noqa: E402, F401
 
-
-def tiny_llama(seed: int = 0):
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
-                                      bos_token_id=2)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_peft_adapter(base, seed: int, r: int, alpha: float, targets=("q_proj", "v_proj")):
@@ -42,18 +36,9 @@ def random_peft_adapter(base, seed: int, r: int, alpha: float, targets=("q_proj"
     return peft_model, peft.get_peft_model_state_dict(peft_model), config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend with parallel test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def setup():
-    base = tiny_llama()
+    base = tiny_llama(VOCAB, eos_token_id=1, bos_token_id=2)
     adapters = [random_peft_adapter(base, 10, r=8, alpha=8),
                 random_peft_adapter(base, 11, r=4, alpha=16),  # lower rank than the slots
                 random_peft_adapter(base, 12, r=8, alpha=4, targets=("q_proj",))]

@@ -25,14 +25,7 @@ from oppu.models.multi_lora import (  # noqa: E402
 from oppu.serving.lora import ServingLoraLinear, lora_delta_one_token, use_serving_layers  # noqa: E402
 
 VOCAB = 64
-
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+from tests.unit.tiny_models import tiny_llama  # noqa: E402
 
 
 def peft_adapter(base, seed: int, r: int, alpha: float, targets=("q_proj", "v_proj")):
@@ -45,7 +38,7 @@ def peft_adapter(base, seed: int, r: int, alpha: float, targets=("q_proj", "v_pr
 
 @pytest.fixture(scope="module")
 def setup():
-    base = tiny_llama()
+    base = tiny_llama(VOCAB, eos_token_id=1, bos_token_id=2)
     adapters = [peft_adapter(base, 10, r=8, alpha=8), peft_adapter(base, 11, r=4, alpha=16),
                 peft_adapter(base, 12, r=8, alpha=4, targets=("q_proj",))]
     return base, adapters

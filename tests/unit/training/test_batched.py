@@ -27,14 +27,9 @@ SEED = 7
 HPARAMS = OptimSettings(lr=2e-2, weight_decay=0.01, max_grad_norm=0.3, warmup_ratio=0.2, batch_size=4,
                         epochs=2, max_length=40)
 LORA = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+from tests.unit.tiny_models import one_thread, tiny_llama  # noqa: E402, F401
 
-
-def tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=64, pad_token_id=0)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def user_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -51,18 +46,9 @@ def user_samples(n: int, seed: int) -> list[dict[str, list[int]]]:
 USERS = {"u1": user_samples(11, 1), "u2": user_samples(5, 2), "u3": user_samples(8, 3)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend with parallel test processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
-    return tiny_llama()
+    return tiny_llama(VOCAB, intermediate_size=48).train()
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from oppu.data.records import HistoryItem, UserData
+from tests.unit.tiny_models import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TAGS = ["comedy", "action", "romance", "classic"]
 
@@ -29,17 +32,6 @@ def _batch(users: list[UserData]) -> dict:
 
 def _rows(out: dict) -> dict[str, dict]:
     return {user_id: {name: out[name][i] for name in out} for i, user_id in enumerate(out["user_id"])}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more only contend with parallel test processes."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
