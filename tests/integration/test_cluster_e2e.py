@@ -57,6 +57,7 @@ def cluster(s3_server):
     config = LocalClusterConfig(
         state_dir=tempfile.mkdtemp(prefix="oppu-lc-", dir="/tmp"), gcs_port=_free_port(),
         dashboard_port=_free_port(), port_base=_free_port_range(600), object_store_mib=256,
+        stop_timeout_s=5,  # nodes ignore SIGTERM for the default 30 s each; a test cluster is just killed
         # serve deploy cannot upload a working dir: the nodes import serve_apps from the repo
         env={**s3_env, "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": str(ROOT),
              "OPPU_ADMIN_TOKEN": ADMIN_TOKEN, "TOKENIZERS_PARALLELISM": "false"})
