@@ -2,6 +2,9 @@
 
     ray job submit --working-dir . -- python jobs/train_users.py --config oppu/configs/lamp2m.yaml \
         --set run_dir=/shared/oppu-run --set users.actors=4
+
+On GPUs, train each actor's users together: --set users.trainer=batched --set users.num_gpus_per_actor=1
+--set users.users_per_batch=32 (users.batched.* tunes it; see oppu/training/config.py UserStage).
 """
 
 import sys
