@@ -502,15 +502,8 @@ def pack_peft_adapter(layout: SlotLayout, peft_state_dict: Mapping, peft_config:
     _check_supported(peft_config)
     index = layout.index
     raw = peft_state_dict.entries if isinstance(peft_state_dict, SafetensorsFile) else peft_state_dict
-    keys: dict[tuple[str, str], str] = {}
-    matrices: dict[str, dict] = {}
-    for key, tensor in raw.items():
-        module_name, matrix = _parse_peft_key(key)
-        if module_name not in index:
-            raise AdapterError(f"adapter key {key!r} names no multi-LoRA layer of the model "
-                               f"(layers: {list(layout.names)[:3]}...)")
-        matrices.setdefault(module_name, {})[matrix] = tensor
-        keys[module_name, matrix] = key
+    matrices = _adapter_matrices(raw, index)
+    keys = {_parse_peft_key(key): key for key in raw}
     if pool is not None and (pool.numel, pool.dtype) != (layout.numel, layout.dtype):
         raise ValueError("the pool's buffers do not have the layout's size and dtype")
     buffer = pool.take() if pool is not None else torch.empty(layout.numel, dtype=layout.dtype,
