@@ -27,3 +27,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+MOVIE_TAGS = ("comedy", "action", "romance", "classic")
+
+
+def build_movie_tag_base(out_dir):
+    """A one-layer tiny default model (local tokenizer, 3 pretraining steps) on LaMP-2M-like lines;
+    returns its directory. Not cached: each test module builds its own in about a second."""
+    from oppu.models import TinyModelConfig, build_tiny_base
+
+    corpus = [f"description: movie {i} with jokes and a {MOVIE_TAGS[i % 4]} feel tag: {MOVIE_TAGS[i % 4]}"
+              for i in range(200)]
+    config = TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
+                             intermediate_size=64, pretrain_steps=3, pretrain_batch_size=4,
+                             pretrain_seq_len=32, num_threads=1)
+    return build_tiny_base(corpus, out_dir, config, seed=0, use_cache=False)
+
+
+def movie_user(user_id: str, n: int, offset: int = 0):
+    """A test user with ``n`` dated LaMP-2M-like history items whose tag cycles from ``offset``."""
+    from oppu.data.records import HistoryItem, UserData
+
+    history = [HistoryItem(id=f"{user_id}-{i}", date=f"2020-01-{i + 1:02d}", fields={
+        "description": f"movie {i} with jokes number {i + offset} and a {MOVIE_TAGS[(i + offset) % 4]} feel",
+        "tag": MOVIE_TAGS[(i + offset) % 4]}) for i in range(n)]
+    return UserData(user_id=user_id, role="test", history=history, queries=[])

@@ -9,20 +9,12 @@ from oppu.data.records import HistoryItem, UserData
 from oppu.tasks import get_task
 from oppu.training.config import OptimSettings, PeftSettings
 from oppu.training.samples import personal_samples
-
-TAGS = ["comedy", "action", "romance", "classic"]
-
-
-def _user(user_id: str, n: int, offset: int = 0) -> UserData:
-    history = [HistoryItem(id=f"{user_id}-{i}", date=f"2020-01-{i + 1:02d}", fields={
-        "description": f"movie {i} with jokes number {i + offset} and a {TAGS[(i + offset) % 4]} feel",
-        "tag": TAGS[(i + offset) % 4]}) for i in range(n)]
-    return UserData(user_id=user_id, role="test", history=history, queries=[])
+from tests.unit.tiny_models import MOVIE_TAGS, build_movie_tag_base, movie_user
 
 
 def test_samples_retrieve_only_earlier_items():
     task = get_task("LaMP-2M")
-    user = _user("u1", 6)
+    user = movie_user("u1", 6)
     plain = personal_samples(task, user, k=0)
     with_rag = personal_samples(task, user, k=2)
     assert len(plain) == len(with_rag) == 6
@@ -32,7 +24,7 @@ def test_samples_retrieve_only_earlier_items():
         prompt_before_query = sample.prompt.split("Which tag")[0]
         assert not any(text in prompt_before_query for text in later)
     assert user.history[0].fields["description"] in with_rag[1].prompt
-    assert all(s.target.strip() in TAGS for s in with_rag)
+    assert all(s.target.strip() in MOVIE_TAGS for s in with_rag)
 
 
 def test_next_token_tasks_train_on_history_text():
@@ -44,15 +36,9 @@ def test_next_token_tasks_train_on_history_text():
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    from oppu.models import TinyModelConfig, build_tiny_base, load_model
+    from oppu.models import load_model
 
-    corpus = [f"description: movie {i} with jokes and a {TAGS[i % 4]} feel tag: {TAGS[i % 4]}"
-              for i in range(200)]
-    config = TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                             intermediate_size=64, pretrain_steps=3, pretrain_batch_size=4,
-                             pretrain_seq_len=32, num_threads=1)
-    path = build_tiny_base(corpus, tmp_path_factory.mktemp("tiny") / "model", config, seed=0,
-                           use_cache=False)
+    path = build_movie_tag_base(tmp_path_factory.mktemp("tiny") / "model")
     return path, load_model(str(path))
 
 
@@ -72,12 +58,12 @@ def test_adapter_is_bit_identical_with_or_without_other_users(tiny_base, tmp_pat
 
     path, (model, tokenizer) = tiny_base
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    target = _user("target", 10)
+    target = movie_user("target", 10)
     _, alone = _train(model, tokenizer, target, tmp_path / "alone")
     # a fresh process-like start: new base instance, other users trained first
     model2, tokenizer2 = load_model(str(path))
-    _train(model2, tokenizer2, _user("other-a", 12, offset=1), tmp_path / "a")
-    _train(model2, tokenizer2, _user("other-b", 7, offset=2), tmp_path / "b")
+    _train(model2, tokenizer2, movie_user("other-a", 12, offset=1), tmp_path / "a")
+    _train(model2, tokenizer2, movie_user("other-b", 7, offset=2), tmp_path / "b")
     stats, after_others = _train(model2, tokenizer2, target, tmp_path / "after")
     assert stats.samples == 10 and stats.steps == 6 and stats.tokens > 0
     assert alone.keys() == after_others.keys() and len(alone) == 4  # q_proj and v_proj, A and B, 1 layer

@@ -10,18 +10,10 @@ import numpy as np
 import pytest
 
 from oppu.data.records import HistoryItem, UserData
-from tests.unit.tiny_models import one_thread  # noqa: F401
+from tests.unit.tiny_models import MOVIE_TAGS, build_movie_tag_base, movie_user, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TAGS = ["comedy", "action", "romance", "classic"]
-
-
-def _user(user_id: str, n: int, offset: int = 0) -> UserData:
-    history = [HistoryItem(id=f"{user_id}-{i}", date=f"2020-01-{i + 1:02d}", fields={
-        "description": f"movie {i} with jokes number {i + offset} and a {TAGS[(i + offset) % 4]} feel",
-        "tag": TAGS[(i + offset) % 4]}) for i in range(n)]
-    return UserData(user_id=user_id, role="test", history=history, queries=[])
 
 
 def _batch(users: list[UserData]) -> dict:
@@ -36,14 +28,7 @@ def _rows(out: dict) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    from oppu.models import TinyModelConfig, build_tiny_base
-
-    corpus = [f"description: movie {i} with jokes and a {TAGS[i % 4]} feel tag: {TAGS[i % 4]}"
-              for i in range(200)]
-    config = TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
-                             intermediate_size=64, pretrain_steps=3, pretrain_batch_size=4,
-                             pretrain_seq_len=32, num_threads=1)
-    return build_tiny_base(corpus, tmp_path_factory.mktemp("run") / "base", config, seed=0, use_cache=False)
+    return build_movie_tag_base(tmp_path_factory.mktemp("run") / "base")
 
 
 def _trainer(base_dir, store, trainer: str, *overrides: str):
@@ -64,7 +49,7 @@ def test_batched_trainer_publishes_peft_adapters_and_rerun_skips(base_dir, tmp_p
 
     from oppu.store import AdapterKey, AdapterStore
 
-    users = [_user("ann", 9), _user("bob", 6, offset=1), _user("cy", 5, offset=2)]
+    users = [movie_user("ann", 9), movie_user("bob", 6, offset=1), movie_user("cy", 5, offset=2)]
     store_root = tmp_path / "store"
     trainer = _trainer(base_dir, store_root, "batched")
     first = _rows(trainer(_batch(users)))
@@ -108,7 +93,7 @@ def test_reexecuted_batch_does_not_publish_twice(base_dir, tmp_path, trainer):
     those are skipped, the rest trained, and every user keeps exactly one version."""
     from oppu.store import AdapterKey, AdapterStore
 
-    users = [_user("ann", 8), _user("bob", 6, offset=1), _user("cy", 4, offset=3)]
+    users = [movie_user("ann", 8), movie_user("bob", 6, offset=1), movie_user("cy", 4, offset=3)]
     store_root = tmp_path / "store"
     first = _rows(_trainer(base_dir, store_root, trainer)(_batch(users[:1])))  # died after "ann"
     actor = _trainer(base_dir, store_root, trainer)  # the restarted actor
@@ -121,10 +106,10 @@ def test_reexecuted_batch_does_not_publish_twice(base_dir, tmp_path, trainer):
 
 
 def test_batched_bad_user_fails_alone(base_dir, tmp_path):
-    broken = _user("broken", 5)
+    broken = movie_user("broken", 5)
     broken.history[2] = HistoryItem(id="broken-2", fields={"description": "no tag field here"})
     empty = UserData(user_id="empty", role="test", history=[], queries=[])
-    users = [_user("ann", 7), broken, empty, _user("bob", 5, offset=1)]
+    users = [movie_user("ann", 7), broken, empty, movie_user("bob", 5, offset=1)]
     out = _rows(_trainer(base_dir, tmp_path / "store", "batched")(_batch(users)))
     assert {u: r["status"] for u, r in out.items()} == {
         "ann": "trained", "broken": "failed", "empty": "failed", "bob": "trained"}
@@ -144,7 +129,7 @@ def test_batched_pass_that_raises_retries_users_one_by_one(base_dir, tmp_path, m
         return real(model, tokenizer, users, *args, **kwargs)
 
     monkeypatch.setattr(batched, "train_users_batched", breaks_on_bob)
-    users = [_user("ann", 6), _user("bob", 5, offset=1), _user("cy", 4, offset=2)]
+    users = [movie_user("ann", 6), movie_user("bob", 5, offset=1), movie_user("cy", 4, offset=2)]
     out = _rows(_trainer(base_dir, tmp_path / "store", "batched")(_batch(users)))
     assert {u: r["status"] for u, r in out.items()} == {"ann": "trained", "bob": "failed", "cy": "trained"}
     assert "bob breaks the pass" in out["bob"]["error"]
@@ -162,7 +147,7 @@ def test_batched_job_trains_what_train_users_batched_trains(base_dir, tmp_path):
     from oppu.training.batched import train_users_batched
     from oppu.training.samples import personal_samples
 
-    users = [_user("ann", 9), _user("bob", 6, offset=1)]
+    users = [movie_user("ann", 9), movie_user("bob", 6, offset=1)]
     actor = _trainer(base_dir, tmp_path / "store", "batched", "users.peft.dropout=0.0")
     assert {r["status"] for r in _rows(actor(_batch(users))).values()} == {"trained"}
     cfg = actor.cfg
