@@ -29,12 +29,15 @@ CPU smoke test at toy size:
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import gc
+import gzip
 import json
 import math
 import platform
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -172,10 +175,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def release_cached_memory(device: torch.device) -> None:
+    """Give the previous configuration's cached GPU blocks back, before this one warms up.
+
+    Not inside ``measure``: that would throw away what the warm-up grew, and the timed run would
+    pay the allocator's cudaMalloc calls (and their device syncs) again, which a process
+    training thousands of users pays once.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @contextlib.contextmanager
 def measure(m: Measured, device: torch.device):
     if device.type == "cuda":
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     start = time.perf_counter()
@@ -198,9 +212,14 @@ def run_batched(name, model, users, hparams, epochs, device, args, tokens_per_fo
         m.users += 1
         print(f"[bench]   {name}: {user_id} done ({stats.steps} steps), {m.users}/{len(users)}", flush=True)
 
-    # Warm-up: one tiny user, so kernel selection and allocator growth are not timed.
-    train_users_batched(model, None, [("warmup", users[0][1][:hparams.batch_size])], lora_config(), hparams,
-                        seed=0, epochs=1, tokens_per_forward=tokens_per_forward, packed=packed)
+    # Warm-up: one global step of a full set of active users, so kernel selection and the
+    # allocator's growth to full-width passes are not timed.
+    release_cached_memory(device)
+    warmup = [(f"warmup-{user_id}", samples[:hparams.batch_size])
+              for user_id, samples in users[:args.max_active_users]]
+    train_users_batched(model, None, warmup, lora_config(), hparams, seed=0, epochs=1,
+                        max_active_users=args.max_active_users, tokens_per_forward=tokens_per_forward,
+                        packed=packed)
     with measure(m, device):
         train_users_batched(model, None, users, lora_config(), hparams, seed=0, epochs=epochs,
                             max_active_users=args.max_active_users, tokens_per_forward=tokens_per_forward,
@@ -281,6 +300,7 @@ def run_per_user(name, model, users, hparams, epochs, device, args) -> Measured:
             peft_model.gradient_checkpointing_disable()
         peft_model.base_model.unload()
 
+    release_cached_memory(device)
     with fixed_plan_attention() if fixed_attention else contextlib.nullcontext():
         train_one("warmup", users[0][1][:hparams.batch_size])
     m = Measured(name)
@@ -360,14 +380,22 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
     with profile(activities=activities, record_shapes=True) as prof:
         train()
     wall_s = time.perf_counter() - start
+    timeline = {}
+    if out_dir:
+        trace = out_dir / "trace_batched.json"
+        prof.export_chrome_trace(str(trace))
+        timeline = idle_gaps(json.loads(trace.read_text()))
+        with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)
+        trace.unlink()
     families = {"gemm (base + LM head)": 0.0, "flash attention": 0.0, "lora bmm/gather": 0.0,
                 "norm / activation / rope (elementwise)": 0.0, "optimizer + copies": 0.0, "other": 0.0}
     kernels = []
     averages = prof.key_averages()
     for event in averages:
         device_us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
-        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if device_us <= 0 or event.device_type != torch.autograd.DeviceType.CUDA or event.key.startswith("oppu/"):
+            continue  # the trainer's record_function spans show up as device events too
         kernels.append((event.key, device_us))
         key = event.key.lower()
         if "flash" in key or "fmha" in key or "attention" in key:
@@ -400,7 +428,68 @@ def profile_batched(model, users, hparams, device, args, out_dir: Path | None) -
             "wall_s": wall_s, "gpu_busy_s": busy_s, "gpu_busy_share": busy_s / wall_s if wall_s else 0.0,
             "busy_tokens_per_s": real_tokens / busy_s if busy_s else 0.0,
             "unprofiled_busy_share": busy_s / unprofiled_s if unprofiled_s else 0.0,
-            "self_cpu_s": self_cpu_s, "by_family_s": families, "top_kernels_us": top}
+            "self_cpu_s": self_cpu_s, "by_family_s": families, "top_kernels_us": top, "timeline": timeline}
+
+
+def idle_gaps(trace: dict, min_gap_us: float = 20.0) -> dict:
+    """Where the GPU waited, from a chrome trace: every gap between kernels of at least
+    ``min_gap_us``, charged to the CPU op that launched the kernel after the gap (the host was
+    still working towards it) and, inside that op, to the innermost op enclosing the launch."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    device_work = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                         key=lambda e: e["ts"])
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    ops_by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation"):
+            ops_by_thread.setdefault(e.get("tid"), []).append(e)
+    starts = {}
+    for tid, ops in ops_by_thread.items():
+        ops.sort(key=lambda e: e["ts"])
+        starts[tid] = [op["ts"] for op in ops]
+    if not device_work:
+        return {}
+
+    def enclosing(launch: dict, lookback: int = 4000) -> list[str]:
+        """Names of the launching thread's ops around the launch, outermost first (recent ones only)."""
+        ops, ts = ops_by_thread.get(launch.get("tid"), []), launch["ts"]
+        end = bisect.bisect_right(starts.get(launch.get("tid"), []), ts)
+        return [op["name"] for op in ops[max(0, end - lookback):end] if ts <= op["ts"] + op.get("dur", 0)]
+
+    busy_until, gaps, gap_spans = device_work[0]["ts"] + device_work[0].get("dur", 0), [], []
+    for work in device_work[1:]:
+        gap = work["ts"] - busy_until
+        if gap > 0:
+            gap_spans.append((busy_until, gap))
+        if gap >= min_gap_us:
+            launch = launches.get(work.get("args", {}).get("correlation"))
+            stack = enclosing(launch) if launch else []
+            gaps.append((gap, work["name"][:80], stack if len(stack) <= 4 else stack[:2] + stack[-2:]))
+        busy_until = max(busy_until, work["ts"] + work.get("dur", 0))
+    span = busy_until - device_work[0]["ts"]
+    # What the trainer's main thread was doing while the GPU waited: its innermost oppu/ span.
+    phases = sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("oppu/")),
+                    key=lambda e: e["ts"])
+    phase_starts = [e["ts"] for e in phases]
+    by_phase: dict[str, float] = {}
+    for start, gap in gap_spans:
+        middle = start + gap / 2
+        end = bisect.bisect_right(phase_starts, middle)
+        inside = [e["name"] for e in phases[max(0, end - 200):end] if middle <= e["ts"] + e.get("dur", 0)]
+        key = inside[-1] if inside else "outside oppu/ spans"
+        by_phase[key] = by_phase.get(key, 0.0) + gap
+    by_op: dict[str, float] = {}
+    for gap, _, stack in gaps:
+        key = " > ".join(stack[-2:]) if stack else "?"
+        by_op[key] = by_op.get(key, 0.0) + gap
+    top_ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:15]
+    return {"span_s": span / 1e6, "idle_s": sum(g for g, _, _ in gaps) / 1e6, "gaps": len(gaps),
+            "min_gap_us": min_gap_us,
+            "idle_by_trainer_phase_s": {k: round(v / 1e6, 4) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+            "idle_by_launching_op_s": {k: round(v / 1e6, 4) for k, v in top_ops},
+            "largest_gaps": [{"us": round(g), "next_kernel": name, "launched_in": stack}
+                             for g, name, stack in sorted(gaps, key=lambda x: -x[0])[:15]]}
 
 
 # ---------------------------------------------------------------- QLoRA

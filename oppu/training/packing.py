@@ -4,8 +4,8 @@ Two ways, both keeping every sample whole:
 
 - Packing (``pack_rows`` / ``collate_packed``, what ``oppu.training.batched`` uses): samples of
   many users are laid end to end in one flat sequence of up to ``max_tokens`` tokens per forward
-  pass (first-fit decreasing, so passes are full and few). Attention stays inside each sample
-  through variable-length ("varlen") causal flash attention over the samples' boundaries
+  pass (as few passes as first-fit decreasing finds, tokens spread evenly over them). Attention
+  stays inside each sample through variable-length ("varlen") causal flash attention over the samples' boundaries
   (``cu_seqlens``; ``oppu.training.varlen``), positions restart at 0 in every sample, and each
   token goes through its own user's LoRA (per-token slot selection, ``oppu.models.multi_lora``).
   No padding but a pass's tail rounded up to ``width_multiple``.
@@ -156,19 +156,33 @@ class PackedBatch:
 
 
 def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> list[PackedBatch]:
-    """Pack ``rows`` into as few sequences of at most ``max_tokens`` tokens as first-fit decreasing finds.
+    """Pack ``rows`` into as few sequences of at most ``max_tokens`` tokens as first-fit decreasing
+    finds, with the tokens spread evenly over them.
 
-    Rows are taken longest first (then by owner, sample: the same rows always pack the same
-    way), each into the first pass with room. A pass's width is its tokens rounded up to
-    ``width_multiple`` (at most ``max_tokens``); the rounding is its only padding.
+    First-fit decreasing fixes the number of passes; the rows are then dealt, longest first, to
+    the least loaded pass with room (kept only if every row fits), so a step does not end in
+    one small pass: on a GPU a short pass cannot hide the host's kernel launches behind its
+    work, and the GPU waits. Ties go by owner, sample: the same rows always pack the same way.
+    A pass's width is its tokens rounded up to ``width_multiple`` (at most ``max_tokens``); the
+    rounding is its only padding.
     """
     ordered = sorted(rows, key=lambda row: (-len(row), row.owner, row.sample))
-    bins: list[list[Row]] = []
-    loads: list[int] = []
     for row in ordered:
         if len(row) > max_tokens:
             raise ValueError(f"sample {row.sample} of owner {row.owner} has {len(row)} tokens, "
                              f"more than max_tokens={max_tokens}")
+    bins = _first_fit_decreasing(ordered, max_tokens)
+    balanced = _least_loaded(ordered, len(bins), max_tokens)
+    if balanced is not None:
+        bins = balanced
+    return [PackedBatch(tuple(rows_in), min(max_tokens, -(-sum(map(len, rows_in)) // width_multiple) * width_multiple))
+            for rows_in in bins]
+
+
+def _first_fit_decreasing(ordered: Sequence[Row], max_tokens: int) -> list[list[Row]]:
+    bins: list[list[Row]] = []
+    loads: list[int] = []
+    for row in ordered:
         for i, load in enumerate(loads):
             if load + len(row) <= max_tokens:
                 bins[i].append(row)
@@ -177,8 +191,20 @@ def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> 
         else:
             bins.append([row])
             loads.append(len(row))
-    return [PackedBatch(tuple(rows_in), min(max_tokens, -(-load // width_multiple) * width_multiple))
-            for rows_in, load in zip(bins, loads, strict=True)]
+    return bins
+
+
+def _least_loaded(ordered: Sequence[Row], n_bins: int, max_tokens: int) -> list[list[Row]] | None:
+    """``ordered`` dealt to ``n_bins`` bins, each row to the least loaded one; None if a row would overflow."""
+    bins: list[list[Row]] = [[] for _ in range(n_bins)]
+    loads = [0] * n_bins
+    for row in ordered:
+        target = min(range(n_bins), key=lambda i: (loads[i], i))
+        if loads[target] + len(row) > max_tokens:
+            return None
+        bins[target].append(row)
+        loads[target] += len(row)
+    return bins
 
 
 def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:

@@ -101,6 +101,9 @@ def test_packing_places_every_sample_once_within_budget_and_nearly_full():
     # First-fit decreasing: no more passes than one over the ideal count, little padding.
     assert len(passes) <= -(-real // 1024) + 1
     assert sum(batch.padding_tokens for batch in passes) < 1024 + 64 * len(passes)
+    # Spread evenly: no pass ends a step nearly empty.
+    loads = [batch.real_tokens for batch in passes]
+    assert max(loads) - min(loads) <= max(len(row) for row in rows)
     assert pack_rows(rows, 1024, 64) == pack_rows(list(reversed(rows)), 1024, 64)
     with pytest.raises(ValueError, match="owner 4 has 9 tokens"):
         pack_rows([Row(4, 0, list(range(9)), list(range(9)))], max_tokens=8)
