@@ -62,6 +62,14 @@ def zero_step_loop(config: dict) -> None:
             times.append(time.perf_counter() - start)
     step_s = sorted(times)[len(times) // 2]
     world = ray.train.get_context().get_world_size()
+    metrics = {"step_s_median": step_s, "step_s_all": times,
+               "tokens_per_s": world * config["micro_batch"] * config["seq_len"] / step_s,
+               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+               "loss": float(loss.detach()), "world_size": world}
+    # Ray Train 2.x (Train V2) keeps only metrics reported with a checkpoint in ``Result.metrics``:
+    # rank 0 also writes them where the driver reads them.
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(config["metrics_path"]).write_text(json.dumps(metrics))
     ray.train.report({"step_s_median": step_s, "step_s_all": times,
                       "tokens_per_s": world * config["micro_batch"] * config["seq_len"] / step_s,
                       "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
@@ -95,15 +103,18 @@ def main() -> int:
                "stages": {}}
     for stage in stages:
         started = time.perf_counter()
+        Path(f"/tmp/oppu-bench-zero{stage}.json").unlink(missing_ok=True)  # one machine: rank 0 writes it here
         trainer = TorchTrainer(
             zero_step_loop,
             train_loop_config={"stage": stage, "micro_batch": args.micro_batch, "seq_len": args.seq_len,
-                               "steps": args.steps, "warmup": args.warmup},
+                               "steps": args.steps, "warmup": args.warmup,
+                               "metrics_path": f"/tmp/oppu-bench-zero{stage}.json"},
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=True),
             run_config=RunConfig(name=f"bench-zero{stage}", storage_path="/tmp/ray-bench"))
         result = trainer.fit()
-        metrics = {k: v for k, v in (result.metrics or {}).items() if k in (
-            "step_s_median", "step_s_all", "tokens_per_s", "peak_memory_gib", "loss", "world_size")}
+        if result.error:
+            raise SystemExit(f"ZeRO-{stage} failed: {result.error}")
+        metrics = json.loads(Path(f"/tmp/oppu-bench-zero{stage}.json").read_text())
         metrics["wall_s_including_setup"] = time.perf_counter() - started
         results["stages"][f"zero{stage}"] = metrics
         print(f"[train_base] ZeRO-{stage}: {json.dumps(metrics)}", flush=True)
