@@ -130,6 +130,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
+    from oppu.actor_pools import one_batch_per_actor
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -154,7 +155,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
         QueryAnswerer,
         fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],
                                "random_items": pick_random_items(dataset, cfg.seed)},
-        batch_size=cfg.eval.users_per_batch, concurrency=cfg.eval.actors,
+        batch_size=cfg.eval.users_per_batch, compute=one_batch_per_actor(cfg.eval.actors),
         num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor or None,
         batch_format="numpy")
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}

@@ -293,6 +293,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     """Train (or skip) every selected test user's adapter for ``variant``; returns one result each."""
     import ray.data
 
+    from oppu.actor_pools import one_batch_per_actor
     from oppu.data.dataset import users_parquet_path
     from oppu.ids import validate_user_id
 
@@ -310,7 +311,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
         PersonalTrainer,
         fn_constructor_kwargs={"config": asdict(cfg), "variant": variant},
         batch_size=cfg.users.users_per_batch,
-        concurrency=cfg.users.actors,
+        compute=one_batch_per_actor(cfg.users.actors),
         num_cpus=cfg.users.num_cpus_per_actor,
         num_gpus=cfg.users.num_gpus_per_actor or None,
         # An actor that dies is restarted (Ray Data's default max_restarts=-1; it loads the base
