@@ -129,18 +129,25 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
     log(f"[{NAME}] {len(users)} users, {variant}: Appendix F within-cluster {summary['within']}, "
         f"across {summary['across']}; weight change B@A: {delta_summary}")
 
-    figure, axes = new_figure(7.5, 6.2)
-    # The diagonal (1.0) is left blank so the colour scale spans the pairs that differ.
-    shown = [[float("nan") if i == j else value for j, value in enumerate(row)] for i, row in enumerate(ordered)]
-    image = axes.imshow(shown, cmap="viridis")
-    figure.colorbar(image, ax=axes, label="cosine similarity (Appendix F)")
+    panels = [("cosine similarity (Appendix F: A and B as stored)", ordered)]
+    if delta_matrix:
+        panels.append(("cosine similarity of the weight change B@A",
+                       [[delta_matrix[i][j] for j in order] for i in order]))
+    figure, axes = new_figure(7.5 * len(panels), 6.2, columns=len(panels))
+    axes = axes if len(panels) > 1 else [axes]
     tick_labels = [f"{u} ({clusters[u]})" for u in ordered_users]
-    axes.set_xticks(range(len(users)), tick_labels, rotation=90, fontsize=6)
-    axes.set_yticks(range(len(users)), tick_labels, fontsize=6)
-    axes.set_xlabel("user (ordered by cluster)")
-    axes.set_ylabel("user (ordered by cluster)")
-    axes.set_title(f"{cfg.task}: similarity of personal '{variant}' adapters")
-    _outline_clusters(axes, [clusters[u] for u in ordered_users])
+    for panel, (label, values) in zip(axes, panels, strict=True):
+        # The diagonal (1.0) is left blank so the colour scale spans the pairs that differ.
+        shown = [[float("nan") if i == j else value for j, value in enumerate(row)] for i, row in enumerate(values)]
+        image = panel.imshow(shown, cmap="viridis")
+        figure.colorbar(image, ax=panel, label=label)
+        panel.set_xticks(range(len(users)), tick_labels, rotation=90, fontsize=6)
+        panel.set_yticks(range(len(users)), tick_labels, fontsize=6)
+        panel.set_xlabel("user (ordered by cluster)")
+        panel.set_ylabel("user (ordered by cluster)")
+        _outline_clusters(panel, [clusters[u] for u in ordered_users])
+    figure.suptitle(f"{cfg.task}: similarity of personal '{variant}' adapters (clusters: {source})")
+    figure.tight_layout()
 
     delta = delta_summary or {"within": "–", "across": "–"}
     rows = [["same cluster", summary["within"], delta["within"], summary["n_within_pairs"]],
