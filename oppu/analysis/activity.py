@@ -60,7 +60,9 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
     scores = scores_by_group(sub, METHODS, held_out)
     labels = list(buckets)
     series = {m: [scores[label][m][metric] for label in labels] for m in METHODS}
-    gain = [series["oppu"][i] - series["non-personalized"][i] for i in range(len(labels))]
+    # The gain is an improvement whichever way the metric points (MAE: lower is better).
+    direction = 1.0 if dataset.task.higher_is_better[metric] else -1.0
+    gain = [direction * (series["oppu"][i] - series["non-personalized"][i]) for i in range(len(labels))]
     figure = lines(range(len(labels)), series, title=f"{cfg.task}: {metric} by activity level "
                    f"({per_bucket} users per bucket, held out of the base)",
                    xlabel="history length bucket", ylabel=metric)
@@ -70,7 +72,9 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
                   else f"the run's pretrained model {cfg.pretrained_uri}")
     section = (f"{n_buckets} buckets x {per_bucket} users by history length, held out of a base trained "
                f"without them (base samples capped at {base.max_samples}) from {pretrained}.\n\n"
-               + markdown_table(["bucket", *METHODS, "OPPU gain"], rows))
+               + markdown_table(["bucket", *METHODS, "OPPU gain"], rows)
+               + f"\n\nOPPU gain: OPPU's improvement over non-personalized in {metric}"
+               + ("" if direction > 0 else " (lower is better, so the gain is non-personalized minus OPPU)") + ".")
     data = {"task": cfg.task, "metric": metric, "pretrained": pretrained, "buckets": {k: [u.user_id for u in v] for k, v in buckets.items()},
             "history_lengths": {u.user_id: len(u.history) for v in buckets.values() for u in v},
             "series": series, "oppu_gain": dict(zip(labels, gain, strict=True)), "scores": scores}
