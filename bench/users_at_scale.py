@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -52,7 +54,7 @@ def build_run(out: Path, n_users: int, seed: int, overrides: list[str]) -> Path:
         # 637 s batched, 64 slots); on GPUs: --set users.trainer=batched --set users.users_per_batch=256
         "users.trainer=per-user", "users.users_per_batch=50", "users.actors=2", "ray.num_cpus=2", *overrides])
     config = out / "config.yaml"
-    config.write_text(__import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return config
 
 

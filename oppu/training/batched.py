@@ -307,18 +307,6 @@ class SlotAdamW:
             moment[slot].zero_()
         self.steps[slot] = 0
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def fill_missing_grads(self) -> None:
-        """Zero gradients for parameters no pass reached (a step whose rows had no trained token)."""
-        import torch
-
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-
     def clip_grad_norms(self, slots: Sequence[int], max_norm: float) -> torch.Tensor:
         """Scale each slot's gradient to norm <= ``max_norm`` (torch's clip_grad_norm_ rule); the norms before."""
         import torch
@@ -427,7 +415,7 @@ def train_users_batched(
         flat = FlatSlots(layers, n_slots)
         optimizer = SlotAdamW([flat.param], n_slots, hparams.weight_decay)
         draws = InitialDraws(layers, seed)
-        exported = _target_module_names_of(base_model, peft_config)
+        exported = set(targets)  # the wrapped layers, by the names snapshots look them up by
         if gradient_checkpointing:
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base_model.train()
