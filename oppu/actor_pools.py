@@ -11,10 +11,20 @@ def one_batch_per_actor(size: int):
     and the run takes as long as one actor doing all the work (measured: the k-sweep analysis
     trained its 4 users one after another on one of 2 actors). A task is minutes of training,
     so the actor's short wait for its next one costs nothing. A task is one input block of
-    users: one batch of ``users_per_batch`` only where the blocks are that small (a 10,000-user
-    run whose sorted users sat in a few large blocks put thousands on one actor; see
-    docs/performance-training.md).
+    users, so the input goes through ``one_block_per_batch`` first.
     """
     import ray.data
 
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+
+
+def one_block_per_batch(dataset, rows_per_batch: int):
+    """``dataset`` cut, in its order, into materialised blocks of exactly ``rows_per_batch`` rows.
+
+    Ray Data makes one task per input block (and ``map_batches`` only cuts a block into
+    ``batch_size`` pieces inside that task), so the block size, not ``batch_size``, decides how
+    many users one actor takes at a time: a 10,000-user run whose sorted users sat in a few
+    large blocks handed thousands to one actor while the other sat idle and was released
+    (docs/performance-training.md). Blocks of one batch each spread the batches over the pool.
+    """
+    return dataset.repartition(target_num_rows_per_block=rows_per_batch, strict=True).materialize()

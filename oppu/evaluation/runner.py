@@ -130,7 +130,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
-    from oppu.actor_pools import one_batch_per_actor
+    from oppu.actor_pools import one_batch_per_actor, one_block_per_batch
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -149,8 +149,9 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
         f"methods {', '.join(m.name for m in methods)}")
     started = time.perf_counter()
-    users = (ray.data.read_parquet(users_parquet_path(cfg.data_uri))
-             .filter(lambda r: r["role"] == "test").materialize())  # see train_personal_adapters
+    users = one_block_per_batch(  # materialised first: see train_personal_adapters
+        ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
+        cfg.eval.users_per_batch)
     answers_ds = users.map_batches(
         QueryAnswerer,
         fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],

@@ -3,9 +3,9 @@
 Users stream from ``users.parquet`` into ``PersonalTrainer`` actors; each actor loads the base
 once and trains many users, publishing each adapter to the store the moment it is done.
 
-Grouping by history length: the users are sorted by ``n_history``, longest first, and
-materialised; ``map_batches`` then cuts that order into consecutive runs of
-``users.users_per_batch`` users, and each run is one task on one actor. So the users an actor
+Grouping by history length: the users are sorted by ``n_history``, longest first, and cut
+into blocks of ``users.users_per_batch`` consecutive users (``one_block_per_batch``); each
+block is one task on one actor. So the users an actor
 trains together have similar history lengths (what ``users.trainer: batched`` needs to keep
 its slots busy: no long-tail user trains alone for long while its batch-mates idle), and the
 longest users start first, so none of them stalls the end of the run.
@@ -293,7 +293,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     """Train (or skip) every selected test user's adapter for ``variant``; returns one result each."""
     import ray.data
 
-    from oppu.actor_pools import one_batch_per_actor
+    from oppu.actor_pools import one_batch_per_actor, one_block_per_batch
     from oppu.data.dataset import users_parquet_path
     from oppu.ids import validate_user_id
 
@@ -304,7 +304,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     # otherwise hold every CPU while the read and sort wait for one.
     # Sorted, each batch below is a run of consecutive users in that order: similar history
     # lengths on one actor, the longest first.
-    users = users.sort("n_history", descending=True).materialize()
+    users = one_block_per_batch(users.sort("n_history", descending=True), cfg.users.users_per_batch)
     expected = [str(row["user_id"]) for row in users.select_columns(["user_id"]).take_all()]
     batches = -(-len(expected) // cfg.users.users_per_batch)
     results_ds = users.map_batches(
