@@ -29,8 +29,11 @@ class ServeConfig(BaseModel):
     gpu_slots: int = Field(32, ge=1, description="adapters resident in the multi-LoRA model per replica")
     host_cache_adapters: int = Field(256, ge=1, description="adapter state dicts kept in host memory")
     max_lora_rank: int = Field(16, ge=1, description="largest LoRA rank a slot holds")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
-                                      description="modules that carry LoRA slots (the adapters' targets)")
+    # Every Llama projection by default, so adapters of any subset load (the quickstart's target
+    # all seven; the paper's q/v only); name fewer to save slot memory on large models.
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="modules that carry LoRA slots (a superset of the adapters' targets)")
     adapter_check_ttl_s: float = Field(5.0, ge=0, description="how long a cached adapter is trusted "
                                        "before the store is asked for a newer version")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward pass")
