@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -27,20 +28,23 @@ ray.data.DataContext.get_current().enable_progress_bars = False
 class Recorder:
     def __init__(self):
         self.pid = os.getpid()
+        self.calls = 0
 
     def __call__(self, batch):
-        time.sleep(0.3)  # a task is minutes of training in the real pool
+        time.sleep(0.5)  # a batch is minutes of training in the real pool
+        self.calls += 1
         n = len(batch["rank"])
-        return {"rank": batch["rank"], "pid": [self.pid] * n,
-                "batch": [",".join(map(str, batch["rank"]))] * n}
+        return {"rank": batch["rank"], "pid": [self.pid] * n, "call": [f"{self.pid}/{self.calls}"] * n}
 
-# 60 users in two large blocks, as read_parquet + sort leave a big run
+# 60 users in one block, as read_parquet of one file + sort leave them: one task on the old path
 rows = [{"rank": i, "n_history": 1000 - 7 * i} for i in range(60)]
-users = ray.data.from_items(rows[::-1], override_num_blocks=2).sort("n_history", descending=True)
+users = ray.data.from_items(rows[::-1], override_num_blocks=1).sort("n_history", descending=True)
 users = one_block_per_batch(users, 4)
 out = users.map_batches(Recorder, batch_size=4, compute=one_batch_per_actor(2), num_cpus=1).take_all()
-print(json.dumps({"batches": sorted({r["batch"] for r in out}),
-                  "pids": [r["pid"] for r in out], "ranks": sorted(r["rank"] for r in out)}))
+calls = {}
+for r in out:
+    calls.setdefault(r["call"], {"pid": r["pid"], "ranks": []})["ranks"].append(r["rank"])
+print(json.dumps({"calls": list(calls.values()), "ranks": sorted(r["rank"] for r in out)}))
 """
 
 
@@ -50,12 +54,12 @@ def test_batches_are_consecutive_runs_spread_over_every_actor(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ranks"] == list(range(60))  # nobody lost or doubled
-    batches = [[int(r) for r in b.split(",")] for b in result["batches"]]
-    assert sorted(len(b) for b in batches) == [4] * 15
-    for batch in batches:  # similar history lengths together: a run of the sorted order
-        assert batch == list(range(batch[0], batch[0] + 4))
-    from collections import Counter
-
-    users_per_actor = Counter(result["pids"])
-    assert len(users_per_actor) == 2, users_per_actor
-    assert min(users_per_actor.values()) >= 16, users_per_actor  # both actors took several batches
+    calls = result["calls"]
+    for call in calls:  # similar history lengths together: a run of the sorted order
+        ranks = sorted(call["ranks"])
+        assert ranks == list(range(ranks[0], ranks[0] + len(ranks)))
+    # Both actors take a share; on the old path the one block was one task on one actor.
+    users_per_actor = Counter()
+    for call in calls:
+        users_per_actor[call["pid"]] += len(call["ranks"])
+    assert len(users_per_actor) == 2 and min(users_per_actor.values()) >= 8, users_per_actor
