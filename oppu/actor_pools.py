@@ -19,7 +19,8 @@ def one_batch_per_actor(size: int):
 
 
 def one_block_per_batch(dataset, rows_per_batch: int):
-    """``dataset`` cut, in its order, into materialised blocks of exactly ``rows_per_batch`` rows.
+    """``dataset`` cut, in its order, into materialised blocks of ``rows_per_batch`` rows (Ray may
+    leave a shorter block where two sort partitions meet; nothing here needs exact sizes).
 
     Ray Data makes one task per input block (and ``map_batches`` only cuts a block into
     ``batch_size`` pieces inside that task), so the block size, not ``batch_size``, decides how
