@@ -23,6 +23,7 @@ def train_and_publish(cfg: RunConfig, users: list[UserData],
     """Train ``variant`` for each user on ``samples_of(user)`` over the plain base; publish each."""
     from oppu.data.dataset import dataset_fingerprint, history_span
     from oppu.models import base_fingerprint, load_model
+    from oppu.models.prompting import resolve_prompt_format
     from oppu.store import AdapterKey, AdapterStore
     from oppu.tasks import get_task
     from oppu.training.personal import train_user_adapter
@@ -34,15 +35,17 @@ def train_and_publish(cfg: RunConfig, users: list[UserData],
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     fingerprint = base_fingerprint(base_uri)
+    prompt_format = resolve_prompt_format(cfg.prompt_format, tokenizer)
     store = AdapterStore(cfg.store_uri)
     epochs = cfg.users.optim.epochs or task.default_epochs
-    train_config = {**adapter_train_config(cfg, variant, epochs), **extra_config}
+    train_config = {**adapter_train_config(cfg, variant, epochs, prompt_format=prompt_format),
+                    **extra_config}
     stats = {}
     for user in users:
         with tempfile.TemporaryDirectory(prefix="oppu-analysis-") as out_dir:
             stats[user.user_id] = result = train_user_adapter(
                 model, tokenizer, samples_of(user), cfg.users.peft, cfg.users.optim, epochs, cfg.seed,
-                user.user_id, out_dir)
+                user.user_id, out_dir, prompt_format)
             store.publish(AdapterKey(task.name, fingerprint, variant, user.user_id), out_dir,
                           data_hash=dataset_fingerprint(user), config=train_config,
                           peft_method=cfg.users.peft.method, data_span=history_span(user),

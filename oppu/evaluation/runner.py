@@ -30,6 +30,7 @@ class QueryAnswerer:
 
         from oppu.config import from_dict
         from oppu.models import base_fingerprint, load_model
+        from oppu.models.prompting import resolve_prompt_format
         from oppu.store import AdapterStore
         from oppu.tasks import get_task
 
@@ -42,7 +43,8 @@ class QueryAnswerer:
         for flavour in sorted({m.base_flavour for m in self.methods}):
             uri = self.cfg.base_uri(flavour)
             model, tokenizer = load_model(uri, device=device)
-            self.bases[flavour] = (model, tokenizer, base_fingerprint(uri))
+            self.bases[flavour] = (model, tokenizer, base_fingerprint(uri),
+                                   resolve_prompt_format(self.cfg.prompt_format, tokenizer))
         self.store = AdapterStore(self.cfg.store_uri)
         self.profiles: dict[str, str] = {}
         if any(m.profile for m in self.methods):
@@ -82,7 +84,7 @@ class QueryAnswerer:
     def _answer(self, user, method: Method) -> list[dict]:
         from oppu.models import generate_greedy
 
-        model, tokenizer, fingerprint = self.bases[method.base_flavour]
+        model, tokenizer, fingerprint, prompt_format = self.bases[method.base_flavour]
         prompts = self._prompts(user, method)
         try:
             if method.adapter_variant:
@@ -90,7 +92,8 @@ class QueryAnswerer:
             else:
                 raws = generate_greedy(model, tokenizer, prompts, self.task.max_new_tokens,
                                        batch_size=self.cfg.eval.generation_batch_size,
-                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens)
+                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
+                                       prompt_format=prompt_format)
             error = ""
         except Exception as exc:  # a missing or corrupt adapter fails this user's method only
             raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
@@ -102,17 +105,22 @@ class QueryAnswerer:
         from peft import PeftModel
 
         from oppu.models import generate_greedy
-        from oppu.store import AdapterKey
+        from oppu.store import AdapterKey, Manifest
+        from oppu.store.adapters import MANIFEST_NAME
         from oppu.training.personal import remove_adapter
 
         key = AdapterKey(self.task.name, fingerprint, method.adapter_variant, user.user_id)
         with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:
             adapter_dir = self.store.fetch(key, dest_dir=tmp)
+            # Prompted as the adapter was trained, whatever this run's setting says now.
+            prompt_format = Manifest.from_json((adapter_dir / MANIFEST_NAME).read_bytes(),
+                                               where=str(adapter_dir)).prompt_format
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
             try:
                 return generate_greedy(peft_model, tokenizer, prompts, self.task.max_new_tokens,
                                        batch_size=self.cfg.eval.generation_batch_size,
-                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens)
+                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
+                                       prompt_format=prompt_format)
             finally:
                 remove_adapter(peft_model)
 

@@ -1,6 +1,7 @@
 """Batched greedy decoding that gives the same text as decoding each prompt alone.
 
-Prompts are encoded exactly as in training (``encode_prompt``: BOS + the prompt's own tokens),
+Prompts are encoded exactly as in training (``encode_prompt``: BOS + the prompt's own tokens, or
+the chat template's user turn around them in ``chat`` format),
 left-padded so every row's continuation starts at the same column, and decoded with
 ``model.generate(do_sample=False)`` (KV cache; Llama-style models derive positions from the
 attention mask, so padding does not shift them). Prompts are sorted by length so a batch wastes
@@ -23,7 +24,7 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
-                    max_prompt_tokens: int | None = None) -> list[str]:
+                    max_prompt_tokens: int | None = None, prompt_format: str = "plain") -> list[str]:
     """The greedy continuation of each prompt, up to ``max_new_tokens`` tokens, stopped at EOS.
 
     Only the continuation is returned, decoded without special tokens. A prompt longer than
@@ -40,7 +41,7 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     generation_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                          pad_token_id=pad_id, eos_token_id=sorted(stop_ids))
     device = next(model.parameters()).device
-    encoded = [encode_prompt(tokenizer, prompt, max_prompt_tokens) for prompt in prompts]
+    encoded = [encode_prompt(tokenizer, prompt, max_prompt_tokens, prompt_format) for prompt in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
 

@@ -5,8 +5,9 @@ A remote model (``s3://bucket/prefix/model``, ``memory://...``, ...) is download
 the tokenizer files and the weights, into a temporary directory that is renamed into place when
 complete, so a reader never sees half a model; a file lock makes concurrent processes on one
 machine share one download. The next call reuses it unless the remote files' names or sizes
-changed. A name without ``://`` that is not an existing path is a hub id and goes
-to ``from_pretrained`` unchanged.
+changed. A named model (``smollm2-135m-instruct``) or a ``.gguf`` file is converted once into a
+cached model directory (``oppu.models.sources``). A name without ``://`` that is not an existing
+path is a hub id and goes to ``from_pretrained`` unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from oppu.errors import OppuError
+from oppu.models.sources import gguf_model_dir, is_gguf
 
 # Files a causal LM needs at load time; weights in safetensors are preferred over .bin.
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -39,7 +41,7 @@ def cache_root() -> Path:
 def is_hub_id(uri: str | os.PathLike) -> bool:
     """A name like ``org/model``: no ``://``, not an existing path, not written as a path."""
     text = os.fspath(uri)
-    return ("://" not in text and not Path(text).expanduser().exists()
+    return (not is_gguf(text) and "://" not in text and not Path(text).expanduser().exists()
             and not text.startswith(("/", ".", "~")) and text.count("/") <= 1)
 
 
@@ -47,10 +49,12 @@ def resolve_model_dir(uri: str | os.PathLike) -> Path:
     """The local directory holding ``config.json`` + weights for ``uri``.
 
     A local path or ``file://`` URI is used in place; another fsspec URI is downloaded into the
-    cache; a hub id is looked up with ``huggingface_hub.snapshot_download`` (which works offline
+    cache; a named model or ``.gguf`` file is converted into the cache; a hub id is looked up with ``huggingface_hub.snapshot_download`` (which works offline
     from the hub cache).
     """
     text = os.fspath(uri)
+    if is_gguf(text):
+        return gguf_model_dir(text)
     if text.startswith("file://"):
         return _local_model_dir(Path(text.removeprefix("file://")), text)
     if "://" in text:

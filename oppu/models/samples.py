@@ -2,7 +2,9 @@
 
 Training and generation must see the same prompt tokens, so both go through
 ``encode_prompt``: the prompt is tokenized on its own (no special tokens) and BOS is put in
-front by hand. The target's tokens are the continuation of the prompt's in the joint
+front by hand. Under the ``chat`` prompt format (``oppu.models.prompting``) the prompt is the
+user turn of the model's chat template instead, and the target is the assistant's answer ending
+in the template's end-of-turn token. The target's tokens are the continuation of the prompt's in the joint
 tokenization of ``prompt + target`` (a supervised target starts with a space, so for the usual
 tokenizers the joint text splits exactly at the boundary); what the model learns to emit after
 the prompt is what the tokenizer would produce for the whole text.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
+
+from oppu.models.prompting import PLAIN, chat_frame
 
 if TYPE_CHECKING:
     import torch
@@ -35,12 +39,20 @@ def _bos(tokenizer) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
-def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None) -> list[int]:
-    """BOS + the prompt's tokens, keeping only the last ``max_prompt_tokens`` prompt tokens."""
+def _frame(tokenizer, prompt_format: str) -> tuple[list[int], list[int]]:
+    """Token ids around the prompt: (BOS, nothing) in plain format, the chat template's turn else."""
+    return (_bos(tokenizer), []) if prompt_format == PLAIN else chat_frame(tokenizer)
+
+
+def encode_prompt(tokenizer, prompt: str, max_prompt_tokens: int | None = None,
+                  prompt_format: str = PLAIN) -> list[int]:
+    """BOS + the prompt's tokens (or the chat turn around them), keeping only the last
+    ``max_prompt_tokens`` of the prompt's own tokens."""
+    head, tail = _frame(tokenizer, prompt_format)
     ids = _text_ids(tokenizer, prompt)
     if max_prompt_tokens is not None:
         ids = ids[max(0, len(ids) - max_prompt_tokens):] if max_prompt_tokens > 0 else []
-    return _bos(tokenizer) + ids
+    return head + ids + tail
 
 
 def _target_ids(tokenizer, prompt_ids: list[int], prompt: str, target: str) -> list[int]:
@@ -54,22 +66,34 @@ def _target_ids(tokenizer, prompt_ids: list[int], prompt: str, target: str) -> l
     return _text_ids(tokenizer, target)
 
 
-def encode_sample(tokenizer, sample: PromptTarget, max_length: int) -> dict[str, list[int]]:
+def encode_sample(tokenizer, sample: PromptTarget, max_length: int,
+                  prompt_format: str = PLAIN) -> dict[str, list[int]]:
     """Token ids and labels of one sample, at most ``max_length`` long.
 
     Labels are -100 on BOS and the prompt and equal the ids on the target and EOS. When too
     long, the prompt loses tokens from the left (LaMP prompts end with the query), then the
-    target (with its EOS) from the right. An empty prompt trains the whole text.
+    target (with its EOS) from the right. An empty prompt trains the whole text, in either
+    format (history text learnt by next-token prediction has no turn to answer).
+    In ``chat`` format the prompt sits in the template's user turn (its frame never cut) and the
+    target, without its leading separator space, is the assistant's answer.
     """
-    bos = _bos(tokenizer)
+    if not sample.prompt:
+        prompt_format = PLAIN
+    head, tail = _frame(tokenizer, prompt_format)
     prompt_ids = _text_ids(tokenizer, sample.prompt)
-    trained = _target_ids(tokenizer, prompt_ids, sample.prompt, sample.target) + [tokenizer.eos_token_id]
-    if max_length <= len(bos):
-        raise ValueError(f"max_length={max_length} leaves no room for any token after BOS")
-    prompt_budget = max(0, max_length - len(bos) - len(trained))
+    if prompt_format == PLAIN:
+        target_ids = _target_ids(tokenizer, prompt_ids, sample.prompt, sample.target)
+    else:
+        target_ids = _text_ids(tokenizer, sample.target.lstrip())
+    trained = target_ids + [tokenizer.eos_token_id]
+    frame = len(head) + len(tail)
+    if max_length <= frame:
+        raise ValueError(f"max_length={max_length} leaves no room for any token after the prompt's "
+                         f"{frame} frame tokens")
+    prompt_budget = max(0, max_length - frame - len(trained))
     prompt_ids = prompt_ids[max(0, len(prompt_ids) - prompt_budget):] if prompt_budget else []
-    trained = trained[:max_length - len(bos) - len(prompt_ids)]
-    masked = bos + prompt_ids
+    trained = trained[:max_length - frame - len(prompt_ids)]
+    masked = head + prompt_ids + tail
     return {"input_ids": masked + trained, "labels": [IGNORE_INDEX] * len(masked) + trained}
 
 

@@ -68,9 +68,26 @@ def ensure_profiles(data_uri: str, writer: ProfileWriter, task: Task, users: Seq
     if missing:
         log(f"[profiles] writing {len(missing)} {writer.name} profiles "
             f"({len(stored)} already in {profiles_uri(data_uri, writer.name)})")
-        stored.update(writer.write(task, missing))
+        stored.update(_write_off_driver(writer, task, missing))
         write_profiles(data_uri, writer.name, stored)
     return {u.user_id: stored[u.user_id] for u in users}
+
+
+def _write_off_driver(writer: ProfileWriter, task: Task, users: Sequence[UserData]) -> dict[str, str]:
+    """Profiles from ``writer``; a model-loading writer runs as a Ray task (on a GPU where it asks
+    for one), so the driver never holds an LLM."""
+    from oppu.profiles.writers import HFProfileWriter
+
+    if not isinstance(writer, HFProfileWriter):
+        return writer.write(task, users)
+    import ray
+
+    remote = ray.remote(_write_profiles_task).options(num_gpus=writer.num_gpus or None)
+    return ray.get(remote.remote(writer, task, list(users)))
+
+
+def _write_profiles_task(writer: ProfileWriter, task: Task, users: list[UserData]) -> dict[str, str]:
+    return writer.write(task, users)
 
 
 def writer_for_run(cfg) -> ProfileWriter:
@@ -83,7 +100,7 @@ def writer_for_run(cfg) -> ProfileWriter:
     return make_writer(settings.writer, model=settings.model, base_url=settings.base_url,
                        api_key=os.environ.get(settings.api_key_env), items_per_user=settings.items_per_user,
                        batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
-                       seed=cfg.seed)
+                       num_gpus=settings.num_gpus, seed=cfg.seed)
 
 
 def run_profiles(cfg, users: Sequence[UserData], log=print) -> dict[str, str]:

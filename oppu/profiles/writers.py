@@ -127,17 +127,24 @@ class HFProfileWriter:
     batch_size: int = 8
     max_new_tokens: int = 128
     max_prompt_tokens: int = 1024
-    device: str = "cpu"
+    num_gpus: float = 0.0  # GPUs of the Ray task that runs the writer; the model goes on CUDA when > 0
     seed: int = 0
     name: str = "hf"
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.num_gpus > 0 else "cpu"
+
     def write(self, task: Task, users: Sequence[UserData]) -> dict[str, str]:
         from oppu.models import generate_greedy, load_model
+        from oppu.models.prompting import resolve_prompt_format
 
         model, tokenizer = load_model(self.model, device=self.device)
         prompts = [task.profile_prompt(profile_items(u, self.items_per_user, self.seed)) for u in users]
+        # An instruction-tuned writer is asked through its chat template, as it was tuned.
         texts = generate_greedy(model, tokenizer, prompts, self.max_new_tokens,
-                                batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens)
+                                batch_size=self.batch_size, max_prompt_tokens=self.max_prompt_tokens,
+                                prompt_format=resolve_prompt_format("auto", tokenizer))
         return {user.user_id: text.strip() for user, text in zip(users, texts, strict=True)}
 
 
@@ -169,7 +176,7 @@ class OpenAIProfileWriter:
 
 def make_writer(name: str, *, model: str | None = None, base_url: str | None = None,
                 api_key: str | None = None, items_per_user: int = 10, batch_size: int = 8,
-                max_new_tokens: int = 128, device: str = "cpu", seed: int = 0) -> ProfileWriter:
+                max_new_tokens: int = 128, num_gpus: float = 0.0, seed: int = 0) -> ProfileWriter:
     """The writer called ``name`` (``statistical``, ``hf`` or ``openai``) with its settings."""
     if name == "statistical":
         return StatisticalProfileWriter()
@@ -177,7 +184,8 @@ def make_writer(name: str, *, model: str | None = None, base_url: str | None = N
         if not model:
             raise ConfigError("profile writer 'hf' needs a model (profiles.model / --model): an "
                               "instruction-tuned HF id or path")
-        return HFProfileWriter(model, items_per_user, batch_size, max_new_tokens, device=device, seed=seed)
+        return HFProfileWriter(model, items_per_user, batch_size, max_new_tokens, num_gpus=num_gpus,
+                               seed=seed)
     if name == "openai":
         if not (base_url and model):
             raise ConfigError("profile writer 'openai' needs profiles.base_url and profiles.model")

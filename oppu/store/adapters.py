@@ -104,6 +104,15 @@ class Manifest:
     def key(self) -> AdapterKey:
         return AdapterKey(self.task, self.base_fingerprint, self.variant, self.user)
 
+    @property
+    def prompt_format(self) -> str:
+        """How the adapter's training prompts were rendered (``oppu.models.prompting``): serve it so.
+
+        Recorded in ``train_config`` where it is not ``plain`` (manifests from before chat
+        formats have none, and were all trained on plain prompts).
+        """
+        return str(self.train_config.get("prompt_format", "plain"))
+
     def to_json(self) -> bytes:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True).encode()
 

@@ -29,6 +29,7 @@ def train_base_loop(config: dict) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from oppu.models import encode_sample, load_model
+    from oppu.models.prompting import resolve_prompt_format
     from oppu.models.samples import collate, target_loss
     from oppu.tasks.base import TrainingSample
 
@@ -38,6 +39,7 @@ def train_base_loop(config: dict) -> None:
     peft_settings = PeftSettings(**config["peft"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     model, tokenizer = load_model(config["model"], device=str(device))
+    prompt_format = resolve_prompt_format(config["prompt_format"], tokenizer)
     torch.manual_seed(config["seed"])
     model = peft_lib.get_peft_model(model, peft_settings.to_peft_config())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -67,7 +69,8 @@ def train_base_loop(config: dict) -> None:
         for rows in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy",
                                        local_shuffle_buffer_size=4 * optim.batch_size,
                                        local_shuffle_seed=config["seed"] + epoch):
-            encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length)
+            encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length,
+                                     prompt_format)
                        for p, t in zip(rows["prompt"], rows["target"], strict=True)]
             batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
             loss = target_loss(train_model, batch)
@@ -94,7 +97,8 @@ def train_base_loop(config: dict) -> None:
                 merged = model.merge_and_unload()
                 merged.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                Path(tmp, "oppu-base.json").write_text(json.dumps(config["provenance"], indent=2))
+                provenance = {**config["provenance"], "prompt_format": prompt_format}
+                Path(tmp, "oppu-base.json").write_text(json.dumps(provenance, indent=2))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -134,6 +138,7 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     train_config = {
         "model": cfg.pretrained_uri, "optim": asdict(cfg.base.optim), "peft": asdict(cfg.base.peft),
         "epochs": epochs, "n_samples": len(samples), "seed": cfg.seed, "use_gpu": cfg.base.use_gpu,
+        "prompt_format": cfg.prompt_format,
         "deepspeed": _deepspeed_config(cfg), "provenance": provenance,
     }
     trainer = TorchTrainer(

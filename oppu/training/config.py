@@ -14,6 +14,7 @@ from typing import Literal
 
 from oppu import fsutil
 from oppu.errors import ConfigError
+from oppu.models.prompting import PromptFormatSetting
 from oppu.models.tiny import TinyModelConfig
 
 PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
@@ -180,6 +181,7 @@ class ProfileSettings:
     items_per_user: int = 10  # history items shown to an LLM writer (the reference samples 10)
     batch_size: int = 8  # hf: prompts per generation batch
     max_new_tokens: int = 128
+    num_gpus: float = 0.0  # hf: GPUs of the Ray task that writes the profiles (0: on CPU)
 
 
 @dataclass
@@ -194,7 +196,11 @@ class RunConfig:
 
     task: str = "LaMP-2M"
     run_dir: str = "oppu-run"  # local path or fsspec URI (s3://bucket/prefix)
-    model: str = "tiny"  # "tiny" (built locally) or a HF id / local / s3:// path of a causal LM
+    # "tiny" (built locally), a named model ("smollm2-135m-instruct"), a .gguf file, or a HF id /
+    # local / s3:// path of a causal LM
+    model: str = "tiny"
+    # auto: the chat template's user turn where the tokenizer has one, else the plain prompt
+    prompt_format: PromptFormatSetting = "auto"
     data: str | None = None  # prepared data set; default run_dir/data
     store: str | None = None  # adapter store root; default run_dir/adapters
     seed: int = 0

@@ -37,7 +37,7 @@ def user_seed(seed: int, user_id: str) -> int:
 
 def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], peft: PeftSettings,
                        optim: OptimSettings, epochs: int, seed: int, user_id: str,
-                       out_dir: str | Path) -> TrainStats:
+                       out_dir: str | Path, prompt_format: str = "plain") -> TrainStats:
     """Train a personal adapter for ``user_id`` on ``samples`` and save it (PEFT layout) to ``out_dir``."""
     import peft as peft_lib
     import torch
@@ -46,7 +46,7 @@ def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], pef
 
     if not samples:
         raise ValueError(f"user {user_id!r} has no training samples")
-    encoded = [encode_sample(tokenizer, s, optim.max_length) for s in samples]
+    encoded = [encode_sample(tokenizer, s, optim.max_length, prompt_format) for s in samples]
     torch.manual_seed(user_seed(seed, user_id))
     shuffler = torch.Generator().manual_seed(user_seed(seed + 1, user_id))
     peft_model = peft_lib.get_peft_model(base_model, peft.to_peft_config())

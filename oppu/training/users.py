@@ -42,12 +42,15 @@ class UserResult:
     error: str = ""
 
 
-def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str = "per-user") -> dict:
+def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str = "per-user",
+                         prompt_format: str = "plain") -> dict:
     """What makes two adapters of one user the same training (the store hashes it for ``find``).
 
-    ``trainer`` is recorded only when it is not ``per-user`` (older manifests keep their hash):
-    batched training gives the same adapter up to floating-point order and dropout masks, not bit
-    for bit, so switching trainers trains afresh rather than mixing the two.
+    ``trainer`` is recorded only when it is not ``per-user``, and ``prompt_format`` (which the
+    manifest carries to serving, see ``oppu.models.prompting``) only when it is not ``plain``, so
+    older manifests keep their hash: batched training gives the same adapter up to floating-point
+    order and dropout masks, not bit for bit, so switching trainers trains afresh rather than
+    mixing the two.
     """
     flavour, k = parse_variant(variant)
     config = {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
@@ -56,6 +59,8 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
         config["profile_writer"] = cfg.profiles.writer
     if trainer != "per-user":
         config["trainer"] = trainer
+    if prompt_format != "plain":
+        config["prompt_format"] = prompt_format
     return config
 
 
@@ -78,6 +83,7 @@ class PersonalTrainer:
 
         from oppu.config import from_dict
         from oppu.models import base_fingerprint, load_model
+        from oppu.models.prompting import resolve_prompt_format
         from oppu.store import AdapterStore, config_hash
         from oppu.tasks import get_task
 
@@ -91,10 +97,12 @@ class PersonalTrainer:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.fingerprint = base_fingerprint(base_uri)
+        self.prompt_format = resolve_prompt_format(self.cfg.prompt_format, self.tokenizer)
         self.store = AdapterStore(self.cfg.store_uri)
         self.epochs = self.cfg.users.optim.epochs or self.task.default_epochs
         self.trainer = self.cfg.users.trainer
-        self.train_config = adapter_train_config(self.cfg, variant, self.epochs, self.trainer)
+        self.train_config = adapter_train_config(self.cfg, variant, self.epochs, self.trainer,
+                                                 self.prompt_format)
         self.config_hash = config_hash(self.train_config)
         self.metrics = _job_metrics()
         self.profiles: dict[str, str] = {}
@@ -161,7 +169,7 @@ class PersonalTrainer:
         with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
             stats = train_user_adapter(self.model, self.tokenizer, job.samples, self.cfg.users.peft,
                                        self.cfg.users.optim, self.epochs, self.cfg.seed, job.user.user_id,
-                                       out_dir)
+                                       out_dir, self.prompt_format)
             manifest = self._publish(job, out_dir, {
                 "final_loss": stats.final_loss, "samples": stats.samples, "steps": stats.steps,
                 "tokens": stats.tokens, "seconds": stats.seconds})
@@ -189,8 +197,9 @@ class PersonalTrainer:
         encoded: list[tuple[str, list[dict]]] = []
         for job in pending:
             try:
-                encoded.append((job.user.user_id, [encode_sample(self.tokenizer, s, optim.max_length)
-                                                   for s in job.samples]))
+                encoded.append((job.user.user_id, [
+                    encode_sample(self.tokenizer, s, optim.max_length, self.prompt_format)
+                    for s in job.samples]))
                 jobs[job.user.user_id] = job
             except Exception as exc:
                 self._finish(results, job.index, _failed(job.user.user_id, exc))
