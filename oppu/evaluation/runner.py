@@ -40,7 +40,7 @@ class QueryAnswerer:
         self.random_items = random_items
         device = "cuda" if self.cfg.eval.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.bases = {}
-        for flavour in sorted({m.base_flavour for m in self.methods}):
+        for flavour in sorted({m.base_flavour(self.cfg) for m in self.methods}):
             uri = self.cfg.base_uri(flavour)
             model, tokenizer = load_model(uri, device=device)
             self.bases[flavour] = (model, tokenizer, base_fingerprint(uri),
@@ -84,7 +84,7 @@ class QueryAnswerer:
     def _answer(self, user, method: Method) -> list[dict]:
         from oppu.models import generate_greedy
 
-        model, tokenizer, fingerprint, prompt_format = self.bases[method.base_flavour]
+        model, tokenizer, fingerprint, prompt_format = self.bases[method.base_flavour(self.cfg)]
         prompts = self._prompts(user, method)
         try:
             if method.adapter_variant:
@@ -142,7 +142,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
-    missing = {m.base_flavour for m in methods} - set(cfg.base.flavours)
+    missing = {m.base_flavour(cfg) for m in methods} - set(cfg.base.flavours)
     if missing:
         raise ConfigError(f"eval.methods need base flavour(s) {sorted(missing)} that base.flavours "
                           f"{cfg.base.flavours} does not train")
@@ -198,6 +198,7 @@ def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors,
     metrics = {"task": task.name, "methods": results, "reference": reference,
                "n_test_users": n_users, "n_queries": len(ids),
                "oppu_gap_closed": gap_closed(task, results, reference),
+               "population_gap_closed": population_gap_shares(task, results, reference),
                "errors": {m: n for m, n in errors.items() if n},
                "predictions": {m: f"predictions/{m}.json" for m in predictions}}
     fsutil.write_json(fsutil.join(cfg.run_dir, "metrics.json"), metrics)
@@ -219,20 +220,37 @@ def load_reference(data_uri: str) -> dict:
 
 
 def markdown_table(task, results: dict[str, dict], reference: dict) -> str:
+    """The results table; where the data has both references, a column of each method's share of
+    the population -> Bayes gap (what personalization adds over the best non-personal answer)."""
     metric_names = list(task.metric_names)
     arrows = ["↑" if task.higher_is_better[m] else "↓" for m in metric_names]
-    header = "| method | " + " | ".join(f"{m} {a}" for m, a in zip(metric_names, arrows, strict=True)) + " |"
-    lines = [f"{task.name}", "", header, "|" + " --- |" * (len(metric_names) + 1)]
+    shares = population_gap_shares(task, results, reference)
+    share_header = f" population → Bayes gap closed ({metric_names[0]}) |" if shares else ""
+    header = ("| method | " + " | ".join(f"{m} {a}" for m, a in zip(metric_names, arrows, strict=True))
+              + " |" + share_header)
+    lines = [f"{task.name}", "", header, "|" + " --- |" * (len(metric_names) + 1 + bool(shares))]
     for method, scores in results.items():
-        lines.append(f"| {method} | " + " | ".join(f"{scores[m]:.4f}" for m in metric_names) + " |")
+        share = f" {shares[method]:.0%} |" if shares else ""
+        lines.append(f"| {method} | " + " | ".join(f"{scores[m]:.4f}" for m in metric_names) + " |" + share)
     for name, scores in reference.items():
+        share = (" 0% |" if name == "population" else " 100% |") if shares else ""
         lines.append(f"| *reference: {name}* | "
-                     + " | ".join(f"{scores[m]:.4f}" if m in scores else "–" for m in metric_names) + " |")
+                     + " | ".join(f"{scores[m]:.4f}" if m in scores else "–" for m in metric_names) + " |"
+                     + share)
+    if "oppu" in shares:
+        lines += ["", f"OPPU closes {shares['oppu']:.0%} of the gap between the population reference (the "
+                      f"best answer that ignores the user) and the Bayes-optimal reference on {metric_names[0]}."]
     gap = gap_closed(task, results, reference)
     if gap is not None:
         lines += ["", f"OPPU closes {gap:.0%} of the gap between non-personalized and the Bayes-optimal "
-                      f"reference on {metric_names[0]}."]
+                      f"reference on {metric_names[0]} (a share that flatters OPPU when the non-personalized "
+                      "base is weaker than the population reference)."]
     return "\n".join(lines) + "\n"
+
+
+def share_of_gap(start: float, value: float, end: float) -> float | None:
+    """How far ``value`` went from ``start`` to ``end`` (1.0 = all the way; negative = backwards)."""
+    return None if end == start else (value - start) / (end - start)
 
 
 def gap_closed(task, results: dict, reference: dict) -> float | None:
@@ -243,4 +261,17 @@ def gap_closed(task, results: dict, reference: dict) -> float | None:
                              reference["bayes"][metric])
     except KeyError:
         return None
-    return None if bayes == base else (oppu - base) / (bayes - base)
+    return share_of_gap(base, oppu, bayes)
+
+
+def population_gap_shares(task, results: dict, reference: dict) -> dict[str, float]:
+    """Each method's (score - population) / (Bayes - population) on the task's first metric;
+    empty where the data has no references (real LaMP files) or they coincide."""
+    metric = task.metric_names[0]
+    try:
+        population, bayes = reference["population"][metric], reference["bayes"][metric]
+    except KeyError:
+        return {}
+    if population == bayes:
+        return {}
+    return {method: share_of_gap(population, scores[metric], bayes) for method, scores in results.items()}

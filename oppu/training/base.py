@@ -17,7 +17,7 @@ from pathlib import Path
 
 from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.training.config import OptimSettings, PeftSettings, RunConfig
+from oppu.training.config import OptimSettings, PeftSettings, RunConfig, parse_flavour
 
 
 def train_base_loop(config: dict) -> None:
@@ -115,9 +115,9 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
 
     dataset = read_dataset(cfg.data_uri)
     task = dataset.task
-    k = cfg.base.rag_k if flavour == "rag" else 0
+    uses_profile, k = parse_flavour(flavour, cfg.base.rag_k)
     profiles = None
-    if flavour == "profile":
+    if uses_profile:
         from oppu.profiles import run_profiles
 
         # Every user's profile is written here, once: the personal adapters and the evaluation

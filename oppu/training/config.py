@@ -18,7 +18,6 @@ from oppu.models.prompting import PromptFormatSetting
 from oppu.models.tiny import TinyModelConfig
 
 PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
-BaseFlavour = Literal["plain", "rag", "profile"]
 
 
 @dataclass
@@ -83,8 +82,9 @@ class OptimSettings:
 class BaseStage:
     """Task adaptation of the base LLM on the non-test users (jobs/train_base.py)."""
 
-    flavours: list[BaseFlavour] = field(default_factory=lambda: ["plain", "rag"])
-    rag_k: int = 1  # retrieved items in the retrieval-augmented flavour's prompts
+    # plain, rag (trained at rag_k), rag-k<N>, profile, profile+rag-k<N>: see parse_flavour
+    flavours: list[str] = field(default_factory=lambda: ["plain", "rag"])
+    rag_k: int = 1  # retrieved items in the prompts of the flavour named plain "rag"
     peft: PeftSettings = field(default_factory=lambda: PeftSettings(
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     optim: OptimSettings = field(default_factory=lambda: OptimSettings(epochs=3))
@@ -94,6 +94,12 @@ class BaseStage:
     use_gpu: bool = False
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (GPU only), e.g. configs/deepspeed/zero2.json
     train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
+
+    def __post_init__(self) -> None:
+        if self.rag_k < 1:
+            raise ConfigError(f"base.rag_k must be >= 1, got {self.rag_k}")
+        for flavour in self.flavours:
+            parse_flavour(flavour, self.rag_k)
 
 
 @dataclass
@@ -230,25 +236,56 @@ class RunConfig:
         """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else."""
         return fsutil.join(self.run_dir, "base" if flavour == "plain" else f"base-{flavour}")
 
+    def base_flavour(self, profile: bool, k: int) -> str:
+        """The configured base that answers prompts with (``profile``, ``k`` retrieved items).
+
+        The base trained for exactly that prompt shape where ``base.flavours`` has it (``rag-k2``,
+        ``profile+rag-k1``), as the paper trains one base per k; otherwise the shared one of its
+        family (``rag``, trained at ``base.rag_k``; ``profile``, at k=0).
+        """
+        if k == 0:
+            return "profile" if profile else "plain"
+        exact = f"{'profile+' if profile else ''}rag-k{k}"
+        if exact in self.base.flavours:
+            return exact
+        return "profile" if profile else "rag"
+
+    def variant_base(self, variant: str) -> str:
+        """The base flavour a personal-adapter variant trains on (and is evaluated over)."""
+        profile, k = parse_variant(variant)
+        return self.base_flavour(profile, k)
+
     @property
     def pretrained_uri(self) -> str:
         """The model the base adaptation starts from (the tiny model is built into run_dir)."""
         return fsutil.join(self.run_dir, "pretrained") if self.model == "tiny" else self.model
 
 
-_VARIANT = re.compile(r"(?:rag-k(?P<k>[1-9][0-9]*)\+)?oppu")
+_VARIANT = re.compile(r"(?P<pag>pag\+)?(?:rag-k(?P<k>[1-9][0-9]*)\+)?oppu")
+_FLAVOUR = re.compile(r"(?P<profile>profile\+)?rag-k(?P<k>[1-9][0-9]*)")
 
 
-def parse_variant(variant: str) -> tuple[str, int]:
-    """A personal-adapter variant -> (base flavour it trains on, retrieved items in its prompts).
+def parse_variant(variant: str) -> tuple[bool, int]:
+    """A personal-adapter variant -> (the user's profile leads its prompts, retrieved items in them).
 
-    ``pag+oppu`` trains on the ``profile`` base with the user's profile in every prompt.
+    ``oppu``, ``rag-k<N>+oppu``, ``pag+oppu`` and ``pag+rag-k<N>+oppu``; ``RunConfig.variant_base``
+    says which base it trains on.
     """
-    if variant == "pag+oppu":
-        return "profile", 0
     match = _VARIANT.fullmatch(variant)
     if not match:
-        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu', 'rag-k<N>+oppu' or "
-                          "'pag+oppu'")
-    k = int(match["k"] or 0)
-    return ("rag" if k else "plain"), k
+        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu', 'rag-k<N>+oppu', "
+                          "'pag+oppu' or 'pag+rag-k<N>+oppu'")
+    return bool(match["pag"]), int(match["k"] or 0)
+
+
+def parse_flavour(flavour: str, rag_k: int) -> tuple[bool, int]:
+    """A base flavour -> (profile in its prompts, retrieved items in them): ``plain``, ``rag``
+    (``rag_k`` items), ``rag-k<N>``, ``profile``, ``profile+rag-k<N>``."""
+    fixed = {"plain": (False, 0), "rag": (False, rag_k), "profile": (True, 0)}
+    if flavour in fixed:
+        return fixed[flavour]
+    match = _FLAVOUR.fullmatch(flavour)
+    if not match:
+        raise ConfigError(f"unknown base flavour {flavour!r}: use plain, rag, rag-k<N>, profile or "
+                          "profile+rag-k<N>")
+    return bool(match["profile"]), int(match["k"])

@@ -52,10 +52,10 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
     order and dropout masks, not bit for bit, so switching trainers trains afresh rather than
     mixing the two.
     """
-    flavour, k = parse_variant(variant)
+    profile, k = parse_variant(variant)
     config = {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
               "epochs": epochs, "seed": cfg.seed, "retrieval_k": k}
-    if flavour == "profile":
+    if profile:
         config["profile_writer"] = cfg.profiles.writer
     if trainer != "per-user":
         config["trainer"] = trainer
@@ -89,9 +89,9 @@ class PersonalTrainer:
 
         self.cfg = from_dict(RunConfig, config)
         self.variant = variant
-        flavour, self.k = parse_variant(variant)
+        uses_profile, self.k = parse_variant(variant)
         self.task = get_task(self.cfg.task)
-        base_uri = self.cfg.base_uri(flavour)
+        base_uri = self.cfg.base_uri(self.cfg.variant_base(variant))
         device = "cuda" if self.cfg.users.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
         self.model, self.tokenizer = load_model(base_uri, device=device)
         for parameter in self.model.parameters():
@@ -106,7 +106,7 @@ class PersonalTrainer:
         self.config_hash = config_hash(self.train_config)
         self.metrics = _job_metrics()
         self.profiles: dict[str, str] = {}
-        if flavour == "profile":
+        if uses_profile:
             from oppu.profiles import read_profiles
 
             self.profiles = read_profiles(self.cfg.data_uri, self.cfg.profiles.writer)
@@ -151,7 +151,7 @@ class PersonalTrainer:
             if existing is not None:
                 return UserResult(user.user_id, "skipped", version=existing.version)
         profile = None
-        if self.profiles or self.variant == "pag+oppu":
+        if self.profiles or parse_variant(self.variant)[0]:
             from oppu.errors import DataError
 
             if user.user_id not in self.profiles:

@@ -78,5 +78,12 @@ def test_run_dir_layout():
     assert cfg.base_uri("plain") == "s3://bucket/run/base"
     assert cfg.base_uri("rag") == "s3://bucket/run/base-rag"
     assert cfg.store_uri == "s3://bucket/run/adapters"
-    assert parse_variant("oppu") == ("plain", 0)
-    assert parse_variant("rag-k2+oppu") == ("rag", 2)
+    assert parse_variant("oppu") == (False, 0)
+    assert parse_variant("rag-k2+oppu") == (False, 2)
+    assert cfg.variant_base("rag-k2+oppu") == "rag"  # only the shared rag base is configured
+    per_k = load_config(RunConfig, None, ["base.flavours=[plain,rag-k1,rag-k2,rag-k4]"])
+    assert [per_k.variant_base(v) for v in ("oppu", "rag-k1+oppu", "rag-k2+oppu", "rag-k4+oppu")] == [
+        "plain", "rag-k1", "rag-k2", "rag-k4"]
+    assert per_k.base_uri("rag-k2") == "oppu-run/base-rag-k2"
+    with pytest.raises(ConfigError, match="unknown base flavour 'rag-k0'"):
+        load_config(RunConfig, None, ["base.flavours=[plain,rag-k0]"])

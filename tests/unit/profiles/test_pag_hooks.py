@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from oppu.config import from_dict
 from oppu.data.records import HistoryItem, Query, UserData
 from oppu.errors import ConfigError
 from oppu.evaluation.methods import resolve_method
@@ -31,16 +32,26 @@ def test_profile_leads_every_personal_and_base_prompt():
 
 
 def test_pag_methods_and_variant():
+    shared = from_dict(RunConfig, {"base": {"flavours": ["plain", "rag", "profile"]}})
+    per_k = from_dict(RunConfig, {"base": {"flavours": ["plain", "rag-k1", "profile", "profile+rag-k1"]}})
     pag, pag_rag, pag_oppu = resolve_method("pag"), resolve_method("pag+rag-k1"), resolve_method("pag+oppu")
-    assert (pag.base_flavour, pag.retrieval, pag.profile, pag.adapter_variant) == ("profile", "none", True, None)
+    assert (pag.base_flavour(shared), pag.retrieval, pag.profile, pag.adapter_variant) == (
+        "profile", "none", True, None)
     assert (pag_rag.retrieval, pag_rag.k, pag_rag.profile) == ("bm25", 1, True)
-    assert (pag_oppu.adapter_variant, pag_oppu.base_flavour) == ("pag+oppu", "profile")
+    assert (pag_rag.base_flavour(shared), pag_rag.base_flavour(per_k)) == ("profile", "profile+rag-k1")
+    assert (pag_oppu.adapter_variant, pag_oppu.base_flavour(per_k)) == ("pag+oppu", "profile")
     assert not resolve_method("rag-k1").profile
-    assert parse_variant("pag+oppu") == ("profile", 0)
+    assert parse_variant("pag+oppu") == (True, 0)
+    assert parse_variant("pag+rag-k1+oppu") == (True, 1)
+    assert per_k.variant_base("pag+rag-k1+oppu") == "profile+rag-k1"
+    assert shared.variant_base("pag+rag-k1+oppu") == "profile"
+    pag_rag_oppu = resolve_method("pag+rag-k1+oppu")
+    assert (pag_rag_oppu.adapter_variant, pag_rag_oppu.k, pag_rag_oppu.profile) == ("pag+rag-k1+oppu", 1, True)
+    for bad in ("pag+rag", "rag-k1+pag", "pagoppu"):
+        with pytest.raises(ConfigError):
+            resolve_method(bad)
     with pytest.raises(ConfigError):
-        resolve_method("pag+rag")
-    with pytest.raises(ConfigError):
-        parse_variant("pag+rag-k1+oppu")
+        parse_variant("rag-k1+pag+oppu")
 
 
 def test_default_run_config_needs_no_profiles():
