@@ -20,6 +20,7 @@ COMMANDS = {
     "token": "oppu.commands.token",
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
+    "publish": "oppu.commands.publish",
 }
 
 EXIT_BAD_INPUT = 2
