@@ -1,4 +1,5 @@
-"""Every command of the ```bash blocks of README.md and docs/cluster.md, checked without running it.
+"""Every command of the ```bash blocks of README.md and docs/cluster.md, and the usage lines of the
+jobs/*.py docstrings, checked without running it.
 
 What each kind of command gets (tests/docs_blocks.py splits the blocks into commands):
 
@@ -29,15 +30,26 @@ import os
 import pytest
 import yaml
 
-from tests.docs_blocks import ROOT, Command, bash_blocks, commands
+from tests.docs_blocks import ROOT, Block, Command, bash_blocks, commands
 
 DOCS = ("README.md", "docs/cluster.md")
 REPO_DIRS = ("cluster/", "k8s/", "jobs/", "oppu/", "serve_apps/", "configs/", "bench/", "tests/", "docs/")
 MADE_BY_THE_DOCS = {"k8s/secret-s3.yaml"}  # `cp k8s/secret-s3.example.yaml k8s/secret-s3.yaml` in §4
 
 
+def _usage_blocks() -> list[Block]:
+    """The indented command lines of each jobs/*.py docstring (what ``--help`` shows)."""
+    blocks = []
+    for script in sorted((ROOT / "jobs").glob("*.py")):
+        doc = ast.get_docstring(ast.parse(script.read_text()), clean=False) or ""
+        usage = [line for line in doc.splitlines() if line.startswith("    ")]
+        blocks.append(Block(f"jobs/{script.name}", "docstring", 1, "\n".join(usage), None))
+    return blocks
+
+
 def _all_commands() -> list[Command]:
-    return [c for doc in DOCS for block in bash_blocks(ROOT / doc) for c in commands(block)]
+    blocks = [block for doc in DOCS for block in bash_blocks(ROOT / doc)] + _usage_blocks()
+    return [c for block in blocks for c in commands(block)]
 
 
 ALL = _all_commands()
@@ -171,6 +183,7 @@ def test_the_blocks_a_reader_runs_are_all_found():
                      ("docs/cluster.md", section, "serve deploy")]:
         assert expected in found, expected
     assert len(ALL) > 60
+    assert sum(c.block.heading == "docstring" for c in ALL) == 4  # one usage line per job
 
 
 def test_cluster_walkthrough_publishes_every_base_its_jobs_read():
