@@ -1,6 +1,9 @@
-"""docs/cluster.md §1's data-and-base block (marked ``<!-- doc-test: cluster-data -->``), run by
-bash as written, against a real S3-protocol server (moto), then the input check of the next
-block's train_users job on what it published.
+"""Documented command blocks run by bash as written.
+
+docs/cluster.md §1's data-and-base block (marked ``<!-- doc-test: cluster-data -->``), against a
+real S3-protocol server (moto), then the input check of the next block's train_users job on what
+it published; and README's "Using real LaMP files" block on fixture files (made by ``oppu synth``,
+under the names the block uses, in the directory it runs in).
 
 Substituted, and nothing else: the scratch paths ``/tmp/lamp2m`` and ``/tmp/oppu-run`` (to this
 test's temp dir), the bucket ``s3://oppu/`` (to this session's moto bucket), the cluster address
@@ -125,3 +128,55 @@ def test_the_train_users_job_without_base_rag_fails_in_one_line(published, s3_se
     assert f"oppu publish --run LOCAL --to {run_uri}" in job.stderr
     assert "[ray] connected" not in job.stdout  # failed before Ray started
     assert seconds < 60, seconds
+
+
+def _readme_block(heading: str):
+    (block,) = [b for b in bash_blocks(ROOT / "README.md") if b.heading == heading]
+    return block
+
+
+def _fixture_lamp_files(directory: Path) -> None:
+    """The files README's "Using real LaMP files" block names, made from the synthetic generator:
+    LaMP-2M dev questions/outputs of 102 users (prepare's default --n-test is 100), LaMP-3 in the
+    OPPU authors' per-user format, and an oppu.json of predictions (the golds, so accuracy 1)."""
+    import json
+    import shutil
+
+    from oppu import cli
+
+    assert cli.main(["synth", "--task", "LaMP-2M", "--users", "102", "--n-test", "100", "--seed", "2",
+                     "--out", str(directory / "synth-2m")]) == 0
+    shutil.copy(directory / "synth-2m" / "questions.json", directory / "dev_questions.json")
+    shutil.copy(directory / "synth-2m" / "outputs.json", directory / "dev_outputs.json")
+    assert cli.main(["synth", "--task", "LaMP-3", "--users", "104", "--n-test", "100", "--seed", "2",
+                     "--out", str(directory / "synth-3")]) == 0
+    questions = json.loads((directory / "synth-3" / "questions.json").read_text())
+    golds = {g["id"]: g["output"] for g in json.loads((directory / "synth-3" / "outputs.json").read_text())["golds"]}
+    users: dict[str, dict] = {}
+    for q in questions:  # a user's last query sees its whole history
+        user = users.setdefault(q["user_id"], {"user_id": q["user_id"], "profile": [], "query": []})
+        user["query"].append({"id": q["id"], "input": q["input"], "gold": golds[q["id"]]})
+        if len(q["profile"]) >= len(user["profile"]):
+            user["profile"] = q["profile"]
+    ordered = list(users.values())
+    (directory / "user_top_100_history.json").write_text(json.dumps(ordered[:100]))
+    (directory / "user_others.json").write_text(json.dumps(ordered[100:]))
+    (directory / "runs" / "2m" / "predictions").mkdir(parents=True)
+    shutil.copy(directory / "dev_outputs.json", directory / "runs" / "2m" / "predictions" / "oppu.json")
+
+
+def test_readme_real_lamp_files_block_runs_on_fixture_files(tmp_path):
+    """README "Using real LaMP files", as written, in a directory holding the files it names."""
+    import json
+
+    _fixture_lamp_files(tmp_path)
+    script = "\n".join(['set -euo pipefail', 'oppu() { "$PY" -m oppu.cli "$@"; }',
+                        _readme_block("Using real LaMP files").text])
+    run = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "PY": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for name, n_users in (("2m", 102), ("3", 104)):
+        meta = json.loads((tmp_path / "runs" / name / "data" / "dataset.json").read_text())
+        assert meta["n_users"] == n_users
+    scores = json.loads(run.stdout.strip().splitlines()[-1])  # `oppu score` prints one JSON line
+    assert scores["accuracy"] == 1.0 and scores["f1"] == 1.0, run.stdout
