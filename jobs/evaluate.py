@@ -1,6 +1,6 @@
 """Answer the test users' queries with every method (Ray Data batch inference) and score them.
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --config oppu/configs/lamp2m.yaml \
+    ray job submit --working-dir . -- python jobs/evaluate.py --config oppu/configs/lamp.yaml \
         --set run_dir=/shared/oppu-run
 """
 

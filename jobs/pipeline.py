@@ -1,6 +1,6 @@
 """Run base adaptation, personal adapters and evaluation in one job, against a prepared data set.
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config oppu/configs/lamp2m.yaml \
+    ray job submit --working-dir . -- python jobs/pipeline.py --config oppu/configs/lamp.yaml \
         --set run_dir=/shared/oppu-run
 """
 

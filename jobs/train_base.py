@@ -1,6 +1,6 @@
 """Adapt the base LLM to the task on the non-test users with Ray Train (plain and RAG flavours).
 
-    ray job submit --working-dir . -- python jobs/train_base.py --config oppu/configs/lamp2m.yaml \
+    ray job submit --working-dir . -- python jobs/train_base.py --config oppu/configs/lamp.yaml \
         --set run_dir=/shared/oppu-run
 """
 

@@ -1,6 +1,6 @@
 """Train one personal adapter per test user with a Ray Data actor pool, publishing to the store.
 
-    ray job submit --working-dir . -- python jobs/train_users.py --config oppu/configs/lamp2m.yaml \
+    ray job submit --working-dir . -- python jobs/train_users.py --config oppu/configs/lamp.yaml \
         --set run_dir=/shared/oppu-run --set users.actors=4
 
 On GPUs, train each actor's users together: --set users.trainer=batched --set users.num_gpus_per_actor=1

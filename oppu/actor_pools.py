@@ -29,3 +29,40 @@ def one_block_per_batch(dataset, rows_per_batch: int):
     (docs/performance-training.md). Blocks of one batch each spread the batches over the pool.
     """
     return dataset.repartition(target_num_rows_per_block=rows_per_batch, strict=True).materialize()
+
+
+def guard_start(actor_cls, failed_batch):
+    """``actor_cls`` for ``map_batches``, where an actor that cannot start fails each batch once.
+
+    Ray Data (2.60) fails the whole job the first time a pool actor's constructor raises
+    (``max_consecutive_actor_init_deaths=0``), with the actor's traceback printed by every actor
+    that tried, on every node. Behind this guard the constructor's error is caught and
+    kept (one line on the actor's stderr); the actor stays up and answers each batch it is handed
+    with ``failed_batch(batch, error, **constructor_kwargs)`` — the same columns as a normal
+    result, every row marked failed with that error — without running the batch, retrying it or
+    restarting the actor. So a node that cannot load the base costs the batches it takes, reported
+    by name, and the job goes on with the others. (A job's inputs are checked before the pool
+    starts, ``oppu.preflight``; this is for what only an actor can find out.)
+    """
+
+    class Guarded(actor_cls):
+        def __init__(self, *args, **kwargs):
+            self._start_error = None
+            self._start_kwargs = kwargs
+            try:
+                super().__init__(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - reported on every batch, never raised
+                detail = " ".join(str(exc).split())  # one line, whatever the exception printed
+                self._start_error = f"{actor_cls.__name__} could not start: {type(exc).__name__}: {detail}"
+                import sys
+
+                print(f"[{actor_cls.__name__}] {self._start_error}", file=sys.stderr, flush=True)
+
+        def __call__(self, batch):
+            if self._start_error is not None:
+                return failed_batch(batch, self._start_error, **self._start_kwargs)
+            return super().__call__(batch)
+
+    Guarded.__name__ = actor_cls.__name__  # Ray Data names the operator after it
+    Guarded.__doc__ = actor_cls.__doc__
+    return Guarded

@@ -20,24 +20,29 @@ COMMANDS = {
     "token": "oppu.commands.token",
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
+    "publish": "oppu.commands.publish",
 }
 
 EXIT_BAD_INPUT = 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The ``oppu`` parser; for a known command, with only that command's subparser (no heavy
+    imports). ``build_parser(argv).parse_args(argv)`` checks a command line without running it."""
     parser = argparse.ArgumentParser(prog="oppu", description="One PEFT Per User on Ray.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    if argv and argv[0] in COMMANDS:  # build only the chosen command's parser: no heavy imports
-        names = [argv[0]]
-    else:
-        names = list(COMMANDS)
+    names = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     for name in names:
         module = importlib.import_module(COMMANDS[name])
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()

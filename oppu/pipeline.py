@@ -65,9 +65,11 @@ def ensure_pretrained(cfg: RunConfig, log=print) -> str:
 def run_stages(cfg: RunConfig, stages: list[str], log=print) -> dict | None:
     """Run ``stages`` (any of ``base``, ``users``, ``evaluate``) in order; returns the metrics."""
     from oppu.evaluation.runner import evaluate
+    from oppu.preflight import check_inputs
     from oppu.training.base import adapt_base
     from oppu.training.users import train_personal_adapters
 
+    check_inputs(cfg, stages)  # a missing input fails here, in one line, before Ray starts
     init_ray(cfg, log)
     metrics = None
     if "base" in stages:

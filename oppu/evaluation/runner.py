@@ -125,6 +125,18 @@ class QueryAnswerer:
                 remove_adapter(peft_model)
 
 
+def _start_failed(batch: dict, error: str, methods: list[str], **_) -> dict:
+    """The answers of a batch handed to an actor that could not start (``guard_start``): every
+    query of every method failed with ``error``."""
+    from oppu.data.records import UserData
+
+    rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    answers = [{"user_id": user.user_id, "method": method, "query_id": query.id, "prediction": "",
+                "raw": "", "error": error[:1000]}
+               for user in map(UserData.from_row, rows) for method in methods for query in user.queries]
+    return {name: [a[name] for a in answers] for name in ANSWER_FIELDS}
+
+
 def pick_random_items(dataset, seed: int) -> dict[str, dict]:
     """For the random-history baseline: one item drawn from every user's history, per test query."""
     pool = [item.fields for user in dataset.users for item in user.history]
@@ -138,7 +150,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
-    from oppu.actor_pools import one_batch_per_actor, one_block_per_batch
+    from oppu.actor_pools import guard_start, one_batch_per_actor, one_block_per_batch
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -161,7 +173,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
         ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
         cfg.eval.users_per_batch)
     answers_ds = users.map_batches(
-        QueryAnswerer,
+        guard_start(QueryAnswerer, _start_failed),  # an actor that cannot start fails its batches
         fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],
                                "random_items": pick_random_items(dataset, cfg.seed)},
         batch_size=cfg.eval.users_per_batch, compute=one_batch_per_actor(cfg.eval.actors),

@@ -279,6 +279,12 @@ class PersonalTrainer:
         return {"task": self.task.name, "variant": self.variant}
 
 
+def _start_failed(batch: dict, error: str, **_) -> dict:
+    """The results of a batch handed to an actor that could not start (``guard_start``)."""
+    results = [UserResult(str(u), "failed", error=error[:2000]) for u in batch["user_id"]]
+    return {name: [getattr(r, name) for r in results] for name in RESULT_FIELDS}
+
+
 def _failed(user_id, exc: BaseException) -> UserResult:
     traceback.print_exception(exc)
     return UserResult(str(user_id), "failed", error=f"{type(exc).__name__}: {exc}"[:2000])
@@ -302,7 +308,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     """Train (or skip) every selected test user's adapter for ``variant``; returns one result each."""
     import ray.data
 
-    from oppu.actor_pools import one_batch_per_actor, one_block_per_batch
+    from oppu.actor_pools import guard_start, one_batch_per_actor, one_block_per_batch
     from oppu.data.dataset import users_parquet_path
     from oppu.ids import validate_user_id
 
@@ -317,7 +323,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     expected = [str(row["user_id"]) for row in users.select_columns(["user_id"]).take_all()]
     batches = -(-len(expected) // cfg.users.users_per_batch)
     results_ds = users.map_batches(
-        PersonalTrainer,
+        guard_start(PersonalTrainer, _start_failed),  # an actor that cannot start fails its batches
         fn_constructor_kwargs={"config": asdict(cfg), "variant": variant},
         batch_size=cfg.users.users_per_batch,
         compute=one_batch_per_actor(cfg.users.actors),
