@@ -106,8 +106,10 @@ def reference_loop(base, user_id: str, samples: list[dict]) -> dict:
     scheduler = transformers.get_linear_schedule_with_warmup(
         optimizer, int(HPARAMS.warmup_ratio * len(plan)), len(plan))
     model.train()
+    device = next(base.parameters()).device  # tests/gpu runs the same loop on CUDA
     for step in plan:
-        loss = model(**collate([samples[i] for i in step], pad_id=0)).loss
+        batch = collate([samples[i] for i in step], pad_id=0)
+        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, HPARAMS.max_grad_norm)
         optimizer.step()
