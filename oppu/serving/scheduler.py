@@ -137,7 +137,7 @@ class ContinuousBatcher:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._inbox: deque[tuple[str, Any]] = deque()
-        self._queued = 0  # submitted, not yet admitted to a prefill
+        self._in_flight = 0  # submitted and not finished: running rows plus waiting ones
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -150,12 +150,13 @@ class ContinuousBatcher:
     # -- any thread -------------------------------------------------------------------------------
 
     def submit(self, request: SequenceRequest, sink: Sink) -> int:
-        """Queue a sequence; ``QueueFull`` when ``max_waiting`` sequences already wait."""
+        """Queue a sequence; ``QueueFull`` when every batch row is taken and ``max_waiting`` sequences wait."""
         with self._lock:
-            if self._queued >= self.max_waiting:
-                raise QueueFull(f"{self._queued} requests are already waiting on this replica "
+            if self._in_flight >= self.max_batch_size + self.max_waiting:
+                raise QueueFull(f"{self._in_flight - self.max_batch_size} sequences already wait for one of "
+                                f"{self.max_batch_size} batch rows on this replica "
                                 f"(max_queued_requests={self.max_waiting})")
-            self._queued += 1
+            self._in_flight += 1
             seq_id = next(self._ids)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s is not None else None
         sampler = RowSampler.create(request.params, self.engine.device)
@@ -175,8 +176,9 @@ class ContinuousBatcher:
         self.call_soon(lambda: self._release(adapter))
 
     def waiting(self) -> int:
+        """Sequences submitted and not yet given a batch row."""
         with self._lock:
-            return self._queued
+            return max(0, self._in_flight - self.stats.running)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="oppu-scheduler", daemon=True)
@@ -300,8 +302,6 @@ class ContinuousBatcher:
                 break
             self._waiting.popleft()
             if not seq.done:  # an adapter that does not fit finishes its sequence in _assign_slot
-                with self._lock:
-                    self._queued -= 1
                 taken.append(seq)
         if not taken:
             return
@@ -389,17 +389,20 @@ class ContinuousBatcher:
     def _finish(self, seq: _Seq, reason: str | None = None, error: Exception | None = None) -> None:
         if seq.done:
             return
-        seq.done = True
-        if seq in self._waiting:
-            with self._lock:
-                self._queued -= 1
+        self._mark_done(seq)
         self._deliver(seq, ErrorEvent(error) if error is not None else FinishEvent(reason))
+
+    def _mark_done(self, seq: _Seq) -> None:
+        seq.done = True
+        with self._lock:
+            self._in_flight -= 1
 
     def _deliver(self, seq: _Seq, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
         try:
             seq.sink(event)
         except Exception:  # the receiver is gone (its event loop closed): stop generating for it
-            seq.done = True
+            if not seq.done:
+                self._mark_done(seq)
 
     def _release(self, adapter: LoadedAdapter) -> None:
         if self.engine.slots is None:
