@@ -129,6 +129,7 @@ class ModelReplica:
                                                        host_adapters=self.config.host_cache_adapters)
         self.fingerprint = base_fingerprint(self.config.model)
         self.metrics = ServingMetrics()
+        self.host_lookups = _CountingRecorder(self.metrics)
         self.batcher = ContinuousBatcher(self.engine, max_batch_size=self.config.max_batch_size,
                                          max_waiting=self.config.max_queued_requests,
                                          prefill_chunk_tokens=self.config.prefill_chunk_tokens)
@@ -136,7 +137,7 @@ class ModelReplica:
             AdapterStore(self.config.store), task=self.config.task, variant=self.config.variant,
             shape=AdapterShape(self.fingerprint, self.config.max_lora_rank, tuple(self.config.target_modules)),
             capacity=self.config.host_cache_adapters, check_ttl_s=self.config.adapter_check_ttl_s,
-            recorder=self.metrics, on_evict=self.batcher.release_adapter, prepare=self.engine.prepare_adapter)
+            recorder=self.host_lookups, on_evict=self.batcher.release_adapter, prepare=self.engine.prepare_adapter)
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-tokenize")
         self.events = events_actor(serve.get_replica_context().app_name)
         self._deletions_seen = 0
@@ -164,7 +165,8 @@ class ModelReplica:
         scheduler = self.batcher.stats
         return {"host_cached": self.adapters.cached_users(), "gpu_resident": slots.resident(),
                 "gpu_hits": slots.stats.hits, "gpu_misses": slots.stats.misses,
-                "gpu_load_seconds": slots.stats.load_seconds, "decode_steps": scheduler.steps,
+                "gpu_load_seconds": slots.stats.load_seconds, "host_hits": self.host_lookups.hits,
+                "host_misses": self.host_lookups.misses, "decode_steps": scheduler.steps,
                 "prefill_chunks": scheduler.prefill_chunks, "joined_running_batch": scheduler.joined_running_batch,
                 "max_running": scheduler.max_running, "waiting": self.batcher.waiting()}
 
@@ -214,35 +216,46 @@ class ModelReplica:
         want_logprobs = request.params.logprobs is not None
         try:
             while any(reason is None for reason in finish):
-                index, event = await events.get()
-                if finish[index] is not None:
-                    continue  # tokens or the "cancelled" notice after a stop string matched
-                if isinstance(event, ErrorEvent):
-                    self.metrics.error("timeout" if isinstance(event.error, RequestTimeout) else "adapter_unusable")
-                    raise event.error
-                if isinstance(event, TokenEvent):
-                    now = time.time()
-                    if last_token_s[index] is None:
-                        self.metrics.first_token(now - request.received_s)
+                # Tokens that arrived together go out as one item per choice: under load the stream
+                # carries fewer, larger items (each costs Ray and HTTP overhead), unloaded nothing waits.
+                arrived = [await events.get()]
+                while not events.empty():
+                    arrived.append(events.get_nowait())
+                pending: dict[int, tuple[str, list]] = {}
+                items: list[Delta | ChoiceEnd] = []
+
+                for index, event in arrived:
+                    if finish[index] is not None:
+                        continue  # tokens or the "cancelled" notice after a stop string matched
+                    if isinstance(event, ErrorEvent):
+                        self.metrics.error("timeout" if isinstance(event.error, RequestTimeout)
+                                           else "adapter_unusable")
+                        raise event.error
+                    if isinstance(event, TokenEvent):
+                        now = time.time()
+                        if last_token_s[index] is None:
+                            self.metrics.first_token(now - request.received_s)
+                        else:
+                            self.metrics.inter_token(now - last_token_s[index])
+                        last_token_s[index] = now
+                        generated[index] += 1
+                        released = texts[index].add(event.token_id,
+                                                    self._token_info(event) if want_logprobs else None)
                     else:
-                        self.metrics.inter_token(now - last_token_s[index])
-                    last_token_s[index] = now
-                    generated[index] += 1
-                    info = self._token_info(event) if want_logprobs else None
-                    released = texts[index].add(event.token_id, info)
-                    if released.text or released.tokens:
-                        yield Delta(index, released.text, tuple(released.tokens) if want_logprobs else ())
-                    if released.stopped:
-                        self.batcher.cancel(seq_ids[index])
-                        finish[index] = "stop"
-                        yield ChoiceEnd(index, "stop")
-                    continue
-                assert isinstance(event, FinishEvent)
-                released = texts[index].finish()
-                if released.text or released.tokens:
-                    yield Delta(index, released.text, tuple(released.tokens) if want_logprobs else ())
-                finish[index] = "length" if event.reason == "length" else "stop"
-                yield ChoiceEnd(index, finish[index])
+                        assert isinstance(event, FinishEvent)
+                        released = texts[index].finish()
+                    text, tokens = pending.get(index, ("", []))
+                    pending[index] = (text + released.text, tokens + released.tokens)
+                    if released.stopped or isinstance(event, FinishEvent):
+                        if released.stopped:
+                            self.batcher.cancel(seq_ids[index])
+                        finish[index] = "stop" if released.stopped or event.reason != "length" else "length"
+                        _flush(pending, items, index)
+                        items.append(ChoiceEnd(index, finish[index]))
+                for index in list(pending):
+                    _flush(pending, items, index)
+                for item in items:
+                    yield item
         finally:  # a client that left, an error or a stop: free the rows still decoding
             for index, seq_id in enumerate(seq_ids):
                 if finish[index] is None:
@@ -296,3 +309,27 @@ class ModelReplica:
         self.metrics.resident("gpu", len(self.engine.slots.resident()))
         self.metrics.resident("host", len(self.adapters.cached_users()))
         self.metrics.running(self.batcher.stats.running, self.batcher.waiting())
+
+
+def _flush(pending: dict[int, tuple[str, list]], items: list, index: int) -> None:
+    """Turn choice ``index``'s gathered text and logprob entries into one ``Delta``."""
+    text, tokens = pending.pop(index, ("", []))
+    if text or tokens:
+        items.append(Delta(index, text, tuple(token for token in tokens if token is not None)))
+
+
+class _CountingRecorder:
+    """The adapter cache's recorder: forwards to the metrics and counts host-tier lookups for ``stats``."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.hits = self.misses = 0
+
+    def cache_lookup(self, tier: str, hit: bool) -> None:
+        if tier == "host":
+            self.hits += hit
+            self.misses += not hit
+        self.metrics.cache_lookup(tier, hit)
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self.metrics.adapter_loaded(seconds)
