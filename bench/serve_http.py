@@ -303,6 +303,12 @@ def replica_stats() -> dict:
     return {key: value for key, value in stats.items() if not isinstance(value, list)}
 
 
+async def replica_stats_now() -> dict:
+    from ray import serve
+
+    return await serve.get_deployment_handle("model", app_name="oppu").stats.remote()
+
+
 def cache_rates(before: dict, after: dict) -> dict:
     """Host-tier and GPU-slot hit rates of the lookups between two ``replica_stats`` snapshots."""
     def rate(hits: str, misses: str) -> float | None:
@@ -439,14 +445,14 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload) -> dict:
                 client, url, workload, "base", concurrency, shape.phase_s, f"base, concurrency {concurrency}")
         out["unloaded_ttft_ms_p50"] = out["closed_loop_base"][str(shape.concurrencies[0])]["ttft_ms_p50"]
         c32 = 32 if 32 in shape.concurrencies else shape.concurrencies[-1]
-        before = replica_stats()
+        before = await replica_stats_now()
         zipf = await closed_loop(client, url, workload, "zipf", c32, shape.phase_s,
                                  f"Zipf over {shape.n_adapters} adapters, cold host cache, concurrency {c32}")
-        middle = replica_stats()
+        middle = await replica_stats_now()
         uniform = await closed_loop(client, url, workload, "uniform", c32, shape.phase_s,
                                     f"uniform over {shape.n_adapters} other adapters, cold host cache, "
                                     f"concurrency {c32}")
-        after = replica_stats()
+        after = await replica_stats_now()
         zipf.update(cache_rates(before, middle))
         uniform.update(cache_rates(middle, after))
         log(f"cache hit rates: Zipf {cache_rates(before, middle)}, uniform {cache_rates(middle, after)}")
