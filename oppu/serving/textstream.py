@@ -1,8 +1,11 @@
 """One choice's text as tokens arrive: incremental detokenization and OpenAI ``stop`` strings.
 
-The whole continuation is decoded again after each token (a token may complete a multi-byte
-character), and text that could still turn out to be the start of a stop string is held back, so
-a stream never sends text that a later stop match would have cut. On a match the output ends just
+Each token's text is the difference between decoding a short window of the latest tokens with and
+without it (the window starts a token or so earlier, so a tokenizer that drops the leading space of a
+sequence's first word still gives the space between words); a token that ends inside a multi-byte
+character waits for the next. So the cost per token does not grow with the output's length. Text
+that could still turn out to be the start of a stop string is held back, so a stream never sends
+text that a later stop match would have cut. On a match the output ends just
 before it and the choice finishes with ``finish_reason`` "stop".
 """
 
@@ -35,11 +38,19 @@ class ChoiceText:
         self.sent = 0  # characters of ``text`` already released
         self.released_tokens = 0
         self.stopped = False
+        self._prefix = 0  # window start: decoded text before _read is already in ``text``
+        self._read = 0
 
     def add(self, token_id: int, entry: Any = None) -> Released:
+        if self.stopped:
+            return Released(stopped=True)
         self.token_ids.append(token_id)
         self.entries.append(entry)
-        self.text = self.decode(self.token_ids)
+        seen = self.decode(self.token_ids[self._prefix:self._read])
+        window = self.decode(self.token_ids[self._prefix:])
+        if len(window) > len(seen) and not window.endswith("\ufffd"):
+            self.text += window[len(seen):]
+            self._prefix, self._read = self._read, len(self.token_ids)
         self.ends.append(len(self.text))
         match = self._first_stop()
         if match is not None:
@@ -50,6 +61,9 @@ class ChoiceText:
 
     def finish(self) -> Released:
         """At the end of generation everything left is released (with a stop matched: up to the match)."""
+        if not self.stopped and self._read < len(self.token_ids):  # bytes that never completed a character
+            seen = self.decode(self.token_ids[self._prefix:self._read])
+            self.text += self.decode(self.token_ids[self._prefix:])[len(seen):]
         out = self._release(len(self.text))
         if not self.stopped:
             out.tokens.extend(self.entries[self.released_tokens:])
@@ -67,10 +81,8 @@ class ChoiceText:
         return min(found) if found else None
 
     def _holdback(self) -> int:
-        """Characters at the end that may begin a stop string, or an incomplete character."""
+        """Characters at the end that may begin a stop string."""
         text = self.text
-        if text.endswith("\ufffd"):
-            return len(text) - self.sent
         longest = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(text)), longest, -1):

@@ -101,3 +101,35 @@ def test_stop_strings_cut_before_the_match_and_hold_back_possible_prefixes():
     assert no_match.add("E", 1).text == "" and no_match.finish().text == "E"  # released at the end
     plain = ChoiceText(words)
     assert [plain.add(p, i).text for i, p in enumerate(["a", "b"])] == ["a", "b"] and plain.finish().text == ""
+
+
+def test_incremental_decoding_equals_a_full_decode_through_multi_byte_characters():
+    """A byte-level BPE splits emoji and accents over tokens: text waits for the character to complete."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = ["héllo wörld ça va? 日本語のテキスト 🤖 robots love space", "naïve café über straße 🚀🚀"] * 20
+    raw.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>")
+
+    def decode(ids):
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    for text, stops, expected in [(corpus[0], (), corpus[0]), ("über 🚀 naïve", ["🚀"], "über "),
+                                  ("🤖日本 ça", ["本 ç"], "🤖日")]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        choice = ChoiceText(decode, stops)
+        pieces = [choice.add(i).text for i in ids] + [choice.finish().text]
+        assert "".join(pieces) == expected == choice.final_text
+        assert all("\ufffd" not in piece for piece in pieces)
+    rng = random.Random(0)
+    for _ in range(100):  # any id sequence, valid UTF-8 or not, ends as the full decode
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 30))]
+        choice = ChoiceText(decode)
+        assert "".join([choice.add(i).text for i in ids] + [choice.finish().text]) == decode(ids)
