@@ -145,11 +145,11 @@ def test_penalties_and_logprobs(setup):  # noqa: F811
 def test_queue_bound_timeout_and_cancel(setup):  # noqa: F811
     base, _, loaded = setup
     engine = make_engine(base)
-    batcher = ContinuousBatcher(engine, max_batch_size=1, max_waiting=2)
+    batcher = ContinuousBatcher(engine, max_batch_size=1, max_waiting=1)  # one row, one waiting
     first, second, late = Collector(), Collector(), Collector()
     first_id = batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 8), first)
     batcher.submit(request(engine, loaded, "u2", PROMPTS[0], 8, timeout_s=0.0), second)
-    with pytest.raises(QueueFull, match="max_queued_requests=2"):
+    with pytest.raises(QueueFull, match="max_queued_requests=1"):
         batcher.submit(request(engine, loaded, "u3", PROMPTS[0], 8), Collector())
     batcher.step()
     assert batcher.waiting() == 0  # first admitted, second timed out
@@ -159,3 +159,18 @@ def test_queue_bound_timeout_and_cancel(setup):  # noqa: F811
     drain(batcher, [first, late])
     assert first.finish == "cancelled" and len(first.tokens) < 8
     assert late.finish in ("stop", "length") and late.tokens
+
+
+def test_a_waiting_sequences_adapter_is_loaded_into_a_slot_before_its_turn(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=1, max_waiting=4)
+    running, waiting = Collector(), Collector()
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 6), running)
+    batcher.step()
+    batcher.submit(request(engine, loaded, "u2", PROMPTS[1], 6), waiting)
+    batcher.step()
+    assert not waiting.tokens and not running.done  # u2 waits for the only row ...
+    assert loaded["u2"].cache_id in engine.slots.resident()  # ... with its adapter already in a slot
+    drain(batcher, [running, waiting])
+    assert waiting.finish in ("stop", "length")
