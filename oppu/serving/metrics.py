@@ -7,6 +7,7 @@ from __future__ import annotations
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60]
+BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
 ITL_BUCKETS_S = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5]
 
 
@@ -41,6 +42,15 @@ class ServingMetrics:
             "oppu_serve_prompt_tokens", description="Prompt tokens of accepted requests.")
         self.completion_token_count = metrics.Counter(
             "oppu_serve_completion_tokens", description="Tokens generated (every choice).")
+        # Kept for the Grafana dashboard (cluster/grafana): the running batch and generation rate as
+        # seen when a request finishes.
+        self.batch_size = metrics.Histogram(
+            "oppu_serve_batch_size", description="Rows in the running decode batch when a request finishes.",
+            boundaries=BATCH_SIZE_BUCKETS)
+        self.tokens = metrics.Counter(
+            "oppu_serve_generated_tokens", description="Tokens generated (the same count as completion_tokens).")
+        self.tokens_per_s = metrics.Gauge(
+            "oppu_serve_tokens_per_s", description="Tokens generated per second since the previous finished request.")
         self.sequences = metrics.Gauge(
             "oppu_serve_sequences", description="Sequences in the running decode batch and waiting for a row.",
             tag_keys=("state",))
@@ -73,10 +83,14 @@ class ServingMetrics:
     def completion_tokens(self, n: int) -> None:
         if n:
             self.completion_token_count.inc(n)
+            self.tokens.inc(n)
 
-    def running(self, running: int, waiting: int) -> None:
+    def running(self, running: int, waiting: int, tokens_per_s: float | None = None) -> None:
         self.sequences.set(running, tags={"state": "running"})
         self.sequences.set(waiting, tags={"state": "waiting"})
+        self.batch_size.observe(running)
+        if tokens_per_s is not None:
+            self.tokens_per_s.set(tokens_per_s)
 
     def resident(self, tier: str, count: int) -> None:
         self.resident_adapters.set(count, tags={"tier": tier})

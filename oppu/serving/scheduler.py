@@ -113,6 +113,7 @@ class SchedulerStats:
     prefill_chunks: int = 0
     joined_running_batch: int = 0  # sequences that joined while other rows were decoding
     max_running: int = 0
+    generated: int = 0  # tokens emitted, all sequences
     running: int = 0
     waiting: int = 0
     history: list[int] = field(default_factory=list)  # running rows per decode step (tests, last 1,000)
@@ -183,6 +184,9 @@ class ContinuousBatcher:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="oppu-scheduler", daemon=True)
         self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop = True
@@ -381,6 +385,7 @@ class ContinuousBatcher:
                 self._finish(seq, reason="stop")
                 continue
             seq.generated += 1
+            self.stats.generated += 1
             seq.last_token = token
             self._deliver(seq, TokenEvent(token, logprob))
             if seq.generated >= seq.request.max_new_tokens:

@@ -74,8 +74,8 @@ def app(s3_server, tmp_path_factory):
     data_dir = write_dataset(root / "data", TASK, lamp2m_users(USERS), meta={})
 
     os.environ["OPPU_ADMIN_TOKEN"] = ADMIN_TOKEN
-    port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    port, metrics_port = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"OPPU_ADMIN_TOKEN": ADMIN_TOKEN}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"model": str(base), "store": store_uri, "data": str(data_dir), "gpu_slots": "8",
@@ -90,7 +90,7 @@ def app(s3_server, tmp_path_factory):
               name="limits", route_prefix="/limits")
     try:
         yield {"url": f"http://127.0.0.1:{port}", "base": base, "adapters": adapters, "tokens": user_tokens,
-               "store": store, "fingerprint": fingerprint}
+               "store": store, "fingerprint": fingerprint, "metrics_url": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -415,3 +415,25 @@ def test_load_many_concurrent_users_all_answered_with_continuous_batching(app):
     print(f"scheduler: {stats['decode_steps']} decode steps, {stats['joined_running_batch']} sequences joined a "
           f"running batch, at most {stats['max_running']} rows")
     assert stats["joined_running_batch"] > 0 and stats["max_running"] > 1
+
+
+def test_prometheus_metrics_have_latency_histograms_and_token_counters(app):
+    """Ray exports the replicas' metrics for Prometheus (every earlier test has produced some)."""
+    import httpx
+
+    wanted = ["ray_oppu_serve_time_to_first_token_seconds_bucket", "ray_oppu_serve_inter_token_latency_seconds_bucket",
+              "ray_oppu_serve_prompt_tokens", "ray_oppu_serve_completion_tokens"]
+    deadline = time.monotonic() + 60  # metrics are pushed to the exporter every few seconds
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(app["metrics_url"], timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    assert all(name in text for name in wanted), [name for name in wanted if name not in text]
+    completion_tokens = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                            if line.startswith("ray_oppu_serve_completion_tokens"))
+    assert completion_tokens >= 200 * 4  # the load test alone generated at least this many
