@@ -70,15 +70,16 @@ class HttpShape:
     phase_s: float
     prompt_words: tuple[int, int, int]  # median, min, max
     max_tokens: tuple[int, int]  # uniform range
+    prefill_chunk_tokens: int
 
 
 FULL = HttpShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, n_adapters=1000, rank=8,
                  gpu_slots=64, host_cache_adapters=256, max_batch_size=64, concurrencies=(1, 8, 32, 64),
                  poisson_fractions=(0.25, 0.5, 0.75, 1.0, 1.25), phase_s=15.0, prompt_words=(96, 16, 384),
-                 max_tokens=(32, 256))
+                 max_tokens=(32, 256), prefill_chunk_tokens=2048)
 TINY = HttpShape(hidden=64, intermediate=128, layers=2, heads=4, vocab=512, n_adapters=24, rank=8, gpu_slots=8,
                  host_cache_adapters=8, max_batch_size=8, concurrencies=(1, 4), poisson_fractions=(0.5, 1.0),
-                 phase_s=3.0, prompt_words=(12, 4, 32), max_tokens=(4, 16))
+                 phase_s=3.0, prompt_words=(12, 4, 32), max_tokens=(4, 16), prefill_chunk_tokens=64)
 
 _STARTED = time.perf_counter()
 _LOG = None
@@ -237,7 +238,8 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
     from oppu.serving.scheduler import ContinuousBatcher, FinishEvent, SequenceRequest, TokenEvent
 
     engine = GenerationEngine(model, tokenizer, None)
-    batcher = ContinuousBatcher(engine, max_batch_size=rows, max_waiting=rows)
+    batcher = ContinuousBatcher(engine, max_batch_size=rows, max_waiting=rows,
+                                prefill_chunk_tokens=workload.shape.prefill_chunk_tokens)
     times: list[float] = []
     in_flight = [0]
 
@@ -286,6 +288,7 @@ def start_app(shape: HttpShape, base: Path, store_uri: str, device: str) -> str:
             "dtype": "bfloat16" if device == "cuda" else "float32", "gpu_slots": shape.gpu_slots,
             "host_cache_adapters": shape.host_cache_adapters, "max_lora_rank": shape.rank,
             "target_modules": "q_proj,v_proj", "max_batch_size": shape.max_batch_size, "max_prompt_tokens": 1024,
+            "prefill_chunk_tokens": shape.prefill_chunk_tokens,
             "max_tokens_limit": shape.max_tokens[1], "default_max_tokens": shape.max_tokens[0],
             "max_queued_requests": 512, "model_max_ongoing_requests": 512, "ingress_max_ongoing_requests": 1024,
             "request_timeout_s": 600, "adapter_check_ttl_s": 3600, "default_temperature": 0.0,

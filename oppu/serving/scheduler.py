@@ -93,6 +93,7 @@ class _Rows:
     seqs: list[_Seq]
     cache: Any
     mask: Any
+    slot_ids: Any = None  # the rows' slots on the device, made once per composition of the batch
 
 
 @dataclass
@@ -360,10 +361,13 @@ class ContinuousBatcher:
                 return
             rows = self._running = self._select(rows, live)
         device = self.engine.device
-        input_ids = torch.tensor([[seq.last_token] for seq in rows.seqs], dtype=torch.long).to(device)
-        positions = torch.tensor([[seq.position] for seq in rows.seqs], dtype=torch.long).to(device)
+        # One host-to-device copy per step: each row's last token and its position.
+        step_inputs = torch.tensor([[seq.last_token, seq.position] for seq in rows.seqs], dtype=torch.long).to(device)
+        input_ids, positions = step_inputs[:, :1], step_inputs[:, 1:]
         rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.seqs), 1))], dim=1)
-        with torch.no_grad(), self._adapters(rows.seqs):
+        if rows.slot_ids is None and self.engine.slots is not None:
+            rows.slot_ids = torch.tensor([seq.slot for seq in rows.seqs], dtype=torch.long).to(device)
+        with torch.no_grad(), self._adapters(rows.seqs, rows.slot_ids):
             logits = self.engine.model(input_ids=input_ids, attention_mask=rows.mask, position_ids=positions,
                                        past_key_values=rows.cache, use_cache=True).logits
         for seq in rows.seqs:
@@ -465,11 +469,13 @@ class ContinuousBatcher:
         mask = torch.cat([pad(running.mask, 1), pad(joining.mask, 1)], dim=0)
         return _Rows(running.seqs + joining.seqs, running.cache, mask)
 
-    def _adapters(self, seqs: list[_Seq]):
+    def _adapters(self, seqs: list[_Seq], slot_ids: Any = None):
+        """Within the block each row uses its sequence's slot (``slot_ids``: already on the device)."""
         import contextlib
 
         if self.engine.slots is None:
             return contextlib.nullcontext()
         from oppu.models import multi_lora
 
-        return multi_lora.model_adapters(self.engine.model, [seq.slot for seq in seqs])
+        return multi_lora.model_adapters(self.engine.model,
+                                         slot_ids if slot_ids is not None else [seq.slot for seq in seqs])
