@@ -240,7 +240,6 @@ class OppuIngress:
                                  templated=templated, prompt_field="messages")
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         want_logprobs = body.requested_logprobs() is not None
-        started: set[int] = set()
 
         def chunk(choices: list[dict], result_usage: dict | None = None) -> dict:
             out = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -249,12 +248,8 @@ class OppuIngress:
                 out["usage"] = result_usage
             return out
 
-        def on_delta(delta: Delta) -> dict:
-            content = {"content": delta.text}
-            if delta.index not in started:  # the first chunk of a choice names the role
-                started.add(delta.index)
-                content = {"role": "assistant"} | content
-            return chunk([{"index": delta.index, "delta": content, "finish_reason": None,
+        def on_delta(delta: Delta) -> dict:  # the role went out in the first chunk of every choice
+            return chunk([{"index": delta.index, "delta": {"content": delta.text}, "finish_reason": None,
                            "logprobs": chat_logprobs(list(delta.logprobs)) if want_logprobs else None}])
 
         if body.stream:
