@@ -9,6 +9,12 @@ merged with the GPU figures into the committed file:
 
     python bench/serve.py --mode s3 --merge results-gpu.json --out bench/results/serve.json
 
+The host tier holds ``host_cache_adapters`` (256) of the 1,000 adapters, as a replica's does: the Zipf
+mix's host-cache hit rate is counted, not assumed; a cold mix (users uniform over every adapter, a fresh
+host tier) is timed with its loads from the store; and the first batch of every phase, and of a batch
+shape not seen before, is reported on its own (``*_first_batch_s``: compile and CUDA-graph capture),
+besides the warm batches the throughput figures average.
+
 ``--tiny`` runs either mode at toy size (a CPU smoke test of this script). The engine is
 ``oppu.serving.engine.GenerationEngine`` and the host tier ``oppu.serving.adapters.AdapterCache``,
 the same code the replicas run; requests skip HTTP so the figures are the engine's own.
