@@ -157,6 +157,11 @@ class ModelReplica:
         return {"base_fingerprint": self.fingerprint, "task": self.config.task,
                 "variant": self.config.variant, "model_id": self.config.base_model_id}
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic check: a replica whose scheduler thread died is restarted."""
+        if not self.batcher.alive():
+            raise RuntimeError("the continuous batcher's thread is not running")
+
     async def ready(self) -> bool:
         """The model is loaded (the constructor did it) and the scheduler thread is alive."""
         return self.batcher.alive()
