@@ -50,8 +50,10 @@ class ServeConfig(BaseModel):
     max_tokens_limit: int = Field(256, ge=1, description="larger max_tokens get HTTP 400")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
     max_n: int = Field(8, ge=1, description="the largest n (choices per request) accepted")
-    default_temperature: float = Field(1.0, ge=0, le=2, description="temperature when a request gives none "
-                                       "(OpenAI's default is 1; 0 is greedy)")
+    # Greedy by default: what offline evaluation does and what clients of this server have relied on
+    # (OpenAI's own default is 1.0; set it here to match OpenAI).
+    default_temperature: float = Field(0.0, ge=0, le=2, description="temperature when a request gives none "
+                                       "(0: greedy; OpenAI's default is 1)")
     num_replicas: int = Field(1, ge=1, description="model replicas")
     model_max_ongoing_requests: int = Field(128, ge=1, description="requests a model replica takes at "
                                             "once (>= max_batch_size, or batches cannot fill); more wait in "

@@ -259,8 +259,8 @@ class OppuIngress:
                                          "logprobs": None}]),
                 on_result=lambda r: chunk([], usage(r.prompt_tokens, r.completion_tokens)) if body.include_usage
                 else None,
-                first=chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                              "logprobs": None} for i in range(body.n)]))
+                first=[chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                               "logprobs": None}]) for i in range(body.n)])
         result = await self._generate(generate)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -374,7 +374,7 @@ class OppuIngress:
         return error
 
     async def _stream(self, request: GenerateRequest, on_delta: Callable, on_end: Callable, on_result: Callable,
-                      first: dict | None = None) -> StreamingResponse:
+                      first: list[dict] = ()) -> StreamingResponse:
         responses = self._handle(request, stream=True).generate_stream.remote(request)
         try:  # the first item says the request was accepted; errors before it are plain JSON
             start = await responses.__anext__()
@@ -383,8 +383,8 @@ class OppuIngress:
         assert isinstance(start, StreamStart)
 
         async def events() -> AsyncIterator[str]:
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
+            for opening in first:  # chat: one chunk per choice naming the role
+                yield f"data: {json.dumps(opening)}\n\n"
             try:
                 async for item in responses:
                     if isinstance(item, Delta):

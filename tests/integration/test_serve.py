@@ -202,6 +202,18 @@ def test_openai_client_sampling_seed_stop_n_logprobs_and_usage(app):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
     assert all(chunk.usage is None for chunk in chunks[:-1])
 
+    # Chat: n streamed choices, each announced once, each ending; a stop string cuts the message.
+    chunks = list(client.chat.completions.create(model="base:bob", max_tokens=16, temperature=0, stream=True, n=2,
+                                                 messages=[{"role": "user", "content": PROMPT}]))
+    by_choice = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i)
+                 for i in (0, 1)}
+    assert by_choice == {0: greedy, 1: greedy}
+    assert sum(1 for c in chunks if c.choices[0].delta.role == "assistant") == 2
+    assert sorted(c.choices[0].index for c in chunks if c.choices[0].finish_reason) == [0, 1]
+    stopped = client.chat.completions.create(model="base:bob", max_tokens=16, temperature=0, stop=stop,
+                                             messages=[{"role": "user", "content": PROMPT}])
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == (cut.choices[0].text, "stop")
+
 
 def test_sse_wire_format_ends_with_done(app):
     import httpx
@@ -335,26 +347,26 @@ def test_chat_template_renders_system_user_assistant_turns(app):
 
 
 def test_full_queue_answers_429_with_retry_after_and_timeouts_answer_504(app):
-    """The "limits" app has one batch row and no waiting room: a second request while one runs is refused."""
+    """The "limits" app has one batch row, no waiting room and a 1 s request timeout."""
     import httpx
 
     url, headers = app["url"] + "/limits", auth(ADMIN_TOKEN)
-    long_body = {"model": "chatbase", "prompt": PROMPT, "max_tokens": 470, "temperature": 0, "stream": True}
-    with httpx.stream("POST", url + "/v1/completions", json=long_body, headers=headers, timeout=60) as running:
-        assert running.status_code == 200
-        lines = running.iter_lines()
-        first = next(line for line in lines if line.startswith("data: "))  # it is decoding now
-        refused = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
-                             json={"model": "chatbase", "prompt": "king", "max_tokens": 2})
-        rest = [line for line in lines if line.startswith("data: ")]
+    # Two choices need two rows: the second finds the only row taken and no room to wait.
+    refused = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
+                         json={"model": "chatbase", "prompt": "king", "max_tokens": 2, "n": 2})
     assert refused.status_code == 429, refused.text
     assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "queue_full"
     assert refused.json()["error"]["type"] == "rate_limit_error"
-    # 470 tokens take longer than the app's request_timeout_s of 1 s: the stream ends with an in-band 504.
-    assert json.loads(first[6:])["choices"][0]["text"]
-    assert json.loads(rest[-2][6:])["error"]["code"] == "timeout" and rest[-1] == "data: [DONE]"
-    timed_out = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
-                           json={"model": "chatbase", "prompt": PROMPT, "max_tokens": 470, "temperature": 0})
+    # 470 tokens take longer than the app's request_timeout_s of 1 s: a stream ends with an in-band error ...
+    long_body = {"model": "chatbase", "prompt": PROMPT, "max_tokens": 470, "temperature": 0}
+    with httpx.stream("POST", url + "/v1/completions", json=long_body | {"stream": True}, headers=headers,
+                      timeout=60) as running:
+        assert running.status_code == 200
+        events = [line for line in running.iter_lines() if line.startswith("data: ")]
+    assert json.loads(events[0][6:])["choices"][0]["text"]  # it had started answering
+    assert json.loads(events[-2][6:])["error"]["code"] == "timeout" and events[-1] == "data: [DONE]"
+    # ... and a plain request with a 504 in OpenAI's shape.
+    timed_out = httpx.post(url + "/v1/completions", headers=headers, timeout=30, json=long_body)
     assert timed_out.status_code == 504 and timed_out.json()["error"]["code"] == "timeout"
     after = httpx.post(url + "/v1/completions", headers=headers, timeout=30,
                        json={"model": "chatbase", "prompt": "king", "max_tokens": 2})
