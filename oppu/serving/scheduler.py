@@ -340,6 +340,7 @@ class ContinuousBatcher:
                                        position_ids=job.positions[:, job.done:end], past_key_values=job.cache,
                                        use_cache=True, logits_to_keep=1).logits
         job.done = end
+        _grow_in_place(job.cache)
         self.stats.prefill_chunks += 1
         if end < width:
             return
@@ -494,3 +495,53 @@ class ContinuousBatcher:
         finally:
             for layer in self._lora_layers:
                 layer.slot_ids = None
+
+
+KV_HEADROOM = 64  # columns a layer's key/value buffers keep free: one reallocation every 64 decode steps
+
+
+def _grow_in_place(cache: Any) -> None:
+    """Let every layer of a ``DynamicCache`` append new keys and values in place (``_GrowingLayer``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _make_growing_layer(DynamicLayer)
+
+
+_GROWING: dict[type, type] = {}
+
+
+def _make_growing_layer(base: type) -> type:
+    """``DynamicLayer`` whose ``update`` writes into buffers with headroom instead of concatenating.
+
+    transformers' ``DynamicLayer`` copies the whole history of a layer on every step (``torch.cat``);
+    here the keys and values are views of larger buffers and a decode step writes one column. When
+    the scheduler replaces a layer's tensors (rows left or joined), the next update starts new buffers.
+    """
+    if base not in _GROWING:
+        class GrowingLayer(base):
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized or self.keys.numel() == 0:
+                    out = super().update(key_states, value_states, *args, **kwargs)
+                    self._growth = None
+                    return out
+                keys, values = self.keys, self.values
+                length, new = keys.shape[-2], key_states.shape[-2]
+                growth = getattr(self, "_growth", None)
+                if growth is None or growth[0] is not keys or growth[2].shape[-2] < length + new:
+                    capacity = length + new + KV_HEADROOM
+                    key_buffer = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
+                    value_buffer = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
+                    key_buffer[:, :, :length] = keys
+                    value_buffer[:, :, :length] = values
+                else:
+                    key_buffer, value_buffer = growth[2], growth[3]
+                key_buffer[:, :, length:length + new] = key_states
+                value_buffer[:, :, length:length + new] = value_states
+                self.keys, self.values = key_buffer[:, :, :length + new], value_buffer[:, :, :length + new]
+                self._growth = (self.keys, self.values, key_buffer, value_buffer)
+                return self.keys, self.values
+
+        _GROWING[base] = GrowingLayer
+    return _GROWING[base]
