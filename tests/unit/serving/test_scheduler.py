@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from oppu.serving.sampling import SamplingParams
 from oppu.serving.scheduler import (
@@ -55,10 +56,24 @@ def request(engine, loaded, user, prompt, max_new=8, params=GREEDY, **kwargs) ->
     return SequenceRequest(engine.encode(prompt), loaded[user] if user else None, max_new, params, **kwargs)
 
 
+def engine_on(base, device: str):
+    """The tiny base in float32 on ``device`` (token-for-token equality holds in float32 only on a GPU)."""
+    from oppu.models import load_model
+    from oppu.serving.engine import GenerationEngine, LoraSlotsConfig
+
+    model, tokenizer = load_model(base, device=device, dtype=torch.float32)
+    return GenerationEngine(model, tokenizer, LoraSlotsConfig(3, 8, ("q_proj", "v_proj")))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prefill", "chunked-prefill"])
-def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, offline_answers, chunk):  # noqa: F811
+def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, offline_answers, chunk,  # noqa: F811
+                                                                        device):
     base, _, loaded = setup
-    engine = make_engine(base)
+    engine = engine_on(base, device)
     batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=chunk)
     sinks = [Collector() for _ in CASES]
     # The first two start together; the others arrive while those decode, one per step.
