@@ -110,7 +110,15 @@ def main() -> int:
     out_dir = os.environ.get("OUT")
     if out_dir:
         _LOG = open(Path(out_dir) / "serve_http.log", "w")  # noqa: SIM115 (open for the whole run)
-    results = run(shape)
+    results: dict = {}
+    try:
+        run(shape, results)
+    except BaseException as exc:  # keep what was measured for the log, never as the results file
+        results["error"] = f"{type(exc).__name__}: {exc}"
+        if out_dir:
+            (Path(out_dir) / "serve_http.partial.json").write_text(json.dumps(results, indent=2) + "\n")
+        log(f"failed after {time.perf_counter() - _STARTED:.0f} s: {results['error']}")
+        raise
     results["command"] = "python " + " ".join(sys.argv)
     text = json.dumps(results, indent=2) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -122,13 +130,14 @@ def main() -> int:
     return 0
 
 
-def run(shape: HttpShape) -> dict:
+def run(shape: HttpShape, out: dict) -> None:
+    """Every phase in order; figures go into ``out`` as they are measured."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(tempfile.mkdtemp(prefix="oppu-serve-http-"))
-    out: dict = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "shape": shape.__dict__,
-                 "slo": {"ttft_ms": 1000 * TTFT_SLO_S, "mean_itl_ms": 1000 * ITL_SLO_S}}
+    out.update({"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "shape": shape.__dict__,
+                "slo": {"ttft_ms": 1000 * TTFT_SLO_S, "mean_itl_ms": 1000 * ITL_SLO_S}})
     tokenizer = word_tokenizer(shape.vocab)
     model = random_llama(shape, tokenizer, device)
     base = work / "base"
@@ -162,13 +171,12 @@ def run(shape: HttpShape) -> dict:
 
     url = start_app(shape, base, store_uri, device)
     try:
-        out.update(asyncio.run(load_phases(shape, url, workload)))
+        asyncio.run(load_phases(shape, url, workload, out))
         out["replica_stats"] = replica_stats()
     finally:
         from ray import serve
 
         serve.shutdown()
-    return out
 
 
 def word_tokenizer(vocab: int):
@@ -435,10 +443,10 @@ async def open_loop(client, url: str, workload: Workload, mix: str, rate: float,
     return summarize(name, records, started, started + seconds)
 
 
-async def load_phases(shape: HttpShape, url: str, workload: Workload) -> dict:
+async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict) -> None:
     import httpx
 
-    out: dict = {"closed_loop_base": {}}
+    out["closed_loop_base"] = {}
     limits = httpx.Limits(max_connections=4 * max(shape.concurrencies) + 64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
         await closed_loop(client, url, workload, "base", min(8, shape.max_batch_size), min(5.0, shape.phase_s),
@@ -479,7 +487,6 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload) -> dict:
                                    "goodput_fraction": phase["goodput_fraction"], "itl_ms_p50": phase["itl_ms_p50"],
                                    "itl_ms_p99": phase["itl_ms_p99"], "requests": phase["requests"],
                                    "errors": phase["errors"]})
-    return out
 
 
 def print_summary(results: dict) -> None:
@@ -488,11 +495,15 @@ def print_summary(results: dict) -> None:
     print(f"{'engine alone, 32 in flight (tokens/s)':40s} {results['engine_base_batch32_tokens_per_s']:10.0f}")
     for key in ("base_tokens_per_s", "adapters_zipf_tokens_per_s", "adapters_uniform_tokens_per_s", "ttft_ms_p50",
                 "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"):
-        print(f"{'HTTP c=' + str(c32['concurrency']) + ' ' + key:40s} {c32[key]:10.1f}")
-    print(f"{'unloaded TTFT p50 (ms)':40s} {results['unloaded_ttft_ms_p50']:10.1f}")
+        print(f"{'HTTP c=' + str(c32['concurrency']) + ' ' + key:40s} {_fmt(c32[key])}")
+    print(f"{'unloaded TTFT p50 (ms)':40s} {_fmt(results['unloaded_ttft_ms_p50'])}")
     for row in results["poisson"]:
-        print(f"Poisson {row['rate']:6.2f} req/s ({row['load_fraction']:.2f}x): TTFT p50 {row['ttft_ms_p50']} "
-              f"p99 {row['ttft_ms_p99']} ms, goodput {row['goodput']:.2f} req/s")
+        print(f"Poisson {row['rate']:6.2f} req/s ({row['load_fraction']:.2f}x): TTFT p50 {_fmt(row['ttft_ms_p50'])} "
+              f"p99 {_fmt(row['ttft_ms_p99'])} ms, goodput {row['goodput']:.2f} req/s")
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:10.1f}" if value is not None else f"{'-':>10s}"
 
 
 if __name__ == "__main__":
