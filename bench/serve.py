@@ -9,6 +9,12 @@ merged with the GPU figures into the committed file:
 
     python bench/serve.py --mode s3 --merge results-gpu.json --out bench/results/serve.json
 
+The host tier holds ``host_cache_adapters`` (256) of the 1,000 adapters, as a replica's does: the Zipf
+mix's host-cache hit rate is counted, not assumed; a cold mix (users uniform over every adapter, a fresh
+host tier) is timed with its loads from the store; and the first batch of every phase, and of a batch
+shape not seen before, is reported on its own (``*_first_batch_s``: compile and CUDA-graph capture),
+besides the warm batches the throughput figures average.
+
 ``--tiny`` runs either mode at toy size (a CPU smoke test of this script). The engine is
 ``oppu.serving.engine.GenerationEngine`` and the host tier ``oppu.serving.adapters.AdapterCache``,
 the same code the replicas run; requests skip HTTP so the figures are the engine's own.
@@ -55,12 +61,13 @@ class BenchShape:
     prompt_tokens: int
     new_tokens: int
     zipf_batches: int
+    host_cache_adapters: int  # the host tier, as a replica's host_cache_adapters (smaller than n_adapters)
 
 
 FULL = BenchShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, n_adapters=1000, rank=8,
-                  gpu_slots=64, batch=32, prompt_tokens=32, new_tokens=128, zipf_batches=8)
+                  gpu_slots=64, batch=32, prompt_tokens=32, new_tokens=128, zipf_batches=8, host_cache_adapters=256)
 TINY = BenchShape(hidden=64, intermediate=128, layers=2, heads=4, vocab=512, n_adapters=40, rank=8,
-                  gpu_slots=8, batch=4, prompt_tokens=8, new_tokens=8, zipf_batches=3)
+                  gpu_slots=8, batch=4, prompt_tokens=8, new_tokens=8, zipf_batches=3, host_cache_adapters=16)
 
 
 def main() -> int:
@@ -102,6 +109,10 @@ def run_gpu(shape: BenchShape, profile_dir: str | None = None) -> dict:
     base_b32 = timed_batches(base, [[GenerationRow(p, None, shape.new_tokens) for p in prompts]] * 3)
     progress(f"base batch {shape.batch}", base_b32)
     out["batch1_ms_per_token_base"] = base_b1.ms_per_token
+    # The first batch of a new (batch, cache length) shape compiles and captures its decode step.
+    out["base_batch1_first_batch_s"], out["base_batch1_warm_batch_s"] = base_b1.first_batch_s, base_b1.batch_s
+    out[f"base_batch{shape.batch}_first_batch_s"] = base_b32.first_batch_s
+    out[f"base_batch{shape.batch}_warm_batch_s"] = base_b32.batch_s
     out["base_tokens_per_s"] = base_b32.tokens_per_s
     out["base_ttft_ms_p50"] = base_b32.ttft_ms_p50
     out["base_per_token_ms_p50"] = base_b32.step_ms_p50
@@ -119,11 +130,15 @@ def run_gpu(shape: BenchShape, profile_dir: str | None = None) -> dict:
         started = time.perf_counter()
         engine = GenerationEngine(model, tokenizer, LoraSlotsConfig(shape.gpu_slots, shape.rank, TARGETS),
                                   cuda_graphs=graphs, compile_step=graphs, static_cache=True,
-                                  host_adapters=shape.n_adapters)  # as a replica: host_cache_adapters
+                                  host_adapters=shape.host_cache_adapters)  # as a replica
         out["engine_start_s"] = time.perf_counter() - started  # incl. pinning the host tier's buffers
-        # As a replica does: each adapter is packed into one pinned slot-format buffer as it enters the host tier.
+        # As a replica does: each adapter is packed into one pinned slot-format buffer as it enters the host
+        # tier, which holds fewer adapters than the store (host_cache_adapters < n_adapters).
+        host = HostCounts()
         cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
-                             capacity=shape.n_adapters, check_ttl_s=3600.0, prepare=engine.prepare_adapter)
+                             capacity=shape.host_cache_adapters, check_ttl_s=3600.0, prepare=engine.prepare_adapter,
+                             recorder=host)
+        out["host_cache_adapters"] = shape.host_cache_adapters
         cold_ms = cold_loads(cache, [user_id(i) for i in range(shape.n_adapters)])
         out["cold_load_ms_local_p50"] = statistics.median(cold_ms)
         out["cold_load_ms_local_p99"] = percentile(cold_ms, 99)
@@ -138,6 +153,7 @@ def run_gpu(shape: BenchShape, profile_dir: str | None = None) -> dict:
 
         # Requests from a Zipf-like mix of all users: the popular few stay resident in the GPU slots.
         users = zipf_users(shape.n_adapters, shape.batch * (shape.zipf_batches + 1), seed=2)
+        host_before = (host.hits, host.misses)
         batches = []
         for b in range(shape.zipf_batches + 1):
             chosen = users[b * shape.batch:(b + 1) * shape.batch]
@@ -161,7 +177,15 @@ def run_gpu(shape: BenchShape, profile_dir: str | None = None) -> dict:
         # Host time per slot load in the mix (the copies themselves are queued on the GPU stream).
         load_s = engine.slots.stats.load_seconds - slot_stats_before[2]
         out["gpu_slot_load_ms_host_mean"] = 1000 * load_s / max(1, misses)
-        out["host_cache_hit_rate_after_warmup"] = 1.0  # every adapter was loaded once above (cold_load_ms_*)
+        # Measured on the Zipf mix's lookups (the host tier holds the last host_cache_adapters of the cold loads).
+        zipf_hits, zipf_misses = host.hits - host_before[0], host.misses - host_before[1]
+        out["host_cache_hit_rate_zipf"] = zipf_hits / max(1, zipf_hits + zipf_misses)
+        out["adapters_first_batch_s"], out["adapters_warm_batch_s"] = mixed.first_batch_s, mixed.batch_s
+        out.update(cold_uniform_mix(engine, store, shape, prompts))
+        progress(f"cold uniform mix: {out['cold_uniform_tokens_per_s']:.0f} tokens/s incl. loads", None)
+        out.update(new_shape_cost(engine, cache, shape))
+        progress(f"new shape: first batch {out['new_shape_first_batch_s']:.2f} s, "
+                 f"warm {out['new_shape_warm_batch_s']:.2f} s", None)
         if profile_dir:
             profile_batch(engine, batches[1], Path(profile_dir) / "adapters")
     return out
@@ -231,8 +255,13 @@ def adapter_bytes(shape: BenchShape) -> int:
     return shape.layers * len(TARGETS) * 2 * shape.rank * shape.hidden * 2
 
 
-def publish_random_adapters(store: AdapterStore, shape: BenchShape, indices, device: str) -> None:
-    """Write each user's random rank-``r`` PEFT adapter (bf16, q/v projections) and publish it."""
+def publish_random_adapters(store: AdapterStore, shape, indices, device: str, *, fingerprint: str = FINGERPRINT,
+                            user=None, task: str = TASK) -> None:
+    """Write each user's random rank-``r`` PEFT adapter (bf16, q/v projections) and publish it.
+
+    ``shape`` needs ``rank``, ``layers`` and ``hidden``; ``user(i)`` names adapter ``i`` (default ``user_id``).
+    """
+    user = user or user_id
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -258,7 +287,7 @@ def publish_random_adapters(store: AdapterStore, shape: BenchShape, indices, dev
         with tempfile.TemporaryDirectory(prefix="oppu-bench-adapter-") as staging:
             config.save_pretrained(staging)
             save_file(tensors, str(Path(staging) / "adapter_model.safetensors"))
-            store.publish(AdapterKey(TASK, FINGERPRINT, VARIANT, user_id(i)), staging, data_hash=f"bench-{i}",
+            store.publish(AdapterKey(task, fingerprint, VARIANT, user(i)), staging, data_hash=f"bench-{i}",
                           config={"bench": i}, peft_method="lora", data_span={}, metrics={})
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -288,6 +317,82 @@ def zipf_users(n_users: int, n_requests: int, seed: int, exponent: float = 1.0) 
     return rng.choice(n_users, size=n_requests, p=weights / weights.sum()).tolist()
 
 
+class HostCounts:
+    """``AdapterCache``'s recorder: host-tier hits and misses (and load times) counted here."""
+
+    def __init__(self):
+        self.hits = self.misses = 0
+
+    def cache_lookup(self, tier: str, hit: bool) -> None:
+        if tier == "host":
+            self.hits += hit
+            self.misses += not hit
+
+    def adapter_loaded(self, seconds: float) -> None:
+        pass
+
+
+def cold_uniform_mix(engine: GenerationEngine, store: AdapterStore, shape: BenchShape, prompts) -> dict:
+    """Batches of users drawn uniformly from every adapter, through a fresh (cold) host tier; each batch's
+    time includes its adapters' loads from the store (concurrent, as a replica's requests would be)."""
+    import random
+
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    host = HostCounts()
+    cache = AdapterCache(store, task=TASK, variant=VARIANT, shape=AdapterShape(FINGERPRINT, shape.rank, TARGETS),
+                         capacity=shape.host_cache_adapters, check_ttl_s=3600.0, prepare=engine.prepare_adapter,
+                         recorder=host)
+    rng = random.Random(3)
+    slot_before = (engine.slots.stats.hits, engine.slots.stats.misses)
+    tokens, elapsed, load_s = 0, 0.0, 0.0
+    for _ in range(shape.zipf_batches):
+        users = [user_id(rng.randrange(shape.n_adapters)) for _ in range(shape.batch)]
+
+        async def load(users=users):
+            return await asyncio.gather(*(cache.get(u) for u in users))
+
+        sync()
+        started = time.perf_counter()
+        loaded = asyncio.run(load())
+        load_s += time.perf_counter() - started
+        for step in engine.stream([GenerationRow(p, a, shape.new_tokens) for p, a in zip(prompts, loaded, strict=True)]):
+            tokens += sum(1 for token in step if token is not None)
+        sync()
+        elapsed += time.perf_counter() - started
+    slot_hits = engine.slots.stats.hits - slot_before[0]
+    slot_misses = engine.slots.stats.misses - slot_before[1]
+    return {"cold_uniform_tokens_per_s": tokens / elapsed,
+            "cold_uniform_host_hit_rate": host.hits / max(1, host.hits + host.misses),
+            "cold_uniform_gpu_slot_hit_rate": slot_hits / max(1, slot_hits + slot_misses),
+            "cold_uniform_load_s_per_batch": load_s / shape.zipf_batches,
+            "cold_uniform_note": "uniform over every adapter, a fresh host tier; time includes store reads, "
+                                 "sha256 checks and packing"}
+
+
+def new_shape_cost(engine: GenerationEngine, cache: AdapterCache, shape: BenchShape) -> dict:
+    """A batch whose (batch, cache length) shape has not run yet: its first run compiles and captures."""
+    import torch
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    rows_n = max(1, shape.batch * 5 // 8)  # pads to the same power of two as a smaller batch would
+    prompts = random_prompts(BenchShape(**(shape.__dict__ | {"prompt_tokens": shape.prompt_tokens + 64})), rows_n,
+                             seed=5)
+    adapters = [asyncio.run(cache.get(user_id(i))) for i in range(rows_n)]
+    rows = [GenerationRow(p, a, shape.new_tokens) for p, a in zip(prompts, adapters, strict=True)]
+    times = []
+    for _ in range(2):
+        sync()
+        started = time.perf_counter()
+        for _ in engine.stream(rows):
+            pass
+        sync()
+        times.append(time.perf_counter() - started)
+    return {"new_shape_rows": rows_n, "new_shape_prompt_tokens": shape.prompt_tokens + 64,
+            "new_shape_first_batch_s": times[0], "new_shape_warm_batch_s": times[1]}
+
+
 def slot_load_times(engine: GenerationEngine, store: AdapterStore, cache: AdapterCache, shape: BenchShape,
                     n: int = 16) -> dict:
     """GPU slot loads timed to completion (synchronised): the packed path against the old per-tensor copies."""
@@ -296,7 +401,7 @@ def slot_load_times(engine: GenerationEngine, store: AdapterStore, cache: Adapte
     from oppu.models import multi_lora
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    adapters = [asyncio.run(cache.get(user_id(i))) for i in range(n)]  # host hits: cached above
+    adapters = [asyncio.run(cache.get(user_id(i))) for i in range(n)]
     packed_ms, old_ms, pack_ms = [], [], []
     for slot, adapter in enumerate(adapters):
         sync()
@@ -352,6 +457,8 @@ class Timing:
     ttft_ms_p99: float
     step_ms_p50: float
     step_ms_p99: float
+    first_batch_s: float  # the warm-up batch: slot loads and, for a new shape, compile and graph capture
+    batch_s: float  # mean of the timed batches
 
 
 def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) -> Timing:
@@ -360,7 +467,7 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     ttfts, steps, decode_ms_per_token = [], [], []
-    tokens, elapsed, first_tokens, first_elapsed = 0, 0.0, 0, 0.0
+    tokens, elapsed, first_tokens, first_elapsed, warmup_s = 0, 0.0, 0, 0.0, 0.0
     for index, rows in enumerate(batches):
         sync()
         started = last = time.perf_counter()
@@ -374,6 +481,8 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
                 if len(step_times) == 1:
                     first_tokens += sum(1 for token in step if token is not None)
         if index == 0:
+            sync()
+            warmup_s = time.perf_counter() - started
             continue
         elapsed += last - started
         first_elapsed += step_times[0]
@@ -384,7 +493,8 @@ def timed_batches(engine: GenerationEngine, batches: list[list[GenerationRow]]) 
                   decode_tokens_per_s=(tokens - first_tokens) / (elapsed - first_elapsed),
                   ms_per_token=statistics.median(decode_ms_per_token),
                   ttft_ms_p50=statistics.median(ttfts), ttft_ms_p99=percentile(ttfts, 99),
-                  step_ms_p50=statistics.median(steps), step_ms_p99=percentile(steps, 99))
+                  step_ms_p50=statistics.median(steps), step_ms_p99=percentile(steps, 99),
+                  first_batch_s=warmup_s, batch_s=elapsed / (len(batches) - 1))
 
 
 _STARTED = time.perf_counter()

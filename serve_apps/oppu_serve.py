@@ -27,6 +27,9 @@ def build(args: dict) -> Application:
     model = serve.deployment(
         ModelReplica, name="model", num_replicas=config.num_replicas,
         max_ongoing_requests=config.model_max_ongoing_requests,
+        # Requests beyond what the replicas take wait in the ingress's handle; past this many the
+        # handle raises BackPressureError, which the ingress answers with 429 and Retry-After.
+        max_queued_requests=max(1, config.max_queued_requests),
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     ).bind(config.model_dump())
     ingress = OppuIngress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,

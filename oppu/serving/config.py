@@ -36,18 +36,31 @@ class ServeConfig(BaseModel):
         description="modules that carry LoRA slots (a superset of the adapters' targets)")
     adapter_check_ttl_s: float = Field(5.0, ge=0, description="how long a cached adapter is trusted "
                                        "before the store is asked for a newer version")
-    max_batch_size: int = Field(8, ge=1, description="requests decoded together in one forward pass")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one forward pass (the running "
+                                "batch; requests join and leave it at step boundaries)")
+    prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps "
+                                      "(longer prompts are prefilled in chunks while running streams go on)")
+    max_queued_requests: int = Field(64, ge=0, description="sequences a replica holds waiting for a batch row; "
+                                     "more get HTTP 429 with Retry-After")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 429")
+    request_timeout_s: float = Field(300.0, ge=0, description="a request still waiting or generating after "
+                                     "this long ends with HTTP 504 (0: no limit)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get HTTP 413")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts get HTTP 400")
     max_tokens_limit: int = Field(256, ge=1, description="larger max_tokens get HTTP 400")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
+    max_n: int = Field(8, ge=1, description="the largest n (choices per request) accepted")
+    # Greedy by default: what offline evaluation does and what clients of this server have relied on
+    # (OpenAI's own default is 1.0; set it here to match OpenAI).
+    default_temperature: float = Field(0.0, ge=0, le=2, description="temperature when a request gives none "
+                                       "(0: greedy; OpenAI's default is 1)")
     num_replicas: int = Field(1, ge=1, description="model replicas")
-    model_max_ongoing_requests: int = Field(64, ge=1, description="requests a model replica takes at "
-                                            "once (>= max_batch_size, or batches cannot fill)")
+    model_max_ongoing_requests: int = Field(128, ge=1, description="requests a model replica takes at "
+                                            "once (>= max_batch_size, or batches cannot fill); more wait in "
+                                            "the ingress's handle, at most max_queued_requests of them")
     ingress_max_ongoing_requests: int = Field(512, ge=1, description="requests an ingress replica takes at once")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each model replica reserves")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs each model replica reserves")
-    compile_decode: bool = Field(False, description="CUDA only: static KV cache + CUDA-graph decode")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,28 @@ class AdapterSlots:
             self.stats.load_seconds += time.perf_counter() - started
         return [-1 if a is None else failures.get(a.cache_id) or self._resident[a.cache_id]
                 for a in adapters]
+
+    def acquire(self, adapter: LoadedAdapter, pinned: Collection[str]) -> int | None:
+        """The slot holding ``adapter``, loading it (LRU replacement outside ``pinned``) if needed.
+
+        None when every slot holds a ``pinned`` adapter (the continuous batcher's running, prefilling
+        and prefetched sequences); ``AdapterIntegrityError`` when the adapter does not fit.
+        """
+        cache_id = adapter.cache_id
+        if cache_id in self._resident:
+            self._resident.move_to_end(cache_id)
+            self.stats.hits += 1
+            return self._resident[cache_id]
+        if not self._free and all(resident in pinned for resident in self._resident):
+            return None
+        self.stats.misses += 1
+        started = time.perf_counter()
+        self.prepare(adapter)
+        slot = self._take_slot(pinned=pinned)
+        self.loader.load(slot, adapter.packed)
+        self._resident[cache_id] = slot
+        self.stats.load_seconds += time.perf_counter() - started
+        return slot
 
     def release(self, adapter: LoadedAdapter) -> None:
         """Forget an adapter (evicted, deleted or superseded); its slot is overwritten on reuse."""

@@ -1,31 +1,53 @@
-"""The HTTP ingress: OpenAI-compatible completions, ``/v1/predict``, models, adapter deletion.
+"""The HTTP ingress: OpenAI-compatible completions, ``/v1/predict``, models, health, adapter deletion.
 
-Every route checks, in this order: the user id against the strict pattern (400), the bearer
-token (401, or 403 for another user's token), the request's limits (400); then the model
-replica answers (404 when the user has no adapter). Errors are JSON in OpenAI's shape,
-``{"error": {"message", "type", "code"}}``, so the ``openai`` client raises its usual exceptions.
+Every route works in this order: the bearer token (401, or 403 later for another user's
+adapter), the body's size (413), the body's fields (400 naming the field; unknown and
+unsupported OpenAI fields included), the model and user id (400 / 404), the request's limits
+(400); then the model replica answers (404 when the user has no adapter, 429 with Retry-After
+when its queue is full, 504 past ``request_timeout_s``). Every error, unknown routes included, is
+JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the ``openai``
+client raises its usual exceptions.
 """
 
-# No "from __future__ import annotations": FastAPI must see the body models' real types on the
+# No "from __future__ import annotations": FastAPI must see the parameters' real types on the
 # methods that @serve.ingress rewraps.
 import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from oppu.errors import AdapterError, AdapterNotFound, ConfigError, OppuError, UserIdError
+from oppu.errors import AdapterError, AdapterNotFound, ConfigError, DataError, OppuError, UserIdError
 from oppu.ids import validate_user_id
 from oppu.serving.auth import ADMIN_TOKEN_ENV, Authenticator, AuthError, Caller, ForbiddenError
 from oppu.serving.config import ServeConfig
-from oppu.serving.replica import GenerateRequest, GenerateResult, RequestTooLarge, StreamStart
+from oppu.serving.openai_api import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    PredictBody,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    parse_body,
+    usage,
+)
+from oppu.serving.replica import (
+    ChoiceEnd,
+    Delta,
+    GenerateRequest,
+    GenerateResult,
+    QueueFull,
+    RequestTimeout,
+    RequestTooLarge,
+    StreamStart,
+)
 
 
 class ModelNotFound(OppuError):
@@ -36,77 +58,44 @@ class UnknownHistory(OppuError):
     """``/v1/predict`` with k > 0 for a user the data set has no history for (HTTP 404)."""
 
 
-ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
-    (UserIdError, 400, "invalid_user_id"),
-    (RequestTooLarge, 400, "request_too_large"),
-    (ConfigError, 400, "invalid_request"),
-    (AuthError, 401, "unauthorized"),
-    (ForbiddenError, 403, "forbidden"),
-    (AdapterNotFound, 404, "adapter_not_found"),
-    (ModelNotFound, 404, "model_not_found"),
-    (UnknownHistory, 404, "user_not_found"),
+# (error class, HTTP status, code, the body field it is about)
+ERROR_STATUS: list[tuple[type[Exception], int, str, str | None]] = [
+    (UserIdError, 400, "invalid_user_id", "model"),
+    (RequestTooLarge, 400, "request_too_large", None),
+    (DataError, 400, "invalid_input", "input"),
+    (ConfigError, 400, "invalid_request", None),
+    (AuthError, 401, "unauthorized", None),
+    (ForbiddenError, 403, "forbidden", "model"),
+    (AdapterNotFound, 404, "adapter_not_found", "model"),
+    (ModelNotFound, 404, "model_not_found", "model"),
+    (UnknownHistory, 404, "user_not_found", "user"),
     # Stored adapter corrupt or trained on another base: not the request's fault, and retrying
     # cannot help (a 5xx would make clients retry), so it is "unprocessable".
-    (AdapterError, 422, "adapter_unusable"),
+    (AdapterError, 422, "adapter_unusable", "model"),
+    (QueueFull, 429, "queue_full", None),
+    (RequestTimeout, 504, "timeout", None),
 ]
 
 
-def error_response(status: int, kind: str, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind,
-                                                               "code": status}})
+def as_api_error(exc: BaseException, retry_after_s: int = 1) -> ApiError:
+    """The HTTP status, code and field of an exception (500 ``internal_error`` if unknown)."""
+    from ray.serve.exceptions import BackPressureError
 
-
-def classify(exc: BaseException) -> tuple[int, str] | None:
-    for error_type, status, kind in ERROR_STATUS:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, BackPressureError):  # Serve's own queue in front of the model replicas
+        exc = QueueFull(f"the model replicas' queues are full: {exc}")
+    for error_type, status, code, param in ERROR_STATUS:
         if isinstance(exc, error_type):
-            return status, kind
-    return None
+            param = getattr(exc, "param", None) or getattr(exc, "field", None) or param
+            headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
+            return ApiError(status, code, str(exc), param, headers)
+    return ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}")
 
 
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="allow")  # OpenAI's sampling options are accepted, decoding is greedy
-
-    model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatBody(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stream: bool = False
-
-
-class PredictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    task: str
-    user: str | int
-    input: str
-    k: int = Field(0, ge=0, le=64)
-
-
-def _usage(result: GenerateResult) -> dict:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
-
-
-def _message_text(message: ChatMessage) -> str:
-    if isinstance(message.content, list):
-        return "".join(part.get("text", "") for part in message.content if part.get("type") == "text")
-    return message.content or ""
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(status_code=error.status, headers=error.headers,
+                        content=error_body(error.status, error.code, error.message, error.param))
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -119,15 +108,28 @@ app = FastAPI(title="OPPU: one personal LoRA per user", version="1")
 
 
 @app.exception_handler(RequestValidationError)
-async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-    return error_response(400, "invalid_request", problems)
+async def _bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors)
+    param = str(errors[0]["loc"][-1]) if errors and errors[0]["loc"] else None
+    return error_response(ApiError(400, "invalid_value", problems, param))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(ApiError(exc.status_code, code, message, None, dict(exc.headers or {}) or None))
 
 
 @app.exception_handler(OppuError)
 async def _oppu_error(request: Request, exc: OppuError) -> JSONResponse:
-    status, kind = classify(exc) or (500, "internal_error")
-    return error_response(status, kind, str(exc))
+    return error_response(as_api_error(exc))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(as_api_error(exc))
 
 
 @serve.deployment(name="ingress")
@@ -156,83 +158,138 @@ class OppuIngress:
 
             self.dataset = read_dataset(self.config.data)
         self._info: dict | None = None
+        self._tokenizer_cache = None
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 once a model replica has its model loaded and its scheduler running; 503 before."""
+        try:
+            ready = await asyncio.wait_for(self.model.ready.remote(), timeout=5)
+        except Exception as exc:
+            ready, why = False, f"{type(exc).__name__}: {exc}"
+        else:
+            why = "the model replica's scheduler is not running"
+        if not ready:
+            return error_response(ApiError(503, "not_ready", f"the model is not ready: {why}"))
+        return JSONResponse({"status": "ok", "model": self.config.base_model_id})
 
     @app.get("/v1/models")
     async def models(self, authorization: str | None = Header(None)) -> dict:
         self.metrics.request("models")
         caller = await self._caller(authorization)
-        info = await self._model_info()
-        if caller.is_admin:
-            users = await asyncio.to_thread(self.store.users, self.config.task, info["base_fingerprint"],
-                                            self.config.variant)
-        else:
-            key_users = await asyncio.to_thread(self.store.users, self.config.task,
-                                                info["base_fingerprint"], self.config.variant)
-            users = [caller.user] if caller.user in key_users else []
-        base = self.config.base_model_id
         created = int(time.time())
-        ids = [base] + [f"{base}:{user}" for user in users]
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "oppu"} for model_id in ids]}
+        return {"object": "list", "data": [self._model_card(model_id, created)
+                                           for model_id in await self._visible_models(caller)]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_card(self, model_id: str, authorization: str | None = Header(None)) -> dict:
+        self.metrics.request("model")
+        caller = await self._caller(authorization)
+        if model_id not in await self._visible_models(caller, only=model_id):
+            raise ModelNotFound(f"model {model_id!r} does not exist or this token may not use it")
+        return self._model_card(model_id, int(time.time()))
 
     @app.post("/v1/completions")
-    async def completions(self, body: CompletionBody, authorization: str | None = Header(None)):
+    async def completions(self, request: Request):
         self.metrics.request("completions")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            raise RequestTooLarge(f"one prompt per request, got {len(prompts)}")
-        request = await self._request(body.model, prompts[0], body.max_tokens, authorization)
+        caller = await self._caller(request.headers.get("authorization"))
+        body: CompletionBody = parse_body(await self._read_body(request), CompletionBody)
+        body.check(self.config.max_n)
+        generate = self._request(caller, body, body.prompt_text(), body.max_tokens, body.logprobs)
         completion_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        offsets: dict[int, int] = {}
 
-        def chunk(text: str, finish: str | None, usage: dict | None = None) -> dict:
-            out = {"id": completion_id, "object": "text_completion", "created": created,
-                   "model": body.model,
-                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-            if usage is not None:
-                out["usage"] = usage
+        def logprobs_of(delta: Delta):
+            if body.logprobs is None:
+                return None
+            out = completion_logprobs(list(delta.logprobs), offsets.get(delta.index, 0))
+            offsets[delta.index] = offsets.get(delta.index, 0) + sum(len(t.token) for t in delta.logprobs)
+            return out
+
+        def chunk(choices: list[dict], result_usage: dict | None = None) -> dict:
+            out = {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                   "choices": choices}
+            if body.include_usage:
+                out["usage"] = result_usage
             return out
 
         if body.stream:
-            return await self._stream(request, lambda delta: chunk(delta, None),
-                                      lambda result: chunk("", result.finish_reason))
-        result = await self._generate(request)
-        return chunk(result.text, result.finish_reason, _usage(result))
+            return await self._stream(
+                generate,
+                on_delta=lambda d: chunk([{"index": d.index, "text": d.text, "finish_reason": None,
+                                           "logprobs": logprobs_of(d)}]),
+                on_end=lambda e: chunk([{"index": e.index, "text": "", "finish_reason": e.finish_reason,
+                                         "logprobs": None}]),
+                on_result=lambda r: chunk([], usage(r.prompt_tokens, r.completion_tokens)) if body.include_usage
+                else None)
+        result = await self._generate(generate)
+        return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
+                "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                             "logprobs": completion_logprobs(list(c.logprobs)) if c.logprobs is not None else None}
+                            for c in result.choices],
+                "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, body: ChatBody, authorization: str | None = Header(None)):
+    async def chat_completions(self, request: Request):
         self.metrics.request("chat_completions")
-        prompt = await self._chat_prompt(body.messages)
-        request = await self._request(body.model, prompt, body.max_completion_tokens or body.max_tokens,
-                                      authorization)
+        caller = await self._caller(request.headers.get("authorization"))
+        body: ChatBody = parse_body(await self._read_body(request), ChatBody)
+        body.check(self.config.max_n)
+        prompt, templated = await self._chat_prompt(body.turns())
+        generate = self._request(caller, body, prompt, body.requested_max_tokens(), body.requested_logprobs(),
+                                 templated=templated, prompt_field="messages")
         completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        want_logprobs = body.requested_logprobs() is not None
 
-        def chunk(delta: dict, finish: str | None) -> dict:
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                    "model": body.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                      "logprobs": None}]}
+        def chunk(choices: list[dict], result_usage: dict | None = None) -> dict:
+            out = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                   "choices": choices}
+            if body.include_usage:
+                out["usage"] = result_usage
+            return out
+
+        def on_delta(delta: Delta) -> dict:  # the role went out in the first chunk of every choice
+            return chunk([{"index": delta.index, "delta": {"content": delta.text}, "finish_reason": None,
+                           "logprobs": chat_logprobs(list(delta.logprobs)) if want_logprobs else None}])
 
         if body.stream:
-            return await self._stream(request, lambda text: chunk({"content": text}, None),
-                                      lambda result: chunk({}, result.finish_reason),
-                                      first=chunk({"role": "assistant", "content": ""}, None))
-        result = await self._generate(request)
+            return await self._stream(
+                generate, on_delta=on_delta,
+                on_end=lambda e: chunk([{"index": e.index, "delta": {}, "finish_reason": e.finish_reason,
+                                         "logprobs": None}]),
+                on_result=lambda r: chunk([], usage(r.prompt_tokens, r.completion_tokens)) if body.include_usage
+                else None,
+                first=[chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                               "logprobs": None}]) for i in range(body.n)])
+        result = await self._generate(generate)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                             "finish_reason": result.finish_reason, "logprobs": None}],
-                "usage": _usage(result)}
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": c.finish_reason,
+                             "logprobs": chat_logprobs(list(c.logprobs)) if c.logprobs is not None else None}
+                            for c in result.choices],
+                "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     @app.post("/v1/predict")
-    async def predict(self, body: PredictBody, authorization: str | None = Header(None)) -> dict:
+    async def predict(self, request: Request) -> dict:
         """The task's prompt over the user's own top-k history, answered by the user's model."""
         from oppu.retrieval import BM25Retriever
         from oppu.tasks import get_task
 
         self.metrics.request("predict")
-        user = validate_user_id(body.user)
-        (await self._caller(authorization)).require(user)
-        if get_task(body.task) != self.task:
-            raise ConfigError(f"this app serves task {self.task.name}, not {body.task!r}")
-        query = self.task.parse_query(body.input)
+        caller = await self._caller(request.headers.get("authorization"))
+        body: PredictBody = parse_body(await self._read_body(request), PredictBody)
+        try:
+            user = validate_user_id(body.user)
+        except UserIdError as exc:
+            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
+        caller.require(user)
+        try:
+            same_task = get_task(body.task) == self.task
+        except Exception as exc:
+            raise ApiError(400, "invalid_value", f"unknown task {body.task!r}: {exc}", "task") from None
+        if not same_task:
+            raise ApiError(400, "invalid_value", f"this app serves task {self.task.name}, not {body.task!r}", "task")
+        query = self.task.parse_query(body.input)  # DataError(field="input") -> 400 naming "input"
         retrieved = []
         if body.k > 0:
             history = self._history(user)
@@ -242,41 +299,65 @@ class OppuIngress:
         result = await self._generate(GenerateRequest(prompt=prompt, user=user, max_tokens=max_tokens))
         return {"task": self.task.name, "user": user, "prediction": self.task.parse_output(result.text),
                 "raw": result.text, "k": body.k, "retrieved": len(retrieved),
-                "adapter_version": result.adapter_version, "usage": _usage(result)}
+                "adapter_version": result.adapter_version,
+                "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     @app.delete("/v1/users/{user}/adapter")
     async def delete_adapter(self, user: str, authorization: str | None = Header(None)) -> dict:
         """Delete every version of the user's adapter from the store and from every replica."""
         self.metrics.request("delete_adapter")
-        user = validate_user_id(user)
-        (await self._caller(authorization)).require(user)
+        caller = await self._caller(authorization)
+        try:
+            user = validate_user_id(user)
+        except UserIdError as exc:
+            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
+        caller.require(user)
         deleted = await asyncio.to_thread(self.store.delete_user, user, self.config.task)
         await self.events.record_deletion.remote(user)
         if not deleted:
             raise AdapterNotFound(f"user {user!r} has no adapter for task {self.config.task}")
         return {"user": user, "deleted_versions": deleted}
 
+    # -- helpers -------------------------------------------------------------------------------------
+
     async def _caller(self, authorization: str | None) -> Caller:
         try:
             return await asyncio.to_thread(self.auth.caller, authorization)
         except OppuError as exc:
-            self.metrics.error(classify(exc)[1])
+            self.metrics.error(as_api_error(exc).code)
             raise
 
-    async def _request(self, model: str, prompt: str, max_tokens: int | None,
-                       authorization: str | None) -> GenerateRequest:
-        base, sep, user = model.partition(":")
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = ApiError(413, "body_too_large", f"the request body exceeds {limit} bytes (max_body_bytes)")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for piece in request.stream():
+            size += len(piece)
+            if size > limit:
+                raise too_large
+            chunks.append(piece)
+        return b"".join(chunks)
+
+    def _request(self, caller: Caller, body, prompt: str, max_tokens: int | None, logprobs: int | None, *,
+                 templated: bool = False, prompt_field: str = "prompt") -> GenerateRequest:
+        base, sep, user = body.model.partition(":")
         if base != self.config.base_model_id:
-            raise ModelNotFound(f"model {model!r} is not served here; use "
+            raise ModelNotFound(f"model {body.model!r} is not served here; use "
                                 f"{self.config.base_model_id!r} or '{self.config.base_model_id}:<user>'")
         user_id = validate_user_id(user) if sep else None
-        caller = await self._caller(authorization)
         if user_id is not None:
             caller.require(user_id)
         max_tokens = max_tokens or self.config.default_max_tokens
         if max_tokens > self.config.max_tokens_limit:
-            raise RequestTooLarge(f"max_tokens {max_tokens} exceeds the limit {self.config.max_tokens_limit}")
-        return GenerateRequest(prompt=prompt, user=user_id, max_tokens=max_tokens)
+            raise RequestTooLarge(f"max_tokens {max_tokens} exceeds the limit {self.config.max_tokens_limit}",
+                                  "max_completion_tokens" if getattr(body, "max_completion_tokens", None)
+                                  else "max_tokens")
+        return GenerateRequest(prompt=prompt, user=user_id, max_tokens=max_tokens,
+                               params=body.sampling(self.config.default_temperature, logprobs), n=body.n,
+                               stop=body.stops(), templated=templated, prompt_field=prompt_field)
 
     def _handle(self, request: GenerateRequest, stream: bool = False):
         return self.model.options(multiplexed_model_id=request.user or "", stream=stream)
@@ -285,44 +366,58 @@ class OppuIngress:
         try:
             return await self._handle(request).generate.remote(request)
         except Exception as exc:
-            raise _unwrap(exc) from None
+            raise self._error(exc) from None
 
-    async def _stream(self, request: GenerateRequest, delta_chunk, final_chunk,
-                      first: dict | None = None) -> StreamingResponse:
+    def _error(self, exc: BaseException) -> ApiError:
+        error = as_api_error(_unwrap(exc), self.config.retry_after_s)
+        self.metrics.error(error.code)
+        return error
+
+    async def _stream(self, request: GenerateRequest, on_delta: Callable, on_end: Callable, on_result: Callable,
+                      first: list[dict] = ()) -> StreamingResponse:
         responses = self._handle(request, stream=True).generate_stream.remote(request)
         try:  # the first item says the request was accepted; errors before it are plain JSON
             start = await responses.__anext__()
         except Exception as exc:
-            raise _unwrap(exc) from None
+            raise self._error(exc) from None
         assert isinstance(start, StreamStart)
 
         async def events() -> AsyncIterator[str]:
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
+            for opening in first:  # chat: one chunk per choice naming the role
+                yield f"data: {json.dumps(opening)}\n\n"
             try:
                 async for item in responses:
-                    if isinstance(item, GenerateResult):
-                        yield f"data: {json.dumps(final_chunk(item))}\n\n"
-                    else:
-                        yield f"data: {json.dumps(delta_chunk(item))}\n\n"
+                    if isinstance(item, Delta):
+                        yield f"data: {json.dumps(on_delta(item))}\n\n"
+                    elif isinstance(item, ChoiceEnd):
+                        yield f"data: {json.dumps(on_end(item))}\n\n"
+                    elif isinstance(item, GenerateResult) and (last := on_result(item)) is not None:
+                        yield f"data: {json.dumps(last)}\n\n"
             except Exception as exc:  # the status line is sent: report the error in-band
-                error = _unwrap(exc)
-                status, kind = classify(error) or (500, "internal_error")
-                yield f"data: {json.dumps({'error': {'message': str(error), 'type': kind, 'code': status}})}\n\n"
+                error = self._error(exc)
+                yield f"data: {json.dumps(error_body(error.status, error.code, error.message, error.param))}\n\n"
+            finally:
+                responses.cancel()  # the client left or the stream ended: the replica frees its rows
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def _chat_prompt(self, messages: list[ChatMessage]) -> str:
+    async def _chat_prompt(self, turns: list[dict[str, str]]) -> tuple[str, bool]:
+        """The prompt text, and whether a chat template rendered it (its special tokens in the text)."""
         tokenizer = await self._tokenizer()
-        turns = [{"role": m.role, "content": _message_text(m)} for m in messages]
-        if getattr(tokenizer, "chat_template", None):
-            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        # A base model without a chat template continues the conversation's text.
-        return "\n".join(turn["content"] for turn in turns)
+        if not getattr(tokenizer, "chat_template", None):
+            # A base model without a chat template continues the conversation's text.
+            return "\n".join(turn["content"] for turn in turns), False
+        try:
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, turns, tokenize=False,
+                                           add_generation_prompt=True)
+        except Exception as exc:  # a template that refuses these turns (e.g. no system role)
+            raise ApiError(400, "invalid_value", f"the model's chat template refused the messages: {exc}",
+                           "messages") from None
+        return text, True
 
     async def _tokenizer(self):
-        if not hasattr(self, "_tokenizer_cache"):
+        if self._tokenizer_cache is None:
             from transformers import AutoTokenizer
 
             from oppu.models import resolve_model_dir
@@ -335,6 +430,26 @@ class OppuIngress:
         if self._info is None:
             self._info = await self.model.info.remote()
         return self._info
+
+    async def _visible_models(self, caller: Caller, only: str | None = None) -> list[str]:
+        """The base id and ``<base>:<user>`` of the adapters ``caller`` may use (the admin: all)."""
+        base = self.config.base_model_id
+        if only is not None:
+            model_base, sep, user = only.partition(":")
+            if model_base != base:
+                return []
+            if not sep:
+                return [base]
+        info = await self._model_info()
+        users = await asyncio.to_thread(self.store.users, self.config.task, info["base_fingerprint"],
+                                        self.config.variant)
+        if not caller.is_admin:
+            users = [caller.user] if caller.user in users else []
+        return [base] + [f"{base}:{user}" for user in users]
+
+    @staticmethod
+    def _model_card(model_id: str, created: int) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "oppu"}
 
     def _history(self, user: str):
         if self.dataset is None:

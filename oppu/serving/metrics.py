@@ -6,7 +6,9 @@ Every name starts with ``oppu_serve_``; Ray adds the ``ray_`` prefix on export.
 from __future__ import annotations
 
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]
+TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60]
 BATCH_SIZE_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128]
+ITL_BUCKETS_S = [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5]
 
 
 class ServingMetrics:
@@ -30,13 +32,28 @@ class ServingMetrics:
         self.load_seconds = metrics.Histogram(
             "oppu_serve_adapter_load_seconds", description="Time to read, verify and decode an adapter "
             "from the store.", boundaries=LATENCY_BUCKETS_S)
+        self.ttft = metrics.Histogram(
+            "oppu_serve_time_to_first_token_seconds", description="From a request's arrival at the model "
+            "replica to its first token (per choice).", boundaries=TTFT_BUCKETS_S)
+        self.itl = metrics.Histogram(
+            "oppu_serve_inter_token_latency_seconds", description="Time between two tokens of one choice.",
+            boundaries=ITL_BUCKETS_S)
+        self.prompt_token_count = metrics.Counter(
+            "oppu_serve_prompt_tokens", description="Prompt tokens of accepted requests.")
+        self.completion_token_count = metrics.Counter(
+            "oppu_serve_completion_tokens", description="Tokens generated (every choice).")
+        # Kept for the Grafana dashboard (cluster/grafana): the running batch and generation rate as
+        # seen when a request finishes.
         self.batch_size = metrics.Histogram(
-            "oppu_serve_batch_size", description="Rows decoded together in one batch.",
+            "oppu_serve_batch_size", description="Rows in the running decode batch when a request finishes.",
             boundaries=BATCH_SIZE_BUCKETS)
         self.tokens = metrics.Counter(
-            "oppu_serve_generated_tokens", description="Tokens generated.")
+            "oppu_serve_generated_tokens", description="Tokens generated (the same count as completion_tokens).")
         self.tokens_per_s = metrics.Gauge(
-            "oppu_serve_tokens_per_s", description="Generated tokens per second of the last batch.")
+            "oppu_serve_tokens_per_s", description="Tokens generated per second since the previous finished request.")
+        self.sequences = metrics.Gauge(
+            "oppu_serve_sequences", description="Sequences in the running decode batch and waiting for a row.",
+            tag_keys=("state",))
         self.resident_adapters = metrics.Gauge(
             "oppu_serve_resident_adapters", description="Adapters held per tier.",
             tag_keys=("tier",))
@@ -53,12 +70,27 @@ class ServingMetrics:
     def adapter_loaded(self, seconds: float) -> None:
         self.load_seconds.observe(seconds)
 
-    def batch(self, size: int, tokens: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        if tokens:
-            self.tokens.inc(tokens)
-        if seconds > 0:
-            self.tokens_per_s.set(tokens / seconds)
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def prompt_tokens(self, n: int) -> None:
+        if n:
+            self.prompt_token_count.inc(n)
+
+    def completion_tokens(self, n: int) -> None:
+        if n:
+            self.completion_token_count.inc(n)
+            self.tokens.inc(n)
+
+    def running(self, running: int, waiting: int, tokens_per_s: float | None = None) -> None:
+        self.sequences.set(running, tags={"state": "running"})
+        self.sequences.set(waiting, tags={"state": "waiting"})
+        self.batch_size.observe(running)
+        if tokens_per_s is not None:
+            self.tokens_per_s.set(tokens_per_s)
 
     def resident(self, tier: str, count: int) -> None:
         self.resident_adapters.set(count, tags={"tier": tier})

@@ -1,27 +1,49 @@
-"""The model replica: one base model, the adapter caches, and mixed-adapter batched decoding.
+"""The model replica: one base model, the adapter caches, and continuous mixed-adapter batching.
 
 Requests reach a replica through Ray Serve model multiplexing, with the user id as the
 multiplexed model id: the router prefers a replica that already holds that user's adapter.
-On the replica, ``@serve.batch`` gathers concurrent requests, whatever their users, into one
-batch that the engine decodes in one forward pass per token, every row through its own slot.
+On the replica, a ``ContinuousBatcher`` thread owns the model: each request's sequences (``n``
+of them) join the running decode batch at the next step boundary, whatever their users, and
+leave it when they finish; each row samples with its own options. Prompts are tokenized on a
+worker thread, never on the replica's event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from oppu.errors import AdapterError, AdapterNotFound, OppuError
 from oppu.serving.adapters import AdapterCache, AdapterShape, LoadedAdapter
 from oppu.serving.config import ServeConfig
-from oppu.serving.engine import GenerationEngine, GenerationRow, LoraSlotsConfig
+from oppu.serving.engine import GenerationEngine, LoraSlotsConfig
+from oppu.serving.openai_api import TokenInfo
+from oppu.serving.sampling import SamplingParams
+from oppu.serving.scheduler import (
+    ContinuousBatcher,
+    ErrorEvent,
+    FinishEvent,
+    QueueFull,
+    RequestTimeout,
+    SequenceRequest,
+    TokenEvent,
+)
+from oppu.serving.textstream import ChoiceText
+
+__all__ = ["ChoiceEnd", "ChoiceResult", "Delta", "GenerateRequest", "GenerateResult", "ModelReplica", "QueueFull",
+           "RequestTimeout", "RequestTooLarge", "StreamStart"]
 
 
 class RequestTooLarge(OppuError):
-    """A prompt or ``max_tokens`` over the configured limit (HTTP 400)."""
+    """A prompt or ``max_tokens`` over the configured limit (HTTP 400); ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -29,6 +51,12 @@ class GenerateRequest:
     prompt: str
     user: str | None  # None: the base model without an adapter
     max_tokens: int
+    params: SamplingParams = SamplingParams(temperature=0.0)
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    templated: bool = False  # rendered by a chat template: its special tokens are in the text, no BOS added
+    prompt_field: str = "prompt"  # the body field a too-long prompt is blamed on
+    received_s: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -40,12 +68,46 @@ class StreamStart:
 
 
 @dataclass(frozen=True)
-class GenerateResult:
+class Delta:
+    """New text of choice ``index`` (and the logprobs of the tokens it completes)."""
+
+    index: int
     text: str
-    prompt_tokens: int
+    logprobs: tuple[TokenInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceEnd:
+    index: int
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_tokens reached)
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    index: int
+    text: str
+    finish_reason: str
     completion_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (max_tokens reached)
+    logprobs: tuple[TokenInfo, ...] | None
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    choices: tuple[ChoiceResult, ...]
+    prompt_tokens: int
     adapter_version: str | None
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(choice.completion_tokens for choice in self.choices)
 
 
 class ModelReplica:
@@ -64,105 +126,179 @@ class ModelReplica:
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
                                                        dtype=self.config.dtype,
-                                                       compile_decode=self.config.compile_decode,
                                                        host_adapters=self.config.host_cache_adapters)
         self.fingerprint = base_fingerprint(self.config.model)
         self.metrics = ServingMetrics()
+        self.host_lookups = _CountingRecorder(self.metrics)
+        self.batcher = ContinuousBatcher(self.engine, max_batch_size=self.config.max_batch_size,
+                                         max_waiting=self.config.max_queued_requests,
+                                         prefill_chunk_tokens=self.config.prefill_chunk_tokens)
         self.adapters = AdapterCache(
             AdapterStore(self.config.store), task=self.config.task, variant=self.config.variant,
             shape=AdapterShape(self.fingerprint, self.config.max_lora_rank, tuple(self.config.target_modules)),
             capacity=self.config.host_cache_adapters, check_ttl_s=self.config.adapter_check_ttl_s,
-            recorder=self.metrics, on_evict=self._release_slot, prepare=self.engine.prepare_adapter)
-        # One compute thread: slot bookkeeping and decoding never run concurrently.
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-decode")
+            recorder=self.host_lookups, on_evict=self.batcher.release_adapter, prepare=self.engine.prepare_adapter)
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oppu-tokenize")
         self.events = events_actor(serve.get_replica_context().app_name)
         self._deletions_seen = 0
         self._gpu_counts_reported = {True: 0, False: 0}
+        self._rate_mark = (time.monotonic(), 0)  # (when, tokens generated by then) for oppu_serve_tokens_per_s
+        self.batcher.start()
 
-        # Decorated here, not on the class, because their limits come from the config.
+        # Decorated here, not on the class, because its capacity comes from the config.
         @serve.multiplexed(max_num_models_per_replica=self.config.host_cache_adapters)
         async def adapter_for_routing(user: str) -> str:
             await self.adapters.get(user)
             return user
 
-        @serve.batch(max_batch_size=self.config.max_batch_size,
-                     batch_wait_timeout_s=self.config.batch_wait_timeout_s)
-        async def decode_batch(rows: list[GenerationRow]) -> AsyncIterator[list]:
-            async for step in self._decode(rows):
-                yield step
-
         self._adapter_for_routing = adapter_for_routing
-        self._decode_batch = decode_batch
-
-    def _release_slot(self, adapter: LoadedAdapter) -> None:
-        self._compute.submit(self.engine.slots.release, adapter)
 
     async def info(self) -> dict:
         return {"base_fingerprint": self.fingerprint, "task": self.config.task,
                 "variant": self.config.variant, "model_id": self.config.base_model_id}
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic check: a replica whose scheduler thread died is restarted."""
+        if not self.batcher.alive():
+            raise RuntimeError("the continuous batcher's thread is not running")
+
+    async def ready(self) -> bool:
+        """The model is loaded (the constructor did it) and the scheduler thread is alive."""
+        return self.batcher.alive()
+
     async def stats(self) -> dict:
         slots = self.engine.slots
+        scheduler = self.batcher.stats
         return {"host_cached": self.adapters.cached_users(), "gpu_resident": slots.resident(),
                 "gpu_hits": slots.stats.hits, "gpu_misses": slots.stats.misses,
-                "gpu_load_seconds": slots.stats.load_seconds}
+                "gpu_load_seconds": slots.stats.load_seconds, "host_hits": self.host_lookups.hits,
+                "host_misses": self.host_lookups.misses, "decode_steps": scheduler.steps,
+                "prefill_chunks": scheduler.prefill_chunks, "joined_running_batch": scheduler.joined_running_batch,
+                "max_running": scheduler.max_running, "waiting": self.batcher.waiting()}
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
-        text, start = "", None
         async for item in self.generate_stream(request):
             if isinstance(item, GenerateResult):
                 return item
-            if isinstance(item, StreamStart):
-                start = item
-            else:
-                text += item
-        raise AssertionError(f"stream ended without a result (started: {start})")
+        raise AssertionError("stream ended without a result")
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[StreamStart | str | GenerateResult]:
-        """``StreamStart``, then text deltas, then the ``GenerateResult``."""
+    async def generate_stream(self, request: GenerateRequest
+                              ) -> AsyncIterator[StreamStart | Delta | ChoiceEnd | GenerateResult]:
+        """``StreamStart``, then ``Delta``s and one ``ChoiceEnd`` per choice, then the ``GenerateResult``."""
         try:
-            row = await self._prepare(request)
+            prompt_ids, adapter = await self._prepare(request)
         except AdapterNotFound:
             self.metrics.error("adapter_not_found")
             raise
         except AdapterError:
             self.metrics.error("adapter_unusable")
             raise
-        version = row.adapter.version if row.adapter else None
-        yield StreamStart(prompt_tokens=len(row.prompt_ids), adapter_version=version)
-        token_ids: list[int] = []
-        text = ""
-        async for token in self._decode_batch(row):
-            if isinstance(token, Exception):
-                self.metrics.error("adapter_unusable")
-                raise token
-            token_ids.append(token)
-            # Decode the whole continuation each step: a token may complete a multi-byte character.
-            full = self.engine.decode(token_ids)
-            if len(full) > len(text) and full.startswith(text):
-                yield full[len(text):]
-                text = full
-        final = self.engine.decode(token_ids)
-        if final != text and final.startswith(text):
-            yield final[len(text):]
-        finish = "length" if len(token_ids) >= row.max_new_tokens else "stop"
-        yield GenerateResult(text=final, prompt_tokens=len(row.prompt_ids), completion_tokens=len(token_ids),
-                             finish_reason=finish, adapter_version=version)
+        version = adapter.version if adapter else None
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        seq_ids: list[int] = []
+        try:
+            for index in range(request.n):
+                params = request.params
+                if params.seed is not None and index:
+                    params = dataclasses.replace(params, seed=params.seed + index)
+                seq = SequenceRequest(prompt_ids, adapter, request.max_tokens, params,
+                                      timeout_s=self.config.request_timeout_s or None)
 
-    async def _prepare(self, request: GenerateRequest) -> GenerationRow:
+                def sink(event, index=index):
+                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                seq_ids.append(self.batcher.submit(seq, sink))
+        except QueueFull:
+            for seq_id in seq_ids:
+                self.batcher.cancel(seq_id)
+            self.metrics.error("queue_full")
+            raise
+        self.metrics.prompt_tokens(len(prompt_ids))
+        yield StreamStart(prompt_tokens=len(prompt_ids), adapter_version=version)
+
+        texts = [ChoiceText(self.engine.decode, request.stop) for _ in range(request.n)]
+        generated, finish = [0] * request.n, [None] * request.n
+        last_token_s: list[float | None] = [None] * request.n
+        want_logprobs = request.params.logprobs is not None
+        try:
+            while any(reason is None for reason in finish):
+                # Tokens that arrived together go out as one item per choice: under load the stream
+                # carries fewer, larger items (each costs Ray and HTTP overhead), unloaded nothing waits.
+                arrived = [await events.get()]
+                while not events.empty():
+                    arrived.append(events.get_nowait())
+                pending: dict[int, tuple[str, list]] = {}
+                items: list[Delta | ChoiceEnd] = []
+
+                for index, event in arrived:
+                    if finish[index] is not None:
+                        continue  # tokens or the "cancelled" notice after a stop string matched
+                    if isinstance(event, ErrorEvent):
+                        self.metrics.error("timeout" if isinstance(event.error, RequestTimeout)
+                                           else "adapter_unusable")
+                        raise event.error
+                    if isinstance(event, TokenEvent):
+                        now = time.time()
+                        if last_token_s[index] is None:
+                            self.metrics.first_token(now - request.received_s)
+                        else:
+                            self.metrics.inter_token(now - last_token_s[index])
+                        last_token_s[index] = now
+                        generated[index] += 1
+                        released = texts[index].add(event.token_id,
+                                                    self._token_info(event) if want_logprobs else None)
+                    else:
+                        assert isinstance(event, FinishEvent)
+                        released = texts[index].finish()
+                    text, tokens = pending.get(index, ("", []))
+                    pending[index] = (text + released.text, tokens + released.tokens)
+                    if released.stopped or isinstance(event, FinishEvent):
+                        if released.stopped:
+                            self.batcher.cancel(seq_ids[index])
+                        finish[index] = "stop" if released.stopped or event.reason != "length" else "length"
+                        _flush(pending, items, index)
+                        items.append(ChoiceEnd(index, finish[index]))
+                for index in list(pending):
+                    _flush(pending, items, index)
+                for item in items:
+                    yield item
+        finally:  # a client that left, an error or a stop: free the rows still decoding
+            for index, seq_id in enumerate(seq_ids):
+                if finish[index] is None:
+                    self.batcher.cancel(seq_id)
+        self.metrics.completion_tokens(sum(generated))
+        self._report_slots()
+        choices = tuple(ChoiceResult(i, texts[i].final_text, finish[i], generated[i],
+                                     tuple(e for e in texts[i].entries[:texts[i].released_tokens])
+                                     if want_logprobs else None) for i in range(request.n))
+        yield GenerateResult(choices=choices, prompt_tokens=len(prompt_ids), adapter_version=version)
+
+    def _token_info(self, event: TokenEvent) -> TokenInfo:
+        logprob = event.logprob
+        decode = self.engine.decode
+        return TokenInfo(decode([event.token_id]), logprob.logprob,
+                         tuple((decode([token]), value) for token, value in logprob.top))
+
+    async def _prepare(self, request: GenerateRequest) -> tuple[list[int], LoadedAdapter | None]:
         if request.max_tokens > self.config.max_tokens_limit:
             raise RequestTooLarge(f"max_tokens {request.max_tokens} exceeds the limit "
-                                  f"{self.config.max_tokens_limit}")
+                                  f"{self.config.max_tokens_limit}", "max_tokens")
         await self._apply_deletions()
         adapter: LoadedAdapter | None = None
         if request.user is not None:
             await self._adapter_for_routing(request.user)
             adapter = await self.adapters.get(request.user)
-        prompt_ids = self.engine.encode(request.prompt)
+        loop = asyncio.get_running_loop()
+        prompt_ids = await loop.run_in_executor(self._tokenize, self._encode, request)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestTooLarge(f"the prompt has {len(prompt_ids)} tokens; the limit is "
-                                  f"{self.config.max_prompt_tokens}")
-        return GenerationRow(prompt_ids=prompt_ids, adapter=adapter, max_new_tokens=request.max_tokens)
+                                  f"{self.config.max_prompt_tokens}", request.prompt_field)
+        return prompt_ids, adapter
+
+    def _encode(self, request: GenerateRequest) -> list[int]:
+        if request.templated:
+            return self.engine.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        return self.engine.encode(request.prompt)
 
     async def _apply_deletions(self) -> None:
         seen, deleted = await self.events.deletions_since.remote(self._deletions_seen)
@@ -170,18 +306,7 @@ class ModelReplica:
             self.adapters.evict(user)
         self._deletions_seen = seen
 
-    async def _decode(self, rows: list[GenerationRow]) -> AsyncIterator[list]:
-        """Per step, per row: a token id, an Exception (that row failed), or StopIteration (done)."""
-        loop = asyncio.get_running_loop()
-        started, generated = time.perf_counter(), 0
-        steps = self.engine.stream(rows)
-        while True:
-            step = await loop.run_in_executor(self._compute, next, steps, None)
-            if step is None:
-                break
-            generated += sum(1 for token in step if isinstance(token, int))
-            yield [StopIteration if token is None else token for token in step]
-        self.metrics.batch(len(rows), generated, time.perf_counter() - started)
+    def _report_slots(self) -> None:
         slot_stats = self.engine.slots.stats
         for hit, total in ((True, slot_stats.hits), (False, slot_stats.misses)):
             for _ in range(total - self._gpu_counts_reported[hit]):
@@ -189,3 +314,32 @@ class ModelReplica:
             self._gpu_counts_reported[hit] = total
         self.metrics.resident("gpu", len(self.engine.slots.resident()))
         self.metrics.resident("host", len(self.adapters.cached_users()))
+        now, generated = time.monotonic(), self.batcher.stats.generated
+        last_s, last_generated = self._rate_mark
+        rate = (generated - last_generated) / (now - last_s) if now > last_s else None
+        self._rate_mark = (now, generated)
+        self.metrics.running(self.batcher.stats.running, self.batcher.waiting(), rate)
+
+
+def _flush(pending: dict[int, tuple[str, list]], items: list, index: int) -> None:
+    """Turn choice ``index``'s gathered text and logprob entries into one ``Delta``."""
+    text, tokens = pending.pop(index, ("", []))
+    if text or tokens:
+        items.append(Delta(index, text, tuple(token for token in tokens if token is not None)))
+
+
+class _CountingRecorder:
+    """The adapter cache's recorder: forwards to the metrics and counts host-tier lookups for ``stats``."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+        self.hits = self.misses = 0
+
+    def cache_lookup(self, tier: str, hit: bool) -> None:
+        if tier == "host":
+            self.hits += hit
+            self.misses += not hit
+        self.metrics.cache_lookup(tier, hit)
+
+    def adapter_loaded(self, seconds: float) -> None:
+        self.metrics.adapter_loaded(seconds)

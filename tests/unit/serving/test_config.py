@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def test_command_line_text_values_are_coerced_and_model_id_defaults_to_dir_name():
     config = load_serve_config({"model": "runs/q/base/", "store": "s3://b/adapters", "gpu_slots": "16",
-                                "target_modules": "q_proj,v_proj,o_proj", "batch_wait_timeout_s": "0.02"})
-    assert (config.gpu_slots, config.batch_wait_timeout_s) == (16, 0.02)
+                                "target_modules": "q_proj,v_proj,o_proj", "request_timeout_s": "0.5"})
+    assert (config.gpu_slots, config.request_timeout_s) == (16, 0.5)
     assert config.target_modules == ["q_proj", "v_proj", "o_proj"]
     assert config.base_model_id == "base"
 

@@ -1,0 +1,547 @@
+"""Continuous batching: requests join and leave the running decode batch at step boundaries.
+
+One thread owns the model. Each iteration it (1) takes new requests and cancellations, (2) loads
+the adapters of the next waiting requests into free LoRA slots ahead of their turn, (3) runs one
+chunk of the newcomers' prefill, at most ``prefill_chunk_tokens`` tokens, in their own KV cache,
+and (4) runs one decode step of every running row. Newcomers whose prefill is complete get their
+first token and join the running batch; rows that finished (end of sequence, ``max_tokens``, a
+stop string seen by the caller, a cancelled or timed-out request) leave it. So a request never
+waits for a whole batch to finish, and running streams keep emitting while a long prompt is
+prefilled chunk by chunk.
+
+The running batch's KV cache is left-padded: a row that joins with a shorter history gets
+masked columns in front, a longer one pads everyone else; every row carries its own position
+ids, so left padding never changes a row's result (its greedy tokens equal the request alone).
+Columns that no remaining row uses are cut off when rows leave.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from oppu.errors import AdapterError, OppuError
+from oppu.serving.adapters import LoadedAdapter
+from oppu.serving.sampling import RowSampler, SamplingParams, TokenLogprob, choose_tokens
+
+
+class QueueFull(OppuError):
+    """The replica's waiting queue is full (HTTP 429 with Retry-After)."""
+
+
+class RequestTimeout(OppuError):
+    """The request ran past ``request_timeout_s`` (HTTP 504)."""
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence to generate: prompt ids, adapter (None: the base), budget and sampling."""
+
+    prompt_ids: list[int]
+    adapter: LoadedAdapter | None
+    max_new_tokens: int
+    params: SamplingParams = SamplingParams(temperature=0.0)
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "stop" (end of sequence), "length" (max_new_tokens) or "cancelled"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: Exception
+
+
+Sink = Callable[[TokenEvent | FinishEvent | ErrorEvent], None]
+
+
+@dataclass(eq=False)
+class _Seq:
+    id: int
+    request: SequenceRequest
+    sink: Sink
+    sampler: RowSampler
+    deadline: float | None
+    slot: int | None = None  # -1: the base; None: not assigned yet
+    generated: int = 0
+    last_token: int = 0
+    position: int = 0
+    done: bool = False
+
+    @property
+    def cache_id(self) -> str | None:
+        return self.request.adapter.cache_id if self.request.adapter is not None else None
+
+
+@dataclass
+class _Rows:
+    """Rows decoded together: their sequences, one KV cache and its ``[rows, length]`` mask."""
+
+    seqs: list[_Seq]
+    cache: Any
+    mask: Any
+    slot_ids: Any = None  # the rows' slots on the device, made once per composition of the batch
+
+
+@dataclass
+class _Prefill:
+    """Newcomers' prompts, left-padded into one matrix, run through the model chunk by chunk."""
+
+    seqs: list[_Seq]
+    input_ids: Any
+    keep: Any
+    positions: Any
+    cache: Any
+    done: int = 0
+
+
+@dataclass
+class SchedulerStats:
+    steps: int = 0
+    prefill_chunks: int = 0
+    joined_running_batch: int = 0  # sequences that joined while other rows were decoding
+    max_running: int = 0
+    generated: int = 0  # tokens emitted, all sequences
+    running: int = 0
+    waiting: int = 0
+    history: list[int] = field(default_factory=list)  # running rows per decode step (tests, last 1,000)
+
+
+class ContinuousBatcher:
+    """Decodes every submitted sequence on ``engine``'s model, joining and leaving at step boundaries.
+
+    ``submit`` and ``cancel`` may be called from any thread; events reach each sequence's ``sink``
+    from the scheduler thread (``start``), or from the caller of ``step`` when driven by hand (tests).
+    """
+
+    def __init__(self, engine: Any, *, max_batch_size: int, max_waiting: int, prefill_chunk_tokens: int = 512):
+        import torch
+
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_waiting = max_waiting
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.stats = SchedulerStats()
+        self._torch = torch
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[str, Any]] = deque()
+        self._in_flight = 0  # submitted and not finished: running rows plus waiting ones
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._waiting: deque[_Seq] = deque()
+        self._prefill: _Prefill | None = None
+        self._running: _Rows | None = None
+        self._deferred_release: list[LoadedAdapter] = []
+        self._eos = set(engine.eos_ids)
+        self._lora_layers = []
+        if engine.slots is not None:
+            from oppu.models.multi_lora import multi_lora_layers
+
+            self._lora_layers = list(multi_lora_layers(engine.model).values())
+
+    # -- any thread -------------------------------------------------------------------------------
+
+    def submit(self, request: SequenceRequest, sink: Sink) -> int:
+        """Queue a sequence; ``QueueFull`` when every batch row is taken and ``max_waiting`` sequences wait."""
+        with self._lock:
+            if self._in_flight >= self.max_batch_size + self.max_waiting:
+                raise QueueFull(f"{self._in_flight - self.max_batch_size} sequences already wait for one of "
+                                f"{self.max_batch_size} batch rows on this replica "
+                                f"(max_queued_requests={self.max_waiting})")
+            self._in_flight += 1
+            seq_id = next(self._ids)
+        deadline = time.monotonic() + request.timeout_s if request.timeout_s is not None else None
+        sampler = RowSampler.create(request.params, self.engine.device)
+        self._post("submit", _Seq(seq_id, request, sink, sampler, deadline))
+        return seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        """Stop a sequence at the next step boundary (a stop string matched, the client left)."""
+        self._post("cancel", seq_id)
+
+    def call_soon(self, func: Callable[[], Any]) -> None:
+        """Run ``func`` on the scheduler thread between steps (slot bookkeeping)."""
+        self._post("call", func)
+
+    def release_adapter(self, adapter: LoadedAdapter) -> None:
+        """Free an adapter's slot once no sequence uses it (host-cache eviction, deletion)."""
+        self.call_soon(lambda: self._release(adapter))
+
+    def waiting(self) -> int:
+        """Sequences submitted and not yet given a batch row."""
+        with self._lock:
+            return max(0, self._in_flight - self.stats.running)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="oppu-scheduler", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _post(self, kind: str, item: Any) -> None:
+        with self._lock:
+            self._inbox.append((kind, item))
+        self._wake.set()
+
+    # -- the scheduler thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.step():
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One iteration: inbox, deadlines, slot prefetch, one prefill chunk, one decode step.
+
+        Returns whether there was model work to do.
+        """
+        self._drain_inbox()
+        self._expire()
+        try:
+            self._prefetch_slots()
+            if self._prefill is None:
+                self._start_prefill()
+            worked = False
+            if self._prefill is not None:
+                self._prefill_chunk()
+                worked = True
+            if self._running is not None:
+                self._decode_step()
+                worked = True
+        except Exception as exc:  # a failed forward fails the sequences in it, never the thread
+            for seq in self._active():
+                self._finish(seq, error=exc)
+            self._prefill, self._running = None, None
+            worked = True
+        self._release_deferred()
+        self.stats.waiting = len(self._waiting)
+        return worked
+
+    def _drain_inbox(self) -> None:
+        with self._lock:
+            items, self._inbox = list(self._inbox), deque()
+        cancelled = set()
+        for kind, item in items:
+            if kind == "submit":
+                self._waiting.append(item)
+            elif kind == "cancel":
+                cancelled.add(item)
+            else:
+                item()
+        if cancelled:
+            for seq in [*self._waiting, *self._active()]:
+                if seq.id in cancelled:
+                    self._finish(seq, reason="cancelled")
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in [*self._waiting, *self._active()]:
+            if seq.deadline is not None and now > seq.deadline and not seq.done:
+                self._finish(seq, error=RequestTimeout(
+                    f"the request ran past its timeout of {seq.request.timeout_s} s "
+                    f"({seq.generated} tokens generated)"))
+
+    def _active(self) -> list[_Seq]:
+        return [*(self._prefill.seqs if self._prefill else []), *(self._running.seqs if self._running else [])]
+
+    def _pinned(self) -> set[str]:
+        return {seq.cache_id for seq in [*self._active(), *self._waiting]
+                if seq.cache_id is not None and seq.slot is not None and not seq.done}
+
+    def _assign_slot(self, seq: _Seq) -> bool:
+        """Give ``seq`` its adapter's slot, loading it if needed; False if every slot is in use."""
+        if seq.slot is not None:
+            return True
+        if seq.request.adapter is None or self.engine.slots is None:
+            seq.slot = -1
+            return True
+        try:
+            slot = self.engine.slots.acquire(seq.request.adapter, pinned=self._pinned())
+        except AdapterError as exc:
+            self._finish(seq, error=exc)
+            return True
+        if slot is None:
+            return False
+        seq.slot = slot
+        return True
+
+    def _prefetch_slots(self) -> None:
+        """Load the adapters of the next waiting sequences now, so their turn starts with the slot ready.
+
+        On CUDA a slot load is an asynchronous copy queued on the stream, ahead of the prefill that reads it.
+        """
+        for seq in itertools.islice(list(self._waiting), self.max_batch_size):
+            if seq.done:
+                continue
+            if not self._assign_slot(seq):
+                break
+        self._waiting = deque(seq for seq in self._waiting if not seq.done)
+
+    def _start_prefill(self) -> None:
+        room = self.max_batch_size - (len(self._running.seqs) if self._running else 0)
+        taken: list[_Seq] = []
+        while self._waiting and len(taken) < room:
+            seq = self._waiting[0]
+            if seq.done:
+                self._waiting.popleft()
+                continue
+            if not self._assign_slot(seq):
+                break
+            self._waiting.popleft()
+            if not seq.done:  # an adapter that does not fit finishes its sequence in _assign_slot
+                taken.append(seq)
+        if not taken:
+            return
+        torch, engine = self._torch, self.engine
+        width = max(len(seq.request.prompt_ids) for seq in taken)
+        input_ids = torch.full((len(taken), width), engine.pad_id, dtype=torch.long)
+        keep = torch.zeros((len(taken), width), dtype=torch.long)
+        for i, seq in enumerate(taken):
+            ids = seq.request.prompt_ids
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            keep[i, width - len(ids):] = 1
+            seq.position = len(ids)
+        positions = (keep.cumsum(-1) - 1).clamp(min=0)
+        self._prefill = _Prefill(taken, input_ids.to(engine.device), keep.to(engine.device),
+                                 positions.to(engine.device), self._new_cache())
+
+    def _prefill_chunk(self) -> None:
+        job = self._prefill
+        torch = self._torch
+        width = job.input_ids.shape[1]
+        chunk = max(1, self.prefill_chunk_tokens // len(job.seqs))
+        end = min(width, job.done + chunk)
+        with torch.no_grad(), self._adapters(job.seqs):
+            logits = self.engine.model(input_ids=job.input_ids[:, job.done:end], attention_mask=job.keep[:, :end],
+                                       position_ids=job.positions[:, job.done:end], past_key_values=job.cache,
+                                       use_cache=True, logits_to_keep=1).logits
+        job.done = end
+        _grow_in_place(job.cache)
+        self.stats.prefill_chunks += 1
+        if end < width:
+            return
+        self._prefill = None
+        rows = _Rows(job.seqs, job.cache, job.keep)
+        live = [i for i, seq in enumerate(job.seqs) if not seq.done]
+        if not live:
+            return
+        rows = self._select(rows, live)
+        self._emit(rows.seqs, logits[live, -1, :])
+        survivors = [i for i, seq in enumerate(rows.seqs) if not seq.done]
+        if not survivors:
+            return
+        rows = self._select(rows, survivors)
+        if self._running is not None:
+            self.stats.joined_running_batch += len(rows.seqs)
+        self._running = rows if self._running is None else self._merge(self._running, rows)
+
+    def _decode_step(self) -> None:
+        torch, rows = self._torch, self._running
+        live = [i for i, seq in enumerate(rows.seqs) if not seq.done]
+        if len(live) < len(rows.seqs):
+            if not live:
+                self._running = None
+                return
+            rows = self._running = self._select(rows, live)
+        device = self.engine.device
+        # One host-to-device copy per step: each row's last token and its position.
+        step_inputs = torch.tensor([[seq.last_token, seq.position] for seq in rows.seqs], dtype=torch.long).to(device)
+        input_ids, positions = step_inputs[:, :1], step_inputs[:, 1:]
+        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.seqs), 1))], dim=1)
+        if rows.slot_ids is None and self.engine.slots is not None:
+            rows.slot_ids = torch.tensor([seq.slot for seq in rows.seqs], dtype=torch.long).to(device)
+        with torch.no_grad(), self._adapters(rows.seqs, rows.slot_ids):
+            logits = self.engine.model(input_ids=input_ids, attention_mask=rows.mask, position_ids=positions,
+                                       past_key_values=rows.cache, use_cache=True).logits
+        for seq in rows.seqs:
+            seq.position += 1
+        self.stats.steps += 1
+        self.stats.max_running = max(self.stats.max_running, len(rows.seqs))
+        self.stats.running = len(rows.seqs)
+        self.stats.history = [*self.stats.history[-999:], len(rows.seqs)]
+        self._emit(rows.seqs, logits[:, -1, :])
+        live = [i for i, seq in enumerate(rows.seqs) if not seq.done]
+        self._running = self._select(rows, live) if live else None
+        if self._running is None:
+            self.stats.running = 0
+
+    def _emit(self, seqs: list[_Seq], logits: Any) -> None:
+        tokens, logprobs = choose_tokens(logits, [seq.sampler for seq in seqs])
+        for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
+            if token in self._eos:
+                self._finish(seq, reason="stop")
+                continue
+            seq.generated += 1
+            self.stats.generated += 1
+            seq.last_token = token
+            self._deliver(seq, TokenEvent(token, logprob))
+            if seq.generated >= seq.request.max_new_tokens:
+                self._finish(seq, reason="length")
+
+    def _finish(self, seq: _Seq, reason: str | None = None, error: Exception | None = None) -> None:
+        if seq.done:
+            return
+        self._mark_done(seq)
+        self._deliver(seq, ErrorEvent(error) if error is not None else FinishEvent(reason))
+
+    def _mark_done(self, seq: _Seq) -> None:
+        seq.done = True
+        with self._lock:
+            self._in_flight -= 1
+
+    def _deliver(self, seq: _Seq, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # the receiver is gone (its event loop closed): stop generating for it
+            if not seq.done:
+                self._mark_done(seq)
+
+    def _release(self, adapter: LoadedAdapter) -> None:
+        if self.engine.slots is None:
+            return
+        if adapter.cache_id in self._pinned():
+            self._deferred_release.append(adapter)
+        else:
+            self.engine.slots.release(adapter)
+
+    def _release_deferred(self) -> None:
+        if self._deferred_release:
+            pending, self._deferred_release = self._deferred_release, []
+            for adapter in pending:
+                self._release(adapter)
+
+    # -- KV cache rows ------------------------------------------------------------------------------
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def _select(self, rows: _Rows, index: list[int]) -> _Rows:
+        """Keep the rows at ``index``, then drop leading columns none of them attends to."""
+        torch = self._torch
+        if index != list(range(len(rows.seqs))):
+            picked = torch.tensor(index, device=rows.mask.device)
+            for layer in rows.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, picked), layer.values.index_select(0, picked)
+            rows = _Rows([rows.seqs[i] for i in index], rows.cache, rows.mask.index_select(0, picked))
+        used = rows.mask.any(0)
+        first = int(used.int().argmax()) if bool(used.any()) else 0
+        if first:
+            for layer in rows.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            rows.mask = rows.mask[:, first:]
+        return rows
+
+    def _merge(self, running: _Rows, joining: _Rows) -> _Rows:
+        """One batch of both: the shorter history is left-padded with masked columns."""
+        torch = self._torch
+        length = max(running.mask.shape[1], joining.mask.shape[1])
+
+        def pad(tensor, dim: int):
+            missing = length - tensor.shape[dim]
+            if not missing:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
+        mask = torch.cat([pad(running.mask, 1), pad(joining.mask, 1)], dim=0)
+        return _Rows(running.seqs + joining.seqs, running.cache, mask)
+
+    @contextmanager
+    def _adapters(self, seqs: list[_Seq], slot_ids: Any = None):
+        """Within the block each row uses its sequence's slot (``slot_ids``: already on the device).
+
+        What ``multi_lora.model_adapters`` does, over the layers found once (a model-wide module search
+        per forward costs about a millisecond on a 7B model).
+        """
+        if self.engine.slots is None:
+            yield
+            return
+        if slot_ids is None:
+            slot_ids = self._torch.tensor([seq.slot for seq in seqs], dtype=self._torch.long).to(self.engine.device)
+        for layer in self._lora_layers:
+            layer.slot_ids, layer.slot_onehot = slot_ids, None
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer.slot_ids = None
+
+
+KV_HEADROOM = 64  # columns a layer's key/value buffers keep free: one reallocation every 64 decode steps
+
+
+def _grow_in_place(cache: Any) -> None:
+    """Let every layer of a ``DynamicCache`` append new keys and values in place (``_GrowingLayer``)."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer.__class__ = _make_growing_layer(DynamicLayer)
+
+
+_GROWING: dict[type, type] = {}
+
+
+def _make_growing_layer(base: type) -> type:
+    """``DynamicLayer`` whose ``update`` writes into buffers with headroom instead of concatenating.
+
+    transformers' ``DynamicLayer`` copies the whole history of a layer on every step (``torch.cat``);
+    here the keys and values are views of larger buffers and a decode step writes one column. When
+    the scheduler replaces a layer's tensors (rows left or joined), the next update starts new buffers.
+    """
+    if base not in _GROWING:
+        class GrowingLayer(base):
+            def update(self, key_states, value_states, *args, **kwargs):
+                if not self.is_initialized or self.keys.numel() == 0:
+                    out = super().update(key_states, value_states, *args, **kwargs)
+                    self._growth = None
+                    return out
+                keys, values = self.keys, self.values
+                length, new = keys.shape[-2], key_states.shape[-2]
+                growth = getattr(self, "_growth", None)
+                if growth is None or growth[0] is not keys or growth[2].shape[-2] < length + new:
+                    capacity = length + new + KV_HEADROOM
+                    key_buffer = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
+                    value_buffer = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
+                    key_buffer[:, :, :length] = keys
+                    value_buffer[:, :, :length] = values
+                else:
+                    key_buffer, value_buffer = growth[2], growth[3]
+                key_buffer[:, :, length:length + new] = key_states
+                value_buffer[:, :, length:length + new] = value_states
+                self.keys, self.values = key_buffer[:, :, :length + new], value_buffer[:, :, :length + new]
+                self._growth = (self.keys, self.values, key_buffer, value_buffer)
+                return self.keys, self.values
+
+        _GROWING[base] = GrowingLayer
+    return _GROWING[base]

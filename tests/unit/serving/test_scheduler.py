@@ -1,0 +1,191 @@
+"""Continuous batching: sequences join and leave the running batch, each sampled with its own options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from oppu.serving.sampling import SamplingParams
+from oppu.serving.scheduler import (
+    ContinuousBatcher,
+    ErrorEvent,
+    FinishEvent,
+    QueueFull,
+    RequestTimeout,
+    SequenceRequest,
+    TokenEvent,
+)
+from tests.unit.serving.test_engine import CASES, PROMPTS, make_engine, offline_answers, setup  # noqa: F401
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+class Collector:
+    """A sink that records one sequence's events."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.logprobs: list = []
+        self.finish: str | None = None
+        self.error: Exception | None = None
+
+    def __call__(self, event) -> None:
+        if isinstance(event, TokenEvent):
+            self.tokens.append(event.token_id)
+            self.logprobs.append(event.logprob)
+        elif isinstance(event, FinishEvent):
+            self.finish = event.reason
+        else:
+            assert isinstance(event, ErrorEvent)
+            self.error = event.error
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.error is not None
+
+
+def drain(batcher: ContinuousBatcher, sinks: list[Collector], max_steps: int = 500) -> None:
+    for _ in range(max_steps):
+        if all(sink.done for sink in sinks):
+            return
+        batcher.step()
+    raise AssertionError("sequences did not finish")
+
+
+def request(engine, loaded, user, prompt, max_new=8, params=GREEDY, **kwargs) -> SequenceRequest:
+    return SequenceRequest(engine.encode(prompt), loaded[user] if user else None, max_new, params, **kwargs)
+
+
+def engine_on(base, device: str):
+    """The tiny base in float32 on ``device`` (token-for-token equality holds in float32 only on a GPU)."""
+    from oppu.models import load_model
+    from oppu.serving.engine import GenerationEngine, LoraSlotsConfig
+
+    model, tokenizer = load_model(base, device=device, dtype=torch.float32)
+    return GenerationEngine(model, tokenizer, LoraSlotsConfig(3, 8, ("q_proj", "v_proj")))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prefill", "chunked-prefill"])
+def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, offline_answers, chunk,  # noqa: F811
+                                                                        device):
+    base, _, loaded = setup
+    engine = engine_on(base, device)
+    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=chunk)
+    sinks = [Collector() for _ in CASES]
+    # The first two start together; the others arrive while those decode, one per step.
+    for i in (0, 1):
+        batcher.submit(request(engine, loaded, *CASES[i]), sinks[i])
+    for i in (2, 3, 4):
+        for _ in range(2):
+            batcher.step()
+        batcher.submit(request(engine, loaded, *CASES[i]), sinks[i])
+    drain(batcher, sinks)
+    assert [engine.decode(sink.tokens) for sink in sinks] == offline_answers
+    assert batcher.stats.joined_running_batch >= 3  # they joined a running batch, not a fresh one
+    assert batcher.stats.max_running >= 3
+    if chunk == 3:  # running rows kept decoding while a newcomer's prompt was prefilled in chunks
+        assert batcher.stats.prefill_chunks > len(CASES)
+    assert all(sink.finish in ("stop", "length") for sink in sinks)
+
+
+def test_a_long_prompt_prefills_in_chunks_while_running_rows_keep_emitting(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=2)
+    running, newcomer = Collector(), Collector()
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[2], max_new=30), running)
+    while len(running.tokens) < 2:
+        batcher.step()
+    long_prompt = " ".join([PROMPTS[1]] * 3)  # ~25 tokens: a dozen chunks of 2
+    batcher.submit(request(engine, loaded, "u2", long_prompt, max_new=4), newcomer)
+    before = len(running.tokens)
+    while not newcomer.tokens and not newcomer.done:
+        batcher.step()
+    assert len(running.tokens) - before >= 10 or running.done  # one decode step per prefill chunk
+
+
+def test_seeded_sampling_repeats_alone_and_in_a_mix_and_rows_keep_their_own_options(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    sampled = SamplingParams(temperature=1.5, top_p=0.95, seed=1234)
+
+    def run(requests):
+        batcher = ContinuousBatcher(engine, max_batch_size=8, max_waiting=8)
+        sinks = [Collector() for _ in requests]
+        for req, sink in zip(requests, sinks, strict=True):
+            batcher.submit(req, sink)
+        drain(batcher, sinks)
+        return [sink.tokens for sink in sinks]
+
+    alone = run([request(engine, loaded, "u1", PROMPTS[0], 12, sampled)])[0]
+    again = run([request(engine, loaded, "u1", PROMPTS[0], 12, sampled)])[0]
+    mixed = run([request(engine, loaded, "u2", PROMPTS[1], 12, SamplingParams(temperature=1.0, seed=7)),
+                 request(engine, loaded, "u1", PROMPTS[0], 12, sampled),
+                 request(engine, loaded, "u3", PROMPTS[0], 12, GREEDY)])
+    assert alone == again == mixed[1]
+    greedy_alone = run([request(engine, loaded, "u3", PROMPTS[0], 12, GREEDY)])[0]
+    assert mixed[2] == greedy_alone
+    other_seeds = {tuple(run([request(engine, loaded, "u1", PROMPTS[0], 12,
+                                      SamplingParams(temperature=1.5, seed=s))])[0]) for s in range(5)}
+    assert len(other_seeds) > 1  # sampling samples
+    # top_k=1 leaves one candidate: sampling at any temperature is the greedy answer.
+    top1 = run([request(engine, loaded, "u3", PROMPTS[0], 12, SamplingParams(temperature=2.0, top_k=1, seed=3))])[0]
+    assert top1 == greedy_alone
+
+
+def test_penalties_and_logprobs(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8)
+    plain, penalised, with_logprobs = Collector(), Collector(), Collector()
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 16), plain)
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 16,
+                           SamplingParams(temperature=0.0, presence_penalty=100.0)), penalised)
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 16, SamplingParams(temperature=0.0, logprobs=3)),
+                   with_logprobs)
+    drain(batcher, [plain, penalised, with_logprobs])
+    assert len(set(penalised.tokens)) == len(penalised.tokens)  # a used token is never chosen again
+    assert len(set(plain.tokens)) < len(plain.tokens)  # ... while plain greedy repeats itself here
+    assert with_logprobs.tokens == plain.tokens  # asking for logprobs changes nothing
+    for token, logprob in zip(with_logprobs.tokens, with_logprobs.logprobs, strict=True):
+        assert logprob.token_id == token and logprob.logprob <= 0
+        assert len(logprob.top) == 3 and logprob.top[0] == (token, pytest.approx(logprob.logprob))
+    assert all(lp is None for lp in plain.logprobs)
+
+
+def test_queue_bound_timeout_and_cancel(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=1, max_waiting=1)  # one row, one waiting
+    first, second, late = Collector(), Collector(), Collector()
+    first_id = batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 8), first)
+    batcher.submit(request(engine, loaded, "u2", PROMPTS[0], 8, timeout_s=0.0), second)
+    with pytest.raises(QueueFull, match="max_queued_requests=1"):
+        batcher.submit(request(engine, loaded, "u3", PROMPTS[0], 8), Collector())
+    batcher.step()
+    assert batcher.waiting() == 0  # first admitted, second timed out
+    assert isinstance(second.error, RequestTimeout)
+    batcher.submit(request(engine, loaded, "u3", PROMPTS[0], 8), late)  # room again
+    batcher.cancel(first_id)
+    drain(batcher, [first, late])
+    assert first.finish == "cancelled" and len(first.tokens) < 8
+    assert late.finish in ("stop", "length") and late.tokens
+
+
+def test_a_waiting_sequences_adapter_is_loaded_into_a_slot_before_its_turn(setup):  # noqa: F811
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=1, max_waiting=4)
+    running, waiting = Collector(), Collector()
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 6), running)
+    batcher.step()
+    batcher.submit(request(engine, loaded, "u2", PROMPTS[1], 6), waiting)
+    batcher.step()
+    assert not waiting.tokens and not running.done  # u2 waits for the only row ...
+    assert loaded["u2"].cache_id in engine.slots.resident()  # ... with its adapter already in a slot
+    drain(batcher, [running, waiting])
+    assert waiting.finish in ("stop", "length")
