@@ -7,6 +7,7 @@ every ``key=value`` as text; the same keys appear under ``args:`` in ``serve_app
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -48,6 +49,9 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get HTTP 413")
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts get HTTP 400")
     max_tokens_limit: int = Field(256, ge=1, description="larger max_tokens get HTTP 400")
+    prompt_format: Literal["auto", "plain", "chat"] = Field(
+        "auto", description="how /v1/predict renders a task prompt for the base model (auto: the chat "
+        "template where the tokenizer has one); a user's adapter is prompted as its manifest records")
     default_max_tokens: int = Field(64, ge=1, description="max_tokens when a request gives none")
     max_n: int = Field(8, ge=1, description="the largest n (choices per request) accepted")
     # Greedy by default: what offline evaluation does and what clients of this server have relied on

@@ -211,11 +211,12 @@ class GenerationEngine:
         if self.slots is not None:
             self.slots.prepare(adapter)
 
-    def encode(self, prompt: str) -> list[int]:
-        """The prompt's ids exactly as training and offline evaluation encode them (BOS + text)."""
+    def encode(self, prompt: str, prompt_format: str = "plain") -> list[int]:
+        """The prompt's ids exactly as training and offline evaluation encode them (BOS + text, or
+        the chat template's user turn around it; ``oppu.models.prompting``)."""
         from oppu.models.samples import encode_prompt
 
-        return encode_prompt(self.tokenizer, prompt)
+        return encode_prompt(self.tokenizer, prompt, prompt_format=prompt_format)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)

@@ -296,7 +296,8 @@ class OppuIngress:
             retrieved = [item.fields for item in BM25Retriever(self.task, history).top_k(query, body.k)]
         prompt = self.task.build_prompt(query, retrieved=retrieved)
         max_tokens = min(self.task.max_new_tokens, self.config.max_tokens_limit)
-        result = await self._generate(GenerateRequest(prompt=prompt, user=user, max_tokens=max_tokens))
+        result = await self._generate(GenerateRequest(prompt=prompt, user=user, max_tokens=max_tokens,
+                                                      as_trained=True))
         return {"task": self.task.name, "user": user, "prediction": self.task.parse_output(result.text),
                 "raw": result.text, "k": body.k, "retrieved": len(retrieved),
                 "adapter_version": result.adapter_version,

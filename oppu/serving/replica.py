@@ -55,6 +55,8 @@ class GenerateRequest:
     n: int = 1
     stop: tuple[str, ...] = ()
     templated: bool = False  # rendered by a chat template: its special tokens are in the text, no BOS added
+    as_trained: bool = False  # a task prompt (/v1/predict): rendered in the prompt format of the user's
+    # adapter's training (its manifest), or the app's for the base model
     prompt_field: str = "prompt"  # the body field a too-long prompt is blamed on
     received_s: float = field(default_factory=time.time)
 
@@ -117,6 +119,7 @@ class ModelReplica:
         from ray import serve
 
         from oppu.models import base_fingerprint
+        from oppu.models.prompting import resolve_prompt_format
         from oppu.serving.events import events_actor
         from oppu.serving.metrics import ServingMetrics
         from oppu.store import AdapterStore
@@ -128,6 +131,7 @@ class ModelReplica:
                                                        dtype=self.config.dtype,
                                                        host_adapters=self.config.host_cache_adapters)
         self.fingerprint = base_fingerprint(self.config.model)
+        self.prompt_format = resolve_prompt_format(self.config.prompt_format, self.engine.tokenizer)
         self.metrics = ServingMetrics()
         self.host_lookups = _CountingRecorder(self.metrics)
         self.batcher = ContinuousBatcher(self.engine, max_batch_size=self.config.max_batch_size,
@@ -289,15 +293,18 @@ class ModelReplica:
             await self._adapter_for_routing(request.user)
             adapter = await self.adapters.get(request.user)
         loop = asyncio.get_running_loop()
-        prompt_ids = await loop.run_in_executor(self._tokenize, self._encode, request)
+        prompt_ids = await loop.run_in_executor(self._tokenize, self._encode, request, adapter)
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestTooLarge(f"the prompt has {len(prompt_ids)} tokens; the limit is "
                                   f"{self.config.max_prompt_tokens}", request.prompt_field)
         return prompt_ids, adapter
 
-    def _encode(self, request: GenerateRequest) -> list[int]:
+    def _encode(self, request: GenerateRequest, adapter: LoadedAdapter | None) -> list[int]:
         if request.templated:
             return self.engine.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if request.as_trained:
+            prompt_format = adapter.manifest.prompt_format if adapter is not None else self.prompt_format
+            return self.engine.encode(request.prompt, prompt_format)
         return self.engine.encode(request.prompt)
 
     async def _apply_deletions(self) -> None:

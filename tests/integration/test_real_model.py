@@ -125,6 +125,14 @@ def test_one_users_adapter_trains_and_is_served_through_the_chat_template(model_
         # The served answer is the offline one: same template, same adapter, greedy.
         assert served.strip() == after.strip()
         assert task.parse_output(served) == USER_TAG
+        # /v1/predict builds the task prompt itself and renders it as the adapter's manifest says.
+        query = task.lamp_input({"description": "A soldier returns home from the war to his family."})
+        predict = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/predict",
+            data=json.dumps({"task": TASK, "user": "ada", "input": query}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": "Bearer real-model-admin"})
+        with urllib.request.urlopen(predict, timeout=300) as response:
+            assert json.loads(response.read())["prediction"] == USER_TAG
     finally:
         serve.shutdown()
         ray.shutdown()
