@@ -4,7 +4,7 @@
         --set run_dir=/shared/oppu-run --set users.actors=4
 
 On GPUs, train each actor's users together: --set users.trainer=batched --set users.num_gpus_per_actor=1
---set users.users_per_batch=32 (users.batched.* tunes it; see oppu/training/config.py UserStage).
+--set users.users_per_batch=32 (users.batched.* tunes it; see oppu/run_config.py UserStage).
 """
 
 import sys

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from oppu import fsutil
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from oppu.errors import ConfigError
 from oppu.ids import validate_user_id
-from oppu.training.config import OptimSettings
+from oppu.run_config import OptimSettings
 from oppu.training.packing import Row, collate, collate_packed, group_by_length, pack_rows, to_device
 from oppu.training.personal import user_seed
 
