@@ -491,7 +491,7 @@ def train_users_batched(
                             if packed_attention_calls() == calls:
                                 raise ConfigError(f"{type(base_model).__name__} does not run its attention through "
                                                   "transformers' AttentionInterface, so packed samples would "
-                                                  "attend to each other: train it with packed=False")
+                                                  "attend to each other: train it with users.trainer=per-user")
                             predicting = hidden.reshape(-1, hidden.shape[-1])
                         else:
                             hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
