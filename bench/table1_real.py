@@ -51,8 +51,8 @@ def main() -> int:
 
     from oppu.config import load_config, to_dict
     from oppu.pipeline import PACKAGED_CONFIGS, _timestamped_log, run_stages
+    from oppu.run_config import RunConfig
     from oppu.tasks import get_task
-    from oppu.training.config import RunConfig
 
     task = get_task(args.task)
     out = Path(args.out).resolve()

@@ -47,8 +47,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from oppu.run_config import OptimSettings  # noqa: E402
 from oppu.training.batched import fixed_plan_attention, step_plan, train_users_batched  # noqa: E402
-from oppu.training.config import OptimSettings  # noqa: E402
 from oppu.training.packing import IGNORE_INDEX, Row, collate, group_by_length  # noqa: E402
 from oppu.training.personal import user_seed  # noqa: E402
 

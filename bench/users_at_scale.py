@@ -35,7 +35,7 @@ def build_run(out: Path, n_users: int, seed: int, overrides: list[str]) -> Path:
     from oppu import cli
     from oppu.config import load_config, to_dict
     from oppu.pipeline import PACKAGED_CONFIGS
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     lamp = out / "data" / "lamp"
     base_users = max(50, n_users // 100)
@@ -74,8 +74,8 @@ def check_store(config: Path) -> dict:
     from oppu.config import load_config
     from oppu.data.dataset import read_dataset
     from oppu.models.fingerprint import base_fingerprint
+    from oppu.run_config import RunConfig
     from oppu.store import AdapterKey, AdapterStore
-    from oppu.training.config import RunConfig
 
     cfg = load_config(RunConfig, config, [])
     users = [u.user_id for u in read_dataset(cfg.data_uri).test_users()]

@@ -21,6 +21,10 @@ COMMANDS = {
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
     "publish": "oppu.commands.publish",
+    "train-base": "oppu.commands.train_base",
+    "train-users": "oppu.commands.train_users",
+    "evaluate": "oppu.commands.evaluate",
+    "pipeline": "oppu.commands.run_pipeline",
 }
 
 EXIT_BAD_INPUT = 2

@@ -4,7 +4,8 @@
     variant) ─► evaluate
 
 Each stage reads and writes the run directory only, so any stage can be re-run alone
-(``jobs/<stage>.py --config ...``) against the same directory, locally or on a cluster.
+(``oppu train-base|train-users|evaluate --config ...``, or ``jobs/<stage>.py`` under ``ray job
+submit``) against the same directory, locally or on a cluster.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from oppu import fsutil
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -84,31 +85,48 @@ def run_stages(cfg: RunConfig, stages: list[str], log=print) -> dict | None:
     return metrics
 
 
+STAGE_COMMANDS = {  # command (and jobs/<name>.py) -> the stages it runs
+    "train-base": ["base"],
+    "train-users": ["users"],
+    "evaluate": ["evaluate"],
+    "pipeline": ["base", "users", "evaluate"],
+}
+
+
+def run_job(stages: list[str], config: str | None, overrides: list[str]) -> int:
+    """Load the run config (``--config FILE``, ``--set key=value``) and run ``stages``; what
+    ``oppu train-base|train-users|evaluate|pipeline`` and ``jobs/*.py`` do. Prints the metrics
+    table when the stages evaluate. Config and data errors raise (``ConfigError``, ``DataError``)."""
+    from oppu.config import load_config, to_dict
+
+    cfg = load_config(RunConfig, config, overrides)
+    log = _timestamped_log()
+    log(f"[config] {to_dict(cfg)}")
+    metrics = run_stages(cfg, stages, log)
+    if metrics is not None:
+        print(fsutil.read_text(fsutil.join(cfg.run_dir, "metrics.md")))
+    return 0
+
+
 def job_main(stages: list[str], description: str, argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/*.py``: ``--config FILE`` and ``--set key=value``, then the stages."""
     import argparse
     import sys
 
-    from oppu.config import add_config_arguments, load_config, to_dict
+    from oppu.config import add_config_arguments
     from oppu.errors import ConfigError, DataError, OppuError
 
     parser = argparse.ArgumentParser(description=description)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(RunConfig, args.config, args.overrides)
-        log = _timestamped_log()
-        log(f"[config] {to_dict(cfg)}")
-        metrics = run_stages(cfg, stages, log)
+        return run_job(stages, args.config, args.overrides)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OppuError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if metrics is not None:
-        print(fsutil.read_text(fsutil.join(cfg.run_dir, "metrics.md")))
-    return 0
 
 
 def _timestamped_log():

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.training.config import RunConfig, parse_flavour, parse_variant
+from oppu.run_config import RunConfig, parse_flavour, parse_variant
 
 JOB_NAMES = {"base": "train_base", "users": "train_users", "evaluate": "evaluate"}
 

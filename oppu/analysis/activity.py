@@ -16,7 +16,7 @@ import time
 from oppu.analysis.report import SuiteResult, lines, markdown_table
 from oppu.analysis.runs import pick_users, scores_by_group, sub_run, train_and_evaluate, write_sub_dataset
 from oppu.data.records import UserData
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 NAME = "activity"
 TITLE = "Users at different activity levels"

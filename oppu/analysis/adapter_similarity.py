@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 from oppu.analysis.report import SuiteResult, markdown_table, new_figure
 from oppu.errors import ConfigError
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 NAME = "adapter-similarity"
 TITLE = "Cosine similarity between users' adapters"

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from oppu.analysis.report import SuiteResult, grouped_bars, markdown_table
 from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, write_sub_dataset
 from oppu.data.records import UserData
+from oppu.run_config import RunConfig
 from oppu.tasks.base import Task
-from oppu.training.config import RunConfig
 
 NAME = "behaviour-shift"
 TITLE = "User behaviour shift: only the least relevant history"

@@ -16,8 +16,8 @@ from oppu.analysis.report import SuiteResult, grouped_bars, markdown_table
 from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, write_sub_dataset
 from oppu.data.records import UserData
 from oppu.errors import ConfigError
+from oppu.run_config import RunConfig
 from oppu.tasks.base import Task, TrainingSample
-from oppu.training.config import RunConfig
 
 NAME = "history-format"
 TITLE = "History format: input only, output only, both"

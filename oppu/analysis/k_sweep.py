@@ -12,7 +12,7 @@ import time
 
 from oppu.analysis.report import SuiteResult, lines, markdown_table
 from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, write_sub_dataset
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 NAME = "k-sweep"
 TITLE = "Number of retrieved items k"

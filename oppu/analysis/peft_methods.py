@@ -13,7 +13,7 @@ import time
 
 from oppu.analysis.report import SuiteResult, grouped_bars, markdown_table
 from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, with_users, write_sub_dataset
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 NAME = "peft-methods"
 TITLE = "PEFT methods for the personal adapters"

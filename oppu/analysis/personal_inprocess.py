@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Callable
 
 from oppu.data.records import UserData
+from oppu.run_config import RunConfig
 from oppu.tasks.base import TrainingSample
-from oppu.training.config import RunConfig
 from oppu.training.personal import TrainStats
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from oppu import fsutil
 from oppu.data.records import UserData
 from oppu.errors import ConfigError
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 
 def load_run_config(run_dir: str, config: str | None = None, overrides: Sequence[str] = ()) -> RunConfig:

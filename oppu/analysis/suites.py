@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from oppu.analysis.report import SUITE_ORDER, save_suite
 from oppu.errors import ConfigError
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 MODULES = {
     "behaviour-shift": "oppu.analysis.behaviour_shift",

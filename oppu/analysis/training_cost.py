@@ -17,8 +17,8 @@ import time
 from oppu import fsutil
 from oppu.analysis.report import SuiteResult, markdown_table, new_figure
 from oppu.data.records import HistoryItem, UserData
+from oppu.run_config import RunConfig
 from oppu.tasks.base import Task
-from oppu.training.config import RunConfig
 
 NAME = "training-cost"
 TITLE = "Training cost per user"

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from oppu.config import load_config, to_dict
     from oppu.fsutil import write_text
     from oppu.pipeline import PACKAGED_CONFIGS, _timestamped_log, run_stages
+    from oppu.run_config import RunConfig
     from oppu.tasks import get_task
-    from oppu.training.config import RunConfig
 
     task = get_task(args.task)
     real_model = args.model not in (None, "tiny")

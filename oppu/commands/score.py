@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from oppu.metrics import score_files
+    from oppu.evaluation.scoring import score_files
     from oppu.tasks import get_task
 
     task = get_task(args.task)

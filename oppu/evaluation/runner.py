@@ -17,7 +17,7 @@ from dataclasses import asdict
 from oppu import fsutil
 from oppu.errors import ConfigError
 from oppu.evaluation.methods import Method, resolve_method
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 ANSWER_FIELDS = ("user_id", "method", "query_id", "prediction", "raw", "error")
 
@@ -105,9 +105,9 @@ class QueryAnswerer:
         from peft import PeftModel
 
         from oppu.models import generate_greedy
+        from oppu.models.peft_adapters import remove_adapter
         from oppu.store import AdapterKey, Manifest
         from oppu.store.adapters import MANIFEST_NAME
-        from oppu.training.personal import remove_adapter
 
         key = AdapterKey(self.task.name, fingerprint, method.adapter_variant, user.user_id)
         with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:

@@ -1,9 +1,10 @@
-"""LaMP's metrics: the arithmetic (``lamp``) and scoring by id or from files (``scoring``)."""
+"""LaMP's metrics: the arithmetic over position-aligned golds and predictions (``lamp``).
+
+Matching predictions to golds by id, and reading LaMP's files, is ``oppu.evaluation.scoring``.
+"""
 
 from __future__ import annotations
 
 from oppu.metrics.lamp import classification_scores, generation_scores, rating_scores
-from oppu.metrics.scoring import read_outputs_file, score_files, score_predictions
 
-__all__ = ["classification_scores", "generation_scores", "rating_scores", "read_outputs_file",
-           "score_files", "score_predictions"]
+__all__ = ["classification_scores", "generation_scores", "rating_scores"]

@@ -1,6 +1,6 @@
 """LaMP's scoring arithmetic, exactly as its evaluator does it (see lamp-formats.md).
 
-Golds and predictions arrive position-aligned; ``oppu.metrics.scoring`` does the id matching.
+Golds and predictions arrive position-aligned; ``oppu.evaluation.scoring`` does the id matching.
 sklearn and rouge_score are imported when first used, so importing tasks stays cheap.
 """
 

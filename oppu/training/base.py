@@ -18,7 +18,7 @@ from pathlib import Path
 
 from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.training.config import OptimSettings, PeftSettings, RunConfig, parse_flavour
+from oppu.run_config import OptimSettings, PeftSettings, RunConfig, parse_flavour
 
 
 def train_base_loop(config: dict) -> None:

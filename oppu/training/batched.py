@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from oppu.errors import ConfigError
 from oppu.ids import validate_user_id
-from oppu.training.config import OptimSettings
+from oppu.run_config import OptimSettings
 from oppu.training.packing import Row, collate, collate_packed, group_by_length, pack_rows, to_device
 from oppu.training.personal import user_seed
 
@@ -491,7 +491,7 @@ def train_users_batched(
                             if packed_attention_calls() == calls:
                                 raise ConfigError(f"{type(base_model).__name__} does not run its attention through "
                                                   "transformers' AttentionInterface, so packed samples would "
-                                                  "attend to each other: train it with packed=False")
+                                                  "attend to each other: train it with users.trainer=per-user")
                             predicting = hidden.reshape(-1, hidden.shape[-1])
                         else:
                             hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from oppu.models.peft_adapters import remove_adapter
+from oppu.run_config import OptimSettings, PeftSettings
 from oppu.tasks.base import TrainingSample
-from oppu.training.config import OptimSettings, PeftSettings
 
 
 @dataclass
@@ -94,11 +95,3 @@ def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler
                       input_tokens=input_tokens, final_loss=loss_value,
                       seconds=time.perf_counter() - start)
 
-
-def remove_adapter(peft_model) -> None:
-    """Take the adapter's layers out of the shared base (prompt tuning never put any in)."""
-    from peft.tuners.tuners_utils import BaseTuner
-
-    tuner = peft_model.base_model
-    if isinstance(tuner, BaseTuner):
-        tuner.unload()

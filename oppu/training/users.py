@@ -25,7 +25,7 @@ import traceback
 from dataclasses import asdict, dataclass
 
 from oppu import fsutil
-from oppu.training.config import RunConfig, parse_variant
+from oppu.run_config import RunConfig, parse_variant
 
 RESULT_FIELDS = ("user_id", "status", "version", "samples", "tokens", "seconds", "loss", "error")
 

@@ -48,7 +48,7 @@ def local_ray():
 def _config(run_dir: Path, *overrides: str):
     from oppu.config import load_config
     from oppu.pipeline import PACKAGED_CONFIGS
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     return load_config(RunConfig, PACKAGED_CONFIGS / "quickstart.yaml", [
         f"task={TASK}", f"run_dir={run_dir}", "base.flavours=[plain]", "users.variants=[oppu]",

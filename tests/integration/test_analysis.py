@@ -39,7 +39,7 @@ def run_dir(tmp_path_factory):
     from oppu import cli
     from oppu.config import load_config, to_dict
     from oppu.pipeline import PACKAGED_CONFIGS, run_stages
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     out = tmp_path_factory.mktemp("analysis-run")
     lamp = out / "data" / "lamp"

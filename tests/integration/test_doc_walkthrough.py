@@ -84,7 +84,7 @@ def _train_users_config(bucket: str):
     import argparse
 
     from oppu.config import add_config_arguments, load_config
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     section = [c for b in bash_blocks(DOC) if b.heading.startswith("1.") for c in commands(b)]
     argv = next(c.argv for c in section if "jobs/train_users.py" in c.argv)

@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory):
     from oppu import cli
     from oppu.config import load_config
     from oppu.pipeline import PACKAGED_CONFIGS, run_stages
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     out = tmp_path_factory.mktemp("run")
     lamp = out / "data" / "lamp"
@@ -60,7 +60,7 @@ def run_dir(tmp_path_factory):
 def _config(run_dir: Path, *overrides: str):
     from oppu.config import load_config
     from oppu.pipeline import PACKAGED_CONFIGS
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     return load_config(RunConfig, PACKAGED_CONFIGS / "quickstart.yaml",
                        ["task=LaMP-2M", f"run_dir={run_dir}", *TINY, *overrides])

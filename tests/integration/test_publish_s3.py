@@ -55,8 +55,8 @@ def test_publish_uploads_every_input_a_cluster_job_reads(local_run, s3_uri, caps
     from oppu import cli, fsutil
     from oppu.config import load_config
     from oppu.preflight import missing_inputs
+    from oppu.run_config import RunConfig
     from oppu.store import AdapterStore
-    from oppu.training.config import RunConfig
 
     run, key, version = local_run
     cfg = load_config(RunConfig, ROOT / "oppu" / "configs" / "quickstart.yaml", [f"run_dir={s3_uri}"])

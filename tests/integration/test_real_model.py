@@ -67,9 +67,9 @@ def test_one_users_adapter_trains_and_is_served_through_the_chat_template(model_
     from ray import serve
 
     from oppu.models import base_fingerprint, generate_greedy, load_model
+    from oppu.run_config import OptimSettings, PeftSettings
     from oppu.store import AdapterKey, AdapterStore
     from oppu.tasks import get_task
-    from oppu.training.config import OptimSettings, PeftSettings
     from oppu.training.personal import train_user_adapter
     from serve_apps.oppu_serve import build
 

@@ -85,7 +85,7 @@ def ray_with_publish_log(tmp_path_factory):
 def _config(run_dir: Path, store: Path, trainer: str):
     from oppu.config import load_config
     from oppu.pipeline import PACKAGED_CONFIGS
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     return load_config(RunConfig, PACKAGED_CONFIGS / "quickstart.yaml", [
         f"task={TASK}", f"run_dir={run_dir}", f"store={store}", *TINY, "users.variants=[oppu]",

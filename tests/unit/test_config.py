@@ -55,14 +55,14 @@ SHIPPED = sorted((Path(__file__).resolve().parents[2] / "oppu" / "configs").glob
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_every_shipped_run_config_loads(path):
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     cfg = load_config(RunConfig, path)
     assert cfg.task.startswith("LaMP-")
 
 
 def test_run_config_rejects_unknown_variant_and_task():
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     with pytest.raises(ConfigError, match="variant"):
         load_config(RunConfig, None, ["users.variants=[oppu,rag+oppu]"])
@@ -71,7 +71,7 @@ def test_run_config_rejects_unknown_variant_and_task():
 
 
 def test_run_dir_layout():
-    from oppu.training.config import RunConfig, parse_variant
+    from oppu.run_config import RunConfig, parse_variant
 
     cfg = load_config(RunConfig, None, ["run_dir=s3://bucket/run", "task=LaMP_3"])
     assert cfg.task == "LaMP-3"

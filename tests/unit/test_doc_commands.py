@@ -97,7 +97,7 @@ def _check_oppu(argv: list[str]) -> None:
 
 def _check_job(script: str, argv: list[str]) -> None:
     from oppu.config import add_config_arguments, load_config
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     assert (ROOT / script).is_file(), script
     parser = argparse.ArgumentParser(prog=script)
@@ -192,7 +192,7 @@ def test_cluster_walkthrough_publishes_every_base_its_jobs_read():
     the walkthrough uploaded `data` and `base` only, and every rag-k1+oppu actor died)."""
     from oppu.config import load_config
     from oppu.preflight import required_inputs
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     section = [c for c in ALL if c.block.file == "docs/cluster.md" and c.block.heading.startswith("1.")]
 

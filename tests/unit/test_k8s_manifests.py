@@ -156,7 +156,7 @@ def test_quantities_accept_numbers_and_text_but_not_other_types():
 
 def test_rayjob_entrypoint_runs_a_repo_script_with_a_loadable_config():
     from oppu.config import load_config
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     jobs = [doc for _, doc in _kuberay_manifests() if doc["kind"] == "RayJob"]
     assert jobs

@@ -8,7 +8,7 @@ import pytest
 
 from oppu.config import load_config
 from oppu.preflight import MissingInputError, check_inputs, missing_inputs
-from oppu.training.config import RunConfig
+from oppu.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "oppu" / "configs" / "quickstart.yaml"

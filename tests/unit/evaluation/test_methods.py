@@ -17,7 +17,7 @@ from oppu.tasks import get_task
      "profile", "profile+rag-k1"),
 ])
 def test_methods_resolve_to_their_base(name, expected, shared_base, per_k_base):
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     assert resolve_method(name) == expected
     shared = from_dict(RunConfig, {"base": {"flavours": ["plain", "rag", "profile"]}})

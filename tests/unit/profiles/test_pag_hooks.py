@@ -8,8 +8,8 @@ from oppu.config import from_dict
 from oppu.data.records import HistoryItem, Query, UserData
 from oppu.errors import ConfigError
 from oppu.evaluation.methods import resolve_method
+from oppu.run_config import RunConfig, parse_variant
 from oppu.tasks import get_task
-from oppu.training.config import RunConfig, parse_variant
 from oppu.training.samples import base_samples, personal_samples
 
 TASK = get_task("LaMP-2M")

@@ -12,6 +12,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from oppu.models.multi_lora import export_slot_as_peft, inject_multi_lora  # noqa: E402
+from oppu.run_config import OptimSettings  # noqa: E402
 from oppu.training.batched import (  # noqa: E402
     SlotAdamW,
     init_user_slot,
@@ -19,7 +20,6 @@ from oppu.training.batched import (  # noqa: E402
     step_plan,
     train_users_batched,
 )
-from oppu.training.config import OptimSettings  # noqa: E402
 from oppu.training.personal import user_seed  # noqa: E402
 
 VOCAB = 48

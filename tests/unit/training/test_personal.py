@@ -6,8 +6,8 @@ import pytest
 from safetensors.torch import load_file
 
 from oppu.data.records import HistoryItem, UserData
+from oppu.run_config import OptimSettings, PeftSettings
 from oppu.tasks import get_task
-from oppu.training.config import OptimSettings, PeftSettings
 from oppu.training.samples import personal_samples
 from tests.unit.tiny_models import MOVIE_TAGS, build_movie_tag_base, movie_user
 

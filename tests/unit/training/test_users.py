@@ -33,7 +33,7 @@ def base_dir(tmp_path_factory):
 
 def _trainer(base_dir, store, trainer: str, *overrides: str):
     from oppu.config import load_config
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
     from oppu.training.users import PersonalTrainer
 
     cfg = load_config(RunConfig, None, [
@@ -170,7 +170,7 @@ def test_batched_job_trains_what_train_users_batched_trains(base_dir, tmp_path):
 def test_batched_trainer_config_is_checked():
     from oppu.config import load_config
     from oppu.errors import ConfigError
-    from oppu.training.config import RunConfig
+    from oppu.run_config import RunConfig
 
     with pytest.raises(ConfigError, match="LoRA only"):
         load_config(RunConfig, None, ["users.trainer=batched", "users.peft.method=ia3"])

@@ -4,6 +4,9 @@
 A run directory (local path or ``s3://...``) holds ``data/`` (prepared Parquet), ``base/`` and
 ``base-<flavour>/`` (task-adapted merged base models), ``adapters/`` (the adapter store root),
 ``predictions/``, ``metrics.json`` and ``metrics.md``.
+
+The names a run config holds (base flavours, adapter variants, evaluation methods) share one
+grammar, ``parse_name`` over the ``NameKind`` table at the end of this module.
 """
 
 from __future__ import annotations
@@ -261,8 +264,65 @@ class RunConfig:
         return fsutil.join(self.run_dir, "pretrained") if self.model == "tiny" else self.model
 
 
-_VARIANT = re.compile(r"(?P<pag>pag\+)?(?:rag-k(?P<k>[1-9][0-9]*)\+)?oppu")
-_FLAVOUR = re.compile(r"(?P<profile>profile\+)?rag-k(?P<k>[1-9][0-9]*)")
+# The one grammar of the names a run uses, a table of three kinds. A name is up to three parts
+# joined by ``+``, in this order: the profile part (the user's textual profile leads the prompt),
+# ``rag-k<N>`` (N retrieved history items in the prompt), ``oppu`` (the user's personal adapter).
+# A kind spells the profile part its own way, says whether ``oppu`` must, may or must not end
+# the name, and has a few names outside the grammar.
+#
+# | kind            | profile part | oppu part | names outside it                   | examples                       |
+# | --------------- | ------------ | --------- | ---------------------------------- | ------------------------------ |
+# | base flavour    | ``profile``  | never     | ``plain``; ``rag`` (k = rag_k)     | ``rag-k2``, ``profile+rag-k1`` |
+# | adapter variant | ``pag``      | always    |                                    | ``oppu``, ``pag+rag-k1+oppu``  |
+# | method          | ``pag``      | optional  | ``non-personalized``, ``random-history`` | ``rag-k4``, ``pag``, ``rag-k1+oppu`` |
+
+
+@dataclass(frozen=True)
+class NameKind:
+    """One row of the name table: how one kind of name is spelled."""
+
+    what: str  # "base flavour", "adapter variant", "method": the kind, as errors name it
+    profile_part: str  # how the profile part is spelled
+    oppu_part: Literal["never", "always", "optional"]
+    spellings: str  # every form, for the error message
+
+
+BASE_FLAVOUR = NameKind("base flavour", "profile", "never",
+                        "plain, rag, rag-k<N>, profile or profile+rag-k<N>")
+ADAPTER_VARIANT = NameKind("adapter variant", "pag", "always",
+                           "'oppu', 'rag-k<N>+oppu', 'pag+oppu' or 'pag+rag-k<N>+oppu'")
+METHOD = NameKind("method", "pag", "optional",
+                  "non-personalized, random-history, rag-k<N>, oppu, rag-k<N>+oppu, pag, pag+rag-k<N>, "
+                  "pag+oppu or pag+rag-k<N>+oppu")
+
+_RAG_PART = re.compile(r"rag-k([1-9][0-9]*)")
+
+
+@dataclass(frozen=True)
+class PromptShape:
+    """What a name says: the profile leads the prompt, ``k`` retrieved items, the personal adapter."""
+
+    profile: bool
+    k: int
+    adapter: bool
+
+
+def parse_name(name: str, kind: NameKind) -> PromptShape:
+    """``name`` read by the grammar of ``kind`` (its names outside the grammar are the caller's)."""
+    parts = name.split("+")
+    profile = parts[0] == kind.profile_part
+    if profile:
+        parts = parts[1:]
+    k = 0
+    if parts and (match := _RAG_PART.fullmatch(parts[0])):
+        k, parts = int(match[1]), parts[1:]
+    adapter = parts == ["oppu"]
+    if adapter:
+        parts = []
+    wrong_adapter = (kind.oppu_part == "always" and not adapter) or (kind.oppu_part == "never" and adapter)
+    if parts or wrong_adapter:
+        raise ConfigError(f"unknown {kind.what} {name!r}: use {kind.spellings}")
+    return PromptShape(profile, k, adapter)
 
 
 def parse_variant(variant: str) -> tuple[bool, int]:
@@ -271,21 +331,15 @@ def parse_variant(variant: str) -> tuple[bool, int]:
     ``oppu``, ``rag-k<N>+oppu``, ``pag+oppu`` and ``pag+rag-k<N>+oppu``; ``RunConfig.variant_base``
     says which base it trains on.
     """
-    match = _VARIANT.fullmatch(variant)
-    if not match:
-        raise ConfigError(f"unknown adapter variant {variant!r}: use 'oppu', 'rag-k<N>+oppu', "
-                          "'pag+oppu' or 'pag+rag-k<N>+oppu'")
-    return bool(match["pag"]), int(match["k"] or 0)
+    shape = parse_name(variant, ADAPTER_VARIANT)
+    return shape.profile, shape.k
 
 
 def parse_flavour(flavour: str, rag_k: int) -> tuple[bool, int]:
     """A base flavour -> (profile in its prompts, retrieved items in them): ``plain``, ``rag``
     (``rag_k`` items), ``rag-k<N>``, ``profile``, ``profile+rag-k<N>``."""
-    fixed = {"plain": (False, 0), "rag": (False, rag_k), "profile": (True, 0)}
+    fixed = {"plain": (False, 0), "rag": (False, rag_k)}
     if flavour in fixed:
         return fixed[flavour]
-    match = _FLAVOUR.fullmatch(flavour)
-    if not match:
-        raise ConfigError(f"unknown base flavour {flavour!r}: use plain, rag, rag-k<N>, profile or "
-                          "profile+rag-k<N>")
-    return bool(match["profile"]), int(match["k"])
+    shape = parse_name(flavour, BASE_FLAVOUR)
+    return shape.profile, shape.k

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from oppu.errors import DataError
-from oppu.metrics import read_outputs_file, score_files, score_predictions
+from oppu.evaluation.scoring import read_outputs_file, score_files, score_predictions
 
 
 def write_outputs(path, task, outputs):

@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from oppu.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from oppu.tasks import Task
+from oppu.tasks import Task, get_task
 
 _IDS_SHOWN = 10
 
@@ -24,8 +21,6 @@ def _id_list(ids: set[str]) -> str:
 def score_predictions(task: Task | str, golds: Mapping[str, str], preds: Mapping[str, str],
                       *, preds_file: str | None = None) -> dict[str, float]:
     """LaMP's metrics for ``task`` over predictions keyed by query id; the id sets must be equal."""
-    from oppu.tasks import get_task
-
     task = get_task(task)
     missing = set(golds) - set(preds)
     extra = set(preds) - set(golds)
@@ -45,8 +40,6 @@ def _check_file_task(file_task: object, expected: Task, file: str) -> None:
     # LaMP's own files call both LaMP-2 versions "LaMP_2" (the news one was renamed later).
     if str(file_task).replace("-", "_").casefold() == "lamp_2" and expected.name in ("LaMP-2N", "LaMP-2M"):
         return
-    from oppu.tasks import get_task
-
     try:
         named = get_task(str(file_task))
     except ConfigError as exc:
@@ -60,8 +53,6 @@ def read_outputs_file(path: str | Path, task: Task | str | None = None) -> dict[
 
     With ``task`` given, the file's ``task`` field (``LaMP_2M`` or ``LaMP-2M``) must name it.
     """
-    from oppu.tasks import get_task
-
     file = str(path)
     try:
         with open(path, encoding="utf-8") as handle:

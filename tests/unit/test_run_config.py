@@ -1,0 +1,60 @@
+"""The one name grammar: base flavours, adapter variants and methods read by one parser."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from oppu.errors import ConfigError
+from oppu.evaluation.methods import resolve_method
+from oppu.run_config import (
+    ADAPTER_VARIANT,
+    BASE_FLAVOUR,
+    METHOD,
+    PromptShape,
+    parse_flavour,
+    parse_name,
+    parse_variant,
+)
+
+NAMES = [  # (kind, name, shape or None where the kind refuses the name)
+    (BASE_FLAVOUR, "profile", PromptShape(True, 0, False)),
+    (BASE_FLAVOUR, "rag-k2", PromptShape(False, 2, False)),
+    (BASE_FLAVOUR, "profile+rag-k1", PromptShape(True, 1, False)),
+    (BASE_FLAVOUR, "pag+rag-k1", None),
+    (BASE_FLAVOUR, "rag-k1+oppu", None),
+    (BASE_FLAVOUR, "rag-k0", None),
+    (ADAPTER_VARIANT, "oppu", PromptShape(False, 0, True)),
+    (ADAPTER_VARIANT, "pag+rag-k3+oppu", PromptShape(True, 3, True)),
+    (ADAPTER_VARIANT, "rag-k1", None),
+    (ADAPTER_VARIANT, "rag-k1+pag+oppu", None),
+    (ADAPTER_VARIANT, "profile+oppu", None),
+    (METHOD, "pag", PromptShape(True, 0, False)),
+    (METHOD, "rag-k4", PromptShape(False, 4, False)),
+    (METHOD, "pag+rag-k1+oppu", PromptShape(True, 1, True)),
+    (METHOD, "", None),
+    (METHOD, "+oppu", None),
+    (METHOD, "oppu+rag-k1", None),
+    (METHOD, "rag-k01", None),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "shape"), NAMES)
+def test_one_grammar_for_every_kind_of_name(kind, name, shape):
+    if shape is None:
+        with pytest.raises(ConfigError, match=re.escape(f"unknown {kind.what} '{name}'")):
+            parse_name(name, kind)
+    else:
+        assert parse_name(name, kind) == shape
+
+
+def test_the_entry_points_agree_with_the_grammar():
+    assert parse_flavour("plain", 3) == (False, 0)
+    assert parse_flavour("rag", 3) == (False, 3)
+    assert parse_flavour("profile+rag-k2", 3) == (True, 2)
+    assert parse_variant("pag+oppu") == (True, 0)
+    method = resolve_method("pag+rag-k2+oppu")
+    assert (method.profile, method.k, method.retrieval, method.adapter_variant) == (True, 2, "bm25",
+                                                                                   "pag+rag-k2+oppu")
+    assert resolve_method("random-history").retrieval == "random"
