@@ -121,6 +121,10 @@ def _check_python(argv: list[str]) -> None:
             assert (ROOT / path).exists(), path
     elif argv[0] == "-m":
         assert argv[1] in ("pip",), f"unchecked module {argv[1]}"
+    elif argv[0].startswith("bench/"):
+        source = (ROOT / argv[0]).read_text()  # a missing script fails here
+        for flag in (a.split("=", 1)[0] for a in argv[1:] if a.startswith("--")):
+            assert f'"{flag}"' in source, f"{argv[0]} has no option {flag}"
     else:
         assert argv[0].startswith("jobs/"), f"unchecked script {argv[0]}"
         _check_job(argv[0], argv[1:])
