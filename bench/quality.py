@@ -1,11 +1,15 @@
 """Check the quality bars of the embedded default over several seeds (CPU; CI does not run this).
 
-    python bench/quality.py --seeds 0 1 2 --tasks LaMP-2M LaMP-3 LaMP-5 --out runs/quality
+    python bench/quality.py --seeds 2 3 4 --tasks LaMP-2M LaMP-3 LaMP-5 --out runs/quality
 
-For each (task, seed) it runs ``oppu quickstart`` and checks: OPPU closes at least half the gap
-between non-personalized and the Bayes-optimal reference (classification: accuracy; rating: MAE),
-RAG k=1 + OPPU is at least as good as RAG k=1, and on generation tasks OPPU's ROUGE-1 beats
-non-personalized. Writes ``bench/results/quality.json`` and prints a table.
+For each (task, seed) it runs ``oppu quickstart --task T --seed S --out OUT/T-seedS --fresh`` (the
+run directory is deleted first, so no stage of an earlier run is reused) and checks: OPPU closes
+at least half the gap between non-personalized and the Bayes-optimal reference (classification:
+accuracy; rating: MAE), RAG k=1 + OPPU is at least as good as RAG k=1, and on generation tasks
+OPPU's ROUGE-1 beats non-personalized. Each row carries the population reference (the best answer
+that ignores the user) where the data has one, and ``tuning_seed``: seeds 0 and 1 are the ones
+the quickstart's settings were tuned on (README), so only other seeds test them. Writes
+``bench/results/quality.json`` and prints a table.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+TUNING_SEEDS = (0, 1)  # the quickstart's personal LoRA and base learning rate were chosen on these
 
 
 def bars(metrics: dict) -> dict:
@@ -30,6 +36,9 @@ def bars(metrics: dict) -> dict:
            "oppu": methods["oppu"][metric], "rag-k1": methods["rag-k1"][metric],
            "rag-k1+oppu": methods["rag-k1+oppu"][metric],
            "rag_oppu_at_least_rag": at_least(methods["rag-k1+oppu"][metric], methods["rag-k1"][metric])}
+    if "population" in reference:
+        out["population"] = reference["population"][metric]
+        out["oppu_beats_population"] = out["oppu"] > out["population"] if higher else out["oppu"] < out["population"]
     if metric.startswith("rouge"):
         out["oppu_beats_non_personalized"] = out["oppu"] > out["non-personalized"]
     elif "bayes" in reference:
@@ -41,7 +50,8 @@ def bars(metrics: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4],
+                        help=f"seeds to run (the settings were tuned on {TUNING_SEEDS}; rows say which)")
     parser.add_argument("--tasks", nargs="+", default=["LaMP-2M", "LaMP-3", "LaMP-5"])
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--results", default="bench/results/quality.json")
@@ -60,19 +70,19 @@ def main() -> int:
                     rows.append({"task": task, "seed": seed, "error": "no metrics.json"})
                     continue
                 metrics = json.loads((run_dir / "metrics.json").read_text())
-                rows.append({"task": task, "seed": seed, **bars(metrics)})
+                rows.append({"task": task, "seed": seed, "tuning_seed": seed in TUNING_SEEDS, **bars(metrics)})
                 print(json.dumps(rows[-1]), flush=True)
                 continue
             overrides = [arg for kv in args.set for arg in ("--set", kv)]
             done = subprocess.run(["oppu", "quickstart", "--task", task, "--seed", str(seed),
-                                   "--out", str(run_dir), *overrides], capture_output=True, text=True)
+                                   "--out", str(run_dir), "--fresh", *overrides], capture_output=True, text=True)
             if done.returncode:
                 print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
                 rows.append({"task": task, "seed": seed, "error": done.returncode})
                 continue
             metrics = json.loads((run_dir / "metrics.json").read_text())
-            rows.append({"task": task, "seed": seed, "seconds": round(time.perf_counter() - started),
-                         **bars(metrics)})
+            rows.append({"task": task, "seed": seed, "tuning_seed": seed in TUNING_SEEDS,
+                         "seconds": round(time.perf_counter() - started), **bars(metrics)})
             print(json.dumps(rows[-1]), flush=True)
     Path(args.results).write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=2) + "\n")
     return 0

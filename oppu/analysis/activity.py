@@ -6,6 +6,13 @@ users become the test users of a sub run whose base is trained *without them* (e
 adapts the base, and, for the tiny default unless ``fresh_pretrained`` is off, pretrains it), so
 no bucket was seen by the base.
 Every method then runs per bucket.
+
+With ``fresh_pretrained`` off (``--activity-reuse-pretrained``) the sub run starts from the main
+run's tiny pretrained model, which read the main run's base users' queries *with their golds*;
+bucket users that were base users of the main run then have their test answers in its
+pretraining text. The suite checks every held-out test query against every text its models were
+trained on before evaluation (``oppu.analysis.leakage``) and reports the leaks in its JSON
+(``leak_check``) and report section.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from oppu.analysis.leakage import audit_run
 from oppu.analysis.report import SuiteResult, lines, markdown_table
 from oppu.analysis.runs import pick_users, scores_by_group, sub_run, train_and_evaluate, write_sub_dataset
 from oppu.data.records import UserData
@@ -21,6 +29,8 @@ from oppu.run_config import RunConfig
 NAME = "activity"
 TITLE = "Users at different activity levels"
 METHODS = ("non-personalized", "rag-k1", "oppu", "rag-k1+oppu")
+FLAVOURS = ("plain", "rag")
+VARIANTS = ("oppu", "rag-k1+oppu")
 
 
 def bucket_users(users: list[UserData], n_buckets: int, per_bucket: int) -> dict[str, list[UserData]]:
@@ -49,13 +59,15 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
     users = [dataclasses.replace(u, role="test" if u.user_id in held_out else "base") for u in dataset.users]
     log(f"[{NAME}] buckets: " + "; ".join(f"{label}: {', '.join(u.user_id for u in members)}"
                                            for label, members in buckets.items()))
-    base = dataclasses.replace(cfg.base, flavours=["plain", "rag"],
-                               max_samples=base_max_samples or cfg.base.max_samples)
-    sub = sub_run(cfg, NAME, link_bases=(), link_pretrained=not fresh_pretrained, base=base)
+    sub = sub_config(cfg, base_max_samples, fresh_pretrained)
+    base = sub.base
     write_sub_dataset(sub, cfg.task, users, {"suite": NAME, "buckets": {k: [u.user_id for u in v]
                                                                        for k, v in buckets.items()}})
     run_stages(sub, ["base"], log)
-    train_and_evaluate(sub, ["oppu", "rag-k1+oppu"], METHODS, log)
+    train_and_evaluate(sub, list(VARIANTS), METHODS, log)
+    leak_check = audit_run(sub, FLAVOURS, VARIANTS, pretraining_candidates=[cfg.data_uri])
+    log(f"[{NAME}] leak check: {leak_check['leaked_queries']} of {leak_check['test_queries']} held-out test "
+        f"queries have their gold in a text their models were trained on {leak_check['leaked_queries_by_source']}")
     metric = dataset.task.primary_metric
     scores = scores_by_group(sub, METHODS, held_out)
     labels = list(buckets)
@@ -74,8 +86,20 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
                f"without them (base samples capped at {base.max_samples}) from {pretrained}.\n\n"
                + markdown_table(["bucket", *METHODS, "OPPU gain"], rows)
                + f"\n\nOPPU gain: OPPU's improvement over non-personalized in {metric}"
-               + ("" if direction > 0 else " (lower is better, so the gain is non-personalized minus OPPU)") + ".")
+               + ("" if direction > 0 else " (lower is better, so the gain is non-personalized minus OPPU)") + "."
+               + f"\n\nLeak check: {leak_check['leaked_queries']} of {leak_check['test_queries']} held-out test "
+               "queries have their gold in a text their models were trained on before evaluation (pretraining "
+               "corpus, base samples, personal samples)"
+               + (f": {leak_check['leaked_queries_by_source']}." if leak_check["leaked_queries"] else "."))
     data = {"task": cfg.task, "metric": metric, "pretrained": pretrained, "buckets": {k: [u.user_id for u in v] for k, v in buckets.items()},
             "history_lengths": {u.user_id: len(u.history) for v in buckets.values() for u in v},
-            "series": series, "oppu_gain": dict(zip(labels, gain, strict=True)), "scores": scores}
+            "series": series, "oppu_gain": dict(zip(labels, gain, strict=True)), "scores": scores,
+            "leak_check": leak_check}
     return SuiteResult(NAME, TITLE, section, data, time.perf_counter() - started), figure
+
+
+def sub_config(cfg: RunConfig, base_max_samples: int | None = 600, fresh_pretrained: bool = True) -> RunConfig:
+    """The activity suite's sub run of ``cfg``: its own bases (plain and RAG, samples capped at
+    ``base_max_samples``) and, unless ``fresh_pretrained`` is off, its own tiny pretrained model."""
+    base = dataclasses.replace(cfg.base, flavours=list(FLAVOURS), max_samples=base_max_samples or cfg.base.max_samples)
+    return sub_run(cfg, NAME, link_bases=(), link_pretrained=not fresh_pretrained, base=base)
