@@ -1,7 +1,7 @@
-"""The ``oppu`` command: a map of subcommand name -> module in ``oppu.commands``.
+"""The ``oppu`` command: a map of subcommand name -> module (or ``module:object``) in ``oppu.commands``.
 
-Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``;
-it is imported only when its command runs, so ``oppu score`` never pays for torch or ray.
+Each command defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; it is
+imported only when its command runs, so ``oppu score`` never pays for torch or ray.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ COMMANDS = {
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
     "publish": "oppu.commands.publish",
-    "train-base": "oppu.commands.train_base",
-    "train-users": "oppu.commands.train_users",
-    "evaluate": "oppu.commands.evaluate",
-    "pipeline": "oppu.commands.run_pipeline",
+    "train-base": "oppu.commands.stages:TRAIN_BASE",
+    "train-users": "oppu.commands.stages:TRAIN_USERS",
+    "evaluate": "oppu.commands.stages:EVALUATE",
+    "pipeline": "oppu.commands.stages:PIPELINE",
 }
 
 EXIT_BAD_INPUT = 2
@@ -37,7 +37,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     names = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     for name in names:
-        module = importlib.import_module(COMMANDS[name])
+        module_name, _, attribute = COMMANDS[name].partition(":")
+        module = importlib.import_module(module_name)
+        module = getattr(module, attribute) if attribute else module
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)
