@@ -436,17 +436,21 @@ def test_prometheus_metrics_have_latency_histograms_and_token_counters(app):
 
     wanted = ["ray_oppu_serve_time_to_first_token_seconds_bucket", "ray_oppu_serve_inter_token_latency_seconds_bucket",
               "ray_oppu_serve_prompt_tokens", "ray_oppu_serve_completion_tokens"]
-    deadline = time.monotonic() + 60  # metrics are pushed to the exporter every few seconds
+    def completion_tokens(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ray_oppu_serve_completion_tokens"))
+
+    # Metrics are pushed to the exporter every few seconds, so the counters catch up in steps:
+    # poll until the load test's tokens have all arrived (or the deadline passes).
+    deadline = time.monotonic() + 90
     text = ""
     while time.monotonic() < deadline:
         try:
             text = httpx.get(app["metrics_url"], timeout=5).text
         except httpx.HTTPError:
             text = ""
-        if all(name in text for name in wanted):
+        if all(name in text for name in wanted) and completion_tokens(text) >= 200 * 4:
             break
         time.sleep(2)
     assert all(name in text for name in wanted), [name for name in wanted if name not in text]
-    completion_tokens = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                            if line.startswith("ray_oppu_serve_completion_tokens"))
-    assert completion_tokens >= 200 * 4  # the load test alone generated at least this many
+    assert completion_tokens(text) >= 200 * 4  # the load test alone generated at least this many
