@@ -221,13 +221,15 @@ def run_s3(shape: BenchShape, n_adapters: int) -> dict:
             "s3_server": "moto ThreadedMotoServer on 127.0.0.1 (CPU machine)"}
 
 
-def random_llama(shape: BenchShape, device: str):
+def random_llama(shape: BenchShape, device: str, **config_overrides):
+    """A random-weight Llama of ``shape`` (bf16 on CUDA); ``config_overrides`` go to ``LlamaConfig``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.heads, vocab_size=shape.vocab, max_position_embeddings=4096)
+    config = LlamaConfig(**{"hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+                            "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+                            "num_key_value_heads": shape.heads, "vocab_size": shape.vocab,
+                            "max_position_embeddings": 4096, **config_overrides})
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     previous = torch.get_default_dtype()

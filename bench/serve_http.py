@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import serve as serve_bench  # noqa: E402
 from bench.serve import percentile, publish_random_adapters  # noqa: E402
 
 TASK = "LaMP-2M"
@@ -191,24 +192,11 @@ def word_tokenizer(vocab: int):
 
 
 def random_llama(shape: HttpShape, tokenizer, device: str):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                         num_key_value_heads=shape.heads, max_position_embeddings=4096,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=None)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    """``bench/serve.py``'s random Llama with this tokenizer's ids and no EOS (every stream runs to max_tokens)."""
+    model = serve_bench.random_llama(shape, device, pad_token_id=tokenizer.pad_token_id,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=None)
     model.generation_config.eos_token_id = None
-    return model.eval()
+    return model
 
 
 class Workload:
