@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -63,21 +64,31 @@ def main() -> int:
     log = _timestamped_log()
     times_path = out / "bench-stage-seconds.json"
     stage_seconds = json.loads(times_path.read_text()) if times_path.exists() else {}
+    # A call cut off by its time limit (``timeout`` sends SIGTERM) still records the seconds its
+    # stage ran, so device_seconds counts every call's work, finished or not.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     for stage in STAGES:
         if stage not in args.stages:
             continue
         started = time.perf_counter()
-        if stage == "data":
-            if not make_data(task.name, args, out, log):
-                continue
-        else:
-            run_stages(cfg, [stage], log)
-        stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - started
-        times_path.write_text(json.dumps(stage_seconds, indent=1))
-        log(f"[table1] {stage} took {time.perf_counter() - started:.0f}s")
+        did_work = True
+        try:
+            if stage == "data":
+                did_work = make_data(task.name, args, out, log)
+            else:
+                run_stages(cfg, [stage], log)
+        finally:
+            if did_work:
+                stage_seconds[stage] = stage_seconds.get(stage, 0.0) + time.perf_counter() - started
+                times_path.write_text(json.dumps(stage_seconds, indent=1))
+                log(f"[table1] {stage} took {time.perf_counter() - started:.0f}s")
     if "evaluate" in args.stages:
         record(args, cfg, to_dict(cfg), stage_seconds, log)
     return 0
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def make_data(task: str, args, out: Path, log) -> bool:

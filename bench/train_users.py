@@ -16,7 +16,10 @@ LaMP-like long tail. Configurations, in this order (one process, one GPU):
               later configuration runs with them too)
   profile     torch.profiler over two global steps of 8 users (the model as patched so far)
   qlora       batched over a bitsandbytes 4-bit base (oppu.models.quantization); must come last
-A batched name may end in @TOKENS to set tokens per forward pass for it (batched_liger@12288).
+A batched name may end in @TOKENS to set tokens per forward pass for it (batched_liger@12288), or
+@TOKENSxUSERS to set the active users too (batched@32768x50).
+--shape smollm2-135m --lora all-r16 measures the real-model table's personal training (SmolLM2-135M's
+shape, r=16 on all seven projections) instead of the 7B default.
 Every loop runs SDPA without the cuDNN backend (it re-plans per shape), except
 reference_default_sdpa.
 
@@ -65,19 +68,37 @@ class Shape:
     intermediate: int
     vocab: int
     max_length: int
+    kv_heads: int | None = None  # grouped-query attention; None: as many as heads
+    tie_embeddings: bool = False
 
     def llama_config(self):
         from transformers import LlamaConfig
 
         return LlamaConfig(hidden_size=self.hidden, num_hidden_layers=self.layers,
-                           num_attention_heads=self.heads, num_key_value_heads=self.heads,
+                           num_attention_heads=self.heads, num_key_value_heads=self.kv_heads or self.heads,
                            intermediate_size=self.intermediate, vocab_size=self.vocab,
+                           tie_word_embeddings=self.tie_embeddings,
                            max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                            attn_implementation="sdpa", use_cache=False)
 
+    @property
+    def kv_width(self) -> int:
+        return (self.kv_heads or self.heads) * (self.hidden // self.heads)
+
 
 LLAMA2_7B = Shape(hidden=4096, layers=32, heads=32, intermediate=11008, vocab=32000, max_length=2048)
+# SmolLM2-135M-Instruct's shape (the real model of oppu/configs/table1-real.yaml), at the table's
+# max_length of 512: random weights cost the same compute as the real ones.
+SMOLLM2_135M = Shape(hidden=576, layers=30, heads=9, intermediate=1536, vocab=49152, max_length=512,
+                     kv_heads=3, tie_embeddings=True)
 TINY = Shape(hidden=64, layers=2, heads=4, intermediate=128, vocab=256, max_length=128)
+SHAPES = {"llama2-7b": LLAMA2_7B, "smollm2-135m": SMOLLM2_135M}
+# LoRA settings: the 7B bench's r=8 on q/v, and the real-model table's r=16 on all seven projections.
+LORA_SETTINGS = {
+    "qv-r8": dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "all-r16": dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"]),
+}
 
 
 @dataclass
@@ -150,7 +171,8 @@ def build_model(shape: Shape, device: torch.device, dtype: torch.dtype):
 
 
 def decoder_linear_params(shape: Shape) -> int:
-    per_layer = 4 * shape.hidden * shape.hidden + 3 * shape.hidden * shape.intermediate
+    per_layer = (2 * shape.hidden * shape.hidden + 2 * shape.hidden * shape.kv_width
+                 + 3 * shape.hidden * shape.intermediate)
     return shape.layers * per_layer
 
 
@@ -164,10 +186,13 @@ def training_flops(m: Measured, shape: Shape) -> float:
     return dense + head + attention
 
 
+LORA = "qv-r8"  # set from --lora in main()
+
+
 def lora_config(dropout: float = 0.05):
     from peft import LoraConfig
 
-    return LoraConfig(r=8, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"], bias="none")
+    return LoraConfig(**LORA_SETTINGS[LORA], lora_dropout=dropout, bias="none")
 
 
 def sync(device: torch.device) -> None:
@@ -204,9 +229,10 @@ def measure(m: Measured, device: torch.device):
 
 
 def run_batched(name, model, users, hparams, epochs, device, args, tokens_per_forward: int | None = None,
-                packed: bool = True) -> Measured:
+                packed: bool = True, max_active_users: int | None = None) -> Measured:
     m = Measured(name)
     tokens_per_forward = tokens_per_forward or args.tokens_per_forward
+    args = argparse.Namespace(**{**vars(args), "max_active_users": max_active_users or args.max_active_users})
 
     def done(user_id, state, stats):
         m.users += 1
@@ -531,6 +557,8 @@ def summarise(m: Measured, shape: Shape) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy model on CPU (smoke test)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="model shape (random weights)")
+    parser.add_argument("--lora", choices=sorted(LORA_SETTINGS), default="qv-r8", help="LoRA rank and targets")
     parser.add_argument("--configs", default=",".join(ALL_CONFIGS), help=f"comma list of {ALL_CONFIGS} and qlora")
     parser.add_argument("--users", type=int, default=16, help="synthetic users (batched trains all)")
     parser.add_argument("--mean-tokens", type=int, default=15_000, help="mean history tokens per user (one epoch)")
@@ -550,7 +578,9 @@ def main() -> int:
 
         faulthandler.dump_traceback_later(args.stack_every_s, repeat=True)
 
-    shape = TINY if args.tiny else LLAMA2_7B
+    global LORA
+    LORA = args.lora
+    shape = TINY if args.tiny else SHAPES[args.shape]
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if args.tiny:
@@ -565,8 +595,8 @@ def main() -> int:
     results: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "command": "python3 " + " ".join(sys.argv),
-        "model": "random-init Llama-2-7B shape (bf16)" if not args.tiny else "tiny Llama (fp32, CPU)",
-        "lora": "r=8 alpha=8 dropout=0.05 on q_proj,v_proj; AdamW lr 1e-4 wd 0.01 clip 0.3, warmup 10%",
+        "model": f"random-init {args.shape} shape (bf16)" if not args.tiny else "tiny Llama (fp32, CPU)",
+        "lora": f"{LORA_SETTINGS[LORA]} dropout=0.05; AdamW lr 1e-4 wd 0.01 clip 0.3, warmup 10%",
         "users": {"n": len(users), "epochs": args.epochs,
                   "history_tokens": sorted(sum(len(s["input_ids"]) for s in samples) for _, samples in users)},
         "flops_convention": "mfu: (4*N_decoder_linear*tokens + 4*d*V*target_tokens + 6*layers*d*sum(len^2)) "
@@ -585,14 +615,17 @@ def main() -> int:
             results["configs"][name] = {"error": "skipped: past --deadline-s"}
             continue
         print(f"[bench] {time.perf_counter() - started:.0f}s {name} ...", flush=True)
-        kind, _, tokens = name.partition("@")
+        kind, _, sizes = name.partition("@")
+        tokens, _, active = sizes.partition("x")
         tokens_per_forward = int(tokens) if tokens else None
+        max_active_users = int(active) if active else None
         try:
             if name in ("sequential", "reference", "reference_default_sdpa"):
                 measured[name] = run_per_user(name, model, users, hparams, args.epochs, device, args)
             elif kind in ("batched", "batched_grouped"):
                 measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args,
-                                             tokens_per_forward, packed=kind == "batched")
+                                             tokens_per_forward, packed=kind == "batched",
+                                             max_active_users=max_active_users)
             elif kind == "batched_liger":
                 if not liger_applied:
                     from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -601,7 +634,7 @@ def main() -> int:
                                                 fused_linear_cross_entropy=False, model=model)
                     liger_applied = True
                 measured[name] = run_batched(name, model, users, hparams, args.epochs, device, args,
-                                             tokens_per_forward)
+                                             tokens_per_forward, max_active_users=max_active_users)
             elif name == "varlen_check":
                 results["varlen_check"] = check_varlen(device)
                 print(f"[bench] varlen_check: {json.dumps(results['varlen_check'])}", flush=True)
