@@ -104,8 +104,9 @@ def test_pag_end_to_end_with_statistical_profiles(run_dir, tmp_path):
     assert set(profiles) == {u.user_id for u in dataset.users}
     assert all(text.startswith(STATISTICAL_MARK) for text in profiles.values())
 
-    cfg = load_run_config(str(run_dir), overrides=["base.flavours=[profile]", "users.variants=[pag+oppu]",
-                                                    "eval.methods=[pag,pag+rag-k1,pag+oppu]"])
+    cfg = load_run_config(str(run_dir), overrides=["base.flavours=[profile,profile+rag-k1]",
+                                                    "users.variants=[pag+oppu,pag+rag-k1+oppu]",
+                                                    "eval.methods=[pag,pag+rag-k1,pag+oppu,pag+rag-k1+oppu]"])
     sub = sub_run(cfg, "pag-test", link_bases=())
     write_sub_dataset(sub, cfg.task, dataset.base_users() + dataset.test_users()[:2], {})
     try:
@@ -114,8 +115,13 @@ def test_pag_end_to_end_with_statistical_profiles(run_dir, tmp_path):
         ray.shutdown()
     provenance = json.loads((Path(sub.run_dir) / "base-profile" / "oppu-base.json").read_text())
     assert provenance["flavour"] == "profile" and provenance["profile_writer"] == "statistical"
-    assert set(metrics["methods"]) == {"pag", "pag+rag-k1", "pag+oppu"} and not metrics["errors"]
-    assert list(Path(sub.store_uri).glob("LaMP-2M/*/pag+oppu/*/*/manifest.json"))
+    assert set(metrics["methods"]) == {"pag", "pag+rag-k1", "pag+oppu", "pag+rag-k1+oppu"}
+    assert not metrics["errors"]
+    for variant in ("pag+oppu", "pag+rag-k1+oppu"):
+        assert list(Path(sub.store_uri).glob(f"LaMP-2M/*/{variant}/*/*/manifest.json")), variant
+    # PAG + RAG reads the base adapted with the profile and one retrieved item in its prompts.
+    provenance = json.loads((Path(sub.run_dir) / "base-profile+rag-k1" / "oppu-base.json").read_text())
+    assert (provenance["flavour"], provenance["rag_k"]) == ("profile+rag-k1", 1)
 
 
 @pytest.fixture(scope="module")
