@@ -85,8 +85,8 @@ def train_base_loop(config: dict) -> None:
     if resume is not None:
         with resume.as_directory() as resume_dir:
             position = _load_train_state(Path(resume_dir), rank, model, optimizer, scheduler, engine)
-        logger.info("rank %d resumes base training at step %d (epoch %d, %d batches done) from %s",
-                 rank, position.step, position.epoch + 1, position.batches_done, resume.path)
+        logger.warning("rank %d resumes base training at step %d (epoch %d, %d batches done) from %s",
+                       rank, position.step, position.epoch + 1, position.batches_done, resume.path)
     if engine is not None:
         train_model = engine
     else:
@@ -232,6 +232,10 @@ def _load_train_state(directory: Path, rank: int, model, optimizer, scheduler, e
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    # The next step's learning rate is the restored schedule's: restoring a schedule does not set
+    # it, and a ZeRO optimiser restored from an elastic checkpoint keeps only its state.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
     rng_path = directory / f"rng-rank{rank}.pt"
     if rng_path.exists():
         rng = torch.load(rng_path, weights_only=True)
@@ -243,8 +247,10 @@ def _load_train_state(directory: Path, rank: int, model, optimizer, scheduler, e
 
 def _is_final(checkpoint) -> bool:
     """Whether a reported checkpoint is the merged model of a finished run (not a resumable one)."""
-    with checkpoint.as_directory() as directory:
-        return Path(directory, BASE_PROVENANCE).exists()
+    import pyarrow.fs
+
+    marker = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{BASE_PROVENANCE}")
+    return marker.type != pyarrow.fs.FileType.NotFound  # asked of the storage: no download
 
 
 def _report_final_again(checkpoint, config: dict, rank: int) -> None:
@@ -252,7 +258,8 @@ def _report_final_again(checkpoint, config: dict, rank: int) -> None:
     again, so that it is the run's latest checkpoint, which ``adapt_base`` publishes."""
     import ray.train
 
-    logger.info("rank %d: base training had finished; reporting its merged model %s again", rank, checkpoint.path)
+    logger.warning("rank %d: base training had finished; reporting its merged model %s again",
+                   rank, checkpoint.path)
     metrics = {"epoch": config["epochs"], "reported_again": True}
     if rank != 0:
         ray.train.report(metrics)

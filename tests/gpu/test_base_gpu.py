@@ -23,10 +23,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.integration import base_runs
+
+prepared = base_runs.prepared  # the module's fixture: prepared data and a tiny model
 
 ON_CPU = os.environ.get("OPPU_TEST_DEVICE", "cuda") == "cpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
@@ -35,22 +38,13 @@ pytestmark = [pytest.mark.gpu, pytest.mark.integration,
 if not ON_CPU:
     pytest.importorskip("deepspeed")
 
-from tests.integration.base_runs import (  # noqa: E402
-    ROOT,
-    base_config,
-    prepare_data,
-    published_weights,
-    read_jsonl,
-    run_base,
-    start_ray,
-)
 
 LR, WEIGHT_DECAY, RANK, ALPHA = 1e-2, 0.05, 8, 32
 # 64 samples, 8 a step: 8 steps an epoch, 16 in all, the first 4 warming up; checkpoints at 5, 10, 15.
-SETTINGS = [f"base.use_gpu={str(not ON_CPU).lower()}", "base.num_workers=1", "base.max_samples=64", "base.optim.batch_size=8",
-            "base.optim.epochs=2", f"base.optim.lr={LR}", f"base.optim.weight_decay={WEIGHT_DECAY}",
-            "base.optim.warmup_ratio=0.25", "base.optim.max_length=128", "base.checkpoint_every_steps=5",
-            f"base.peft.r={RANK}", f"base.peft.alpha={ALPHA}", "base.peft.dropout=0.0",
+SETTINGS = [f"base.use_gpu={str(not ON_CPU).lower()}", "base.num_workers=1", "base.max_samples=64",
+            "base.optim.batch_size=8", "base.optim.epochs=2", f"base.optim.lr={LR}",
+            f"base.optim.weight_decay={WEIGHT_DECAY}", "base.optim.warmup_ratio=0.25", "base.optim.max_length=128",
+            "base.checkpoint_every_steps=5", f"base.peft.r={RANK}", f"base.peft.alpha={ALPHA}", "base.peft.dropout=0.0",
             "base.peft.target_modules=[q_proj,v_proj]"]
 TOTAL_STEPS, WARMUP_STEPS, FAIL_AT_STEP = 16, 4, 10
 RTOL, ATOL = 1e-2, 2e-3
@@ -58,27 +52,8 @@ TRAIN_DTYPE = torch.float32 if ON_CPU else torch.bfloat16
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    from oppu.data.dataset import read_dataset
-    from oppu.models import TinyModelConfig, build_tiny_base
-    from oppu.training.samples import pretraining_corpus
-
-    out = tmp_path_factory.mktemp("prepared")
-    data = prepare_data(out)
-    dataset = read_dataset(data)
-    config = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
-                             vocab_size=800, pretrain_steps=20)
-    return data, build_tiny_base(pretraining_corpus(dataset.task, dataset.base_users()), out / "pretrained", config)
-
-
-@pytest.fixture(scope="module")
 def watch(tmp_path_factory):
-    import ray
-
-    watch = tmp_path_factory.mktemp("watch")
-    start_ray(watch, num_cpus=4, num_gpus=0 if ON_CPU else 1)
-    yield watch
-    ray.shutdown()
+    yield from base_runs.watched_ray(tmp_path_factory, num_cpus=4, num_gpus=0 if ON_CPU else 1)
 
 
 @pytest.fixture(scope="module", params=[None] if ON_CPU else [2, 3], ids=["ddp"] if ON_CPU else ["zero2", "zero3"])
@@ -92,16 +67,16 @@ def runs(request, prepared, watch, tmp_path_factory) -> dict:
         run_dir = tmp_path_factory.mktemp(f"zero{stage}-{kind}")
         settings = SETTINGS
         if stage is not None:
-            ds_config = json.loads((ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
+            ds_config = json.loads((base_runs.ROOT / "configs" / "deepspeed" / f"zero{stage}.json").read_text())
             if stage == 3:
                 ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
             (run_dir / "ds.json").write_text(json.dumps(ds_config))
             settings = [*SETTINGS, f"base.deepspeed={run_dir / 'ds.json'}"]
-        cfg = base_config(run_dir, data, model, *settings)
-        reports = run_base(cfg, watch, fail_at_step=fail_at)
+        cfg = base_runs.base_config(run_dir, data, model, *settings)
+        reports = base_runs.run_base(cfg, watch, fail_at_step=fail_at)
         shutil.copy(watch / "merged-adapter.pt", run_dir / "merged-adapter.pt")
         runs[kind] = {"dir": run_dir, "reports": reports,
-                      "steps": [s for s in read_jsonl(watch / "steps.jsonl") if s["rank"] == 0]}
+                      "steps": [s for s in base_runs.read_jsonl(watch / "steps.jsonl") if s["rank"] == 0]}
     return runs
 
 
@@ -120,10 +95,10 @@ def expected_merge(pretrained: dict, adapter: dict) -> dict:
 
 def test_the_published_base_is_the_pretrained_one_plus_the_trained_lora(prepared, runs):
     _, model = prepared
-    pretrained = published_weights(model)
+    pretrained = base_runs.published_weights(model)
     adapter = torch.load(runs["clean"]["dir"] / "merged-adapter.pt")
     assert len([k for k in adapter if ".lora_A." in k]) == 2 * 2  # q_proj, v_proj in 2 layers
-    merged = published_weights(runs["clean"]["dir"] / "base")
+    merged = base_runs.published_weights(runs["clean"]["dir"] / "base")
     expected = expected_merge(pretrained, adapter)
     assert merged.keys() == expected.keys()
     for name, weight in expected.items():
@@ -152,7 +127,7 @@ def test_a_lost_worker_resumes_from_the_checkpoint_with_the_same_result(runs):
     assert {r["resumed_from_step"] for r in after} == {FAIL_AT_STEP}
     assert after[-1]["step"] == TOTAL_STEPS and after[-1]["steps"] == TOTAL_STEPS - FAIL_AT_STEP
     assert runs["clean"]["reports"][-1]["resumed_from_step"] == 0
-    resumed, clean = (published_weights(runs[kind]["dir"] / "base") for kind in ("resumed", "clean"))
+    resumed, clean = (base_runs.published_weights(runs[kind]["dir"] / "base") for kind in ("resumed", "clean"))
     assert resumed.keys() == clean.keys()
     for name, weight in clean.items():
         torch.testing.assert_close(resumed[name].float(), weight.float(), rtol=RTOL, atol=ATOL, msg=name)

@@ -47,7 +47,8 @@ def served(tmp_path_factory):
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 here
     root = tmp_path_factory.mktemp("serving")
     base = build_tiny_base(root / "base")
-    templates = {rank: make_user_adapter(base, root / f"template-r{rank}", seed=rank, rank=rank) for rank in (4, 8)}
+    templates = {rank: make_user_adapter(base, root / f"template-r{rank}", seed=rank, rank=rank)
+                 for rank in (4, 8)}
     store = AdapterStore(str(root / "store"))
     shape = AdapterShape(FINGERPRINT, max_rank=8, target_modules=TARGETS)
     adapters, loaded = {}, {}

@@ -17,6 +17,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "LaMP-2M"
 WATCH_DIR = "OPPU_TEST_BASE_DIR"
@@ -33,7 +35,8 @@ def watch_base_workers() -> None:
     import torch
 
     watch = Path(watch)
-    report, step, merge = ray.train.report, torch.optim.AdamW.step, peft.tuners.tuners_utils.BaseTuner.merge_and_unload
+    tuner = peft.tuners.tuners_utils.BaseTuner
+    report, step, merge = ray.train.report, torch.optim.AdamW.step, tuner.merge_and_unload
     if getattr(report, "watched", False):
         return
 
@@ -48,7 +51,8 @@ def watch_base_workers() -> None:
         report(metrics, checkpoint=checkpoint, **kwargs)
         append("reports.jsonl", {"checkpoint": checkpoint is not None, **metrics})
         fail_at = watch / FAIL_AT
-        if rank() == 0 and checkpoint is not None and fail_at.exists() and metrics.get("step") == int(fail_at.read_text()):
+        if (rank() == 0 and checkpoint is not None and fail_at.exists()
+                and metrics.get("step") == int(fail_at.read_text())):
             fail_at.unlink()
             time.sleep(3)  # Ray Train's controller collects the report before it sees the worker die
             os._exit(1)
@@ -66,13 +70,22 @@ def watch_base_workers() -> None:
     watched_report.watched = True
     ray.train.report = watched_report
     torch.optim.AdamW.step = watched_step
-    peft.tuners.tuners_utils.BaseTuner.merge_and_unload = watched_merge
+    tuner.merge_and_unload = watched_merge
 
 
-def start_ray(watch: Path, **init) -> None:
-    """A local Ray whose workers run ``watch_base_workers`` on ``watch``."""
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> tuple[Path, Path]:
+    """Prepared synthetic data and a tiny pretrained model (data dir, model dir), for a module."""
+    return prepare_run(tmp_path_factory.mktemp("prepared"), hidden_size=32, num_layers=2, num_heads=4,
+                       num_kv_heads=2, intermediate_size=64, vocab_size=600, pretrain_steps=10)
+
+
+def watched_ray(tmp_path_factory, **init):
+    """A module fixture's body: a local Ray whose workers run ``watch_base_workers``; yields the
+    directory they write to."""
     import ray
 
+    watch = tmp_path_factory.mktemp("watch")
     ray.shutdown()
     ray.init(include_dashboard=False, log_to_driver=True, **init, runtime_env={
         "worker_process_setup_hook": watch_base_workers,
@@ -80,19 +93,27 @@ def start_ray(watch: Path, **init) -> None:
                      # workers import this module to run the hook
                      "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}})
     ray.data.DataContext.get_current().enable_progress_bars = False
+    yield watch
+    ray.shutdown()
 
 
-def prepare_data(out: Path, n_users: int = 10, n_test: int = 4, seed: int = 5) -> Path:
-    """Synthetic LaMP-2M data prepared under ``out/data``; returns that directory."""
+def prepare_run(out: Path, **tiny) -> tuple[Path, Path]:
+    """Synthetic LaMP-2M data prepared under ``out/data`` (10 users, 4 of them test users) and a
+    tiny model of ``TinyModelConfig(**tiny)`` pretrained on its base users' texts under
+    ``out/pretrained``; returns (data dir, model dir)."""
     from oppu import cli
+    from oppu.data.dataset import read_dataset
+    from oppu.models import TinyModelConfig, build_tiny_base
+    from oppu.training.samples import pretraining_corpus
 
     lamp = out / "lamp"
-    assert cli.main(["synth", "--task", TASK, "--users", str(n_users), "--seed", str(seed),
-                     "--n-test", str(n_test), "--out", str(lamp)]) == 0
+    assert cli.main(["synth", "--task", TASK, "--users", "10", "--seed", "5", "--n-test", "4",
+                     "--out", str(lamp)]) == 0
     assert cli.main(["prepare", "--task", TASK, "--questions", str(lamp / "questions.json"),
-                     "--outputs", str(lamp / "outputs.json"), "--n-test", str(n_test),
-                     "--out", str(out / "data")]) == 0
-    return out / "data"
+                     "--outputs", str(lamp / "outputs.json"), "--n-test", "4", "--out", str(out / "data")]) == 0
+    dataset = read_dataset(out / "data")
+    corpus = pretraining_corpus(dataset.task, dataset.base_users())
+    return out / "data", build_tiny_base(corpus, out / "pretrained", TinyModelConfig(**tiny))
 
 
 def base_config(run_dir: Path, data: Path, model: Path, *overrides: str):

@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.base_runs import (
-    base_config,
-    prepare_data,
-    published_weights,
-    read_jsonl,
-    run_base,
-    start_ray,
-)
+from tests.integration import base_runs
+
+prepared = base_runs.prepared  # the module's fixture: prepared data and a tiny model
 
 pytestmark = pytest.mark.integration
 
@@ -32,36 +27,15 @@ FAIL_AT_STEP = 6  # mid-epoch 2: two of its four batches done
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> tuple[Path, Path]:
-    """Prepared synthetic data and a tiny pretrained model (data dir, model dir)."""
-    from oppu.data.dataset import read_dataset
-    from oppu.models import TinyModelConfig, build_tiny_base
-    from oppu.training.samples import pretraining_corpus
-
-    out = tmp_path_factory.mktemp("prepared")
-    data = prepare_data(out)
-    dataset = read_dataset(data)
-    config = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                             vocab_size=600, pretrain_steps=10)
-    model = build_tiny_base(pretraining_corpus(dataset.task, dataset.base_users()), out / "pretrained", config)
-    return data, model
-
-
-@pytest.fixture(scope="module")
 def watch(tmp_path_factory):
-    import ray
-
-    watch = tmp_path_factory.mktemp("watch")
-    start_ray(watch, num_cpus=2)
-    yield watch
-    ray.shutdown()
+    yield from base_runs.watched_ray(tmp_path_factory, num_cpus=2)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, watch, tmp_path_factory) -> tuple[Path, list[dict]]:
     data, model = prepared
     run_dir = tmp_path_factory.mktemp("uninterrupted")
-    reports = run_base(base_config(run_dir, data, model, *SETTINGS), watch)
+    reports = base_runs.run_base(base_runs.base_config(run_dir, data, model, *SETTINGS), watch)
     return run_dir, reports
 
 
@@ -69,7 +43,8 @@ def test_a_lost_worker_resumes_from_the_last_checkpoint(prepared, watch, uninter
     import torch
 
     data, model = prepared
-    reports = run_base(base_config(tmp_path, data, model, *SETTINGS), watch, fail_at_step=FAIL_AT_STEP)
+    cfg = base_runs.base_config(tmp_path, data, model, *SETTINGS)
+    reports = base_runs.run_base(cfg, watch, fail_at_step=FAIL_AT_STEP)
 
     died = next(i for i, r in enumerate(reports) if r["checkpoint"] and r["step"] == FAIL_AT_STEP)
     first_life, second_life = reports[:died + 1], reports[died + 1:]
@@ -81,8 +56,8 @@ def test_a_lost_worker_resumes_from_the_last_checkpoint(prepared, watch, uninter
 
     _, clean = uninterrupted
     assert [r["step"] for r in clean] == [3, 4, 6, 8] and clean[-1]["resumed_from_step"] == 0
-    resumed, expected = published_weights(tmp_path / "base"), published_weights(uninterrupted[0] / "base")
-    pretrained = published_weights(model)
+    weights = base_runs.published_weights
+    resumed, expected, pretrained = weights(tmp_path / "base"), weights(uninterrupted[0] / "base"), weights(model)
     assert resumed.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
@@ -106,9 +81,9 @@ def test_a_rerun_of_a_finished_run_reports_its_merged_model_again(prepared, watc
     run_dir, _ = uninterrupted
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("base"))
-    reports = run_base(base_config(copy, data, model, *SETTINGS, f"base.train_storage={run_dir / 'ray-train'}"), watch)
+    cfg = base_runs.base_config(copy, data, model, *SETTINGS, f"base.train_storage={run_dir / 'ray-train'}")
+    reports = base_runs.run_base(cfg, watch)
     assert [r.get("reported_again") for r in reports] == [True]
-    assert not read_jsonl(watch / "steps.jsonl")
-    assert published_weights(copy / "base").keys() == published_weights(run_dir / "base").keys()
-    for name, tensor in published_weights(run_dir / "base").items():
-        assert published_weights(copy / "base")[name].equal(tensor)
+    assert not base_runs.read_jsonl(watch / "steps.jsonl")  # no optimiser step
+    again, first = base_runs.published_weights(copy / "base"), base_runs.published_weights(run_dir / "base")
+    assert again.keys() == first.keys() and all(again[name].equal(first[name]) for name in first)
