@@ -95,6 +95,7 @@ def train_base_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     train_model.train()
     step, resumed_from = position.step, position.step
+    every = config["checkpoint_every_steps"]  # the final step reports the merged model instead
     for epoch in range(position.epoch, config["epochs"]):
         started, tokens, losses = time.perf_counter(), 0, []
         skip = position.batches_done if epoch == position.epoch else 0
@@ -137,7 +138,6 @@ def train_base_loop(config: dict) -> None:
             step += 1
             batches_done += 1
             mark = stepped
-            every = config["checkpoint_every_steps"]
             if every and step % every == 0 and step < total_steps:
                 _report_train_state(TrainPosition(epoch, batches_done, step), rank, model, optimizer,
                                     scheduler, engine, resumed_from)

@@ -83,7 +83,7 @@ def runs(request, prepared, watch, tmp_path_factory) -> dict:
 def expected_merge(pretrained: dict, adapter: dict) -> dict:
     """``pretrained`` in the training dtype plus ``alpha / r * B @ A`` on each LoRA target, in float32.
     Adapter keys are the PEFT LoRA model's (``model.<module>.lora_A.default.weight``)."""
-    expected = {name: weight.to(TRAIN_DTYPE).float() for name, weight in pretrained.items()}
+    expected = {name: weight.to(TRAIN_DTYPE).to(torch.float32, copy=True) for name, weight in pretrained.items()}
     for key, lora_a in adapter.items():
         if ".lora_A." not in key:
             continue

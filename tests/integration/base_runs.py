@@ -87,7 +87,8 @@ def watched_ray(tmp_path_factory, **init):
 
     watch = tmp_path_factory.mktemp("watch")
     ray.shutdown()
-    ray.init(include_dashboard=False, log_to_driver=True, **init, runtime_env={
+    # address="local": a fresh instance, never a cluster someone else started on this machine
+    ray.init(address="local", include_dashboard=False, log_to_driver=True, **init, runtime_env={
         "worker_process_setup_hook": watch_base_workers,
         "env_vars": {WATCH_DIR: str(watch), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
                      # workers import this module to run the hook
