@@ -4,25 +4,41 @@
 ``adapt_base`` is what ``jobs/train_base.py`` runs on the driver: it builds the samples, starts a
 ``TorchTrainer`` (DDP on CPU, DeepSpeed ZeRO when a DeepSpeed config is given on GPU), and
 publishes the merged model of rank 0's final checkpoint as ``run_dir/base[-flavour]``.
+
+Checkpoints come in two kinds: resumable ones every ``base.checkpoint_every_steps`` steps (marked
+by ``TRAIN_STATE``), and the final one, the merged model (marked by ``BASE_PROVENANCE``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
+import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from oppu import fsutil
-from oppu.errors import ConfigError
+from oppu.errors import ConfigError, OppuError
 from oppu.run_config import OptimSettings, PeftSettings, RunConfig, parse_flavour
+
+logger = logging.getLogger(__name__)
+
+TRAIN_STATE = "oppu-train-state.json"  # a resumable checkpoint's position (TrainPosition)
+BASE_PROVENANCE = "oppu-base.json"  # a merged base: what it was adapted from
 
 
 def train_base_loop(config: dict) -> None:
-    """Ray Train worker: LoRA-train the base on this worker's shard, merge, report the model."""
+    """Ray Train worker: LoRA-train the base on this worker's shard, merge, report the model.
+
+    Every ``checkpoint_every_steps`` optimiser steps it reports a resumable checkpoint (the
+    trainable weights, optimiser and schedule state, RNG state, step and data position); started
+    again by Ray Train after a failure, it resumes from the latest one, skipping the batches done.
+    """
     import peft as peft_lib
     import ray.train
     import ray.train.torch
@@ -36,6 +52,10 @@ def train_base_loop(config: dict) -> None:
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    resume = ray.train.get_checkpoint()
+    if resume is not None and _is_final(resume):
+        _report_final_again(resume, config, rank)
+        return
     optim = OptimSettings(**config["optim"])
     peft_settings = PeftSettings(**config["peft"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
@@ -61,21 +81,36 @@ def train_base_loop(config: dict) -> None:
         ds_config["zero_allow_untested_optimizer"] = True  # torch's AdamW, as on the DDP path
         engine, optimizer, _, scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    position = TrainPosition()
+    if resume is not None:
+        with resume.as_directory() as resume_dir:
+            position = _load_train_state(Path(resume_dir), rank, model, optimizer, scheduler, engine)
+        logger.warning("rank %d resumes base training at step %d (epoch %d, %d batches done) from %s",
+                       rank, position.step, position.epoch + 1, position.batches_done, resume.path)
+    if engine is not None:
         train_model = engine
     else:
         train_model = ray.train.torch.prepare_model(model) if world > 1 else model
 
     shard = ray.train.get_dataset_shard("train")
     train_model.train()
-    for epoch in range(config["epochs"]):
+    step, resumed_from = position.step, position.step
+    every = config["checkpoint_every_steps"]  # the final step reports the merged model instead
+    for epoch in range(position.epoch, config["epochs"]):
         started, tokens, losses = time.perf_counter(), 0, []
-        # Where a step's time goes (waiting on the data shard / tokenizing / the model step), so a
-        # slow base run says which part to fix.
-        seconds = {"data": 0.0, "encode": 0.0, "step": 0.0, "first_step": 0.0}
+        skip = position.batches_done if epoch == position.epoch else 0
+        batches_done = 0
+        # Where a step's time goes (waiting on the data shard / tokenizing / the model step /
+        # writing checkpoints), so a slow base run says which part to fix.
+        seconds = {"data": 0.0, "encode": 0.0, "step": 0.0, "first_step": 0.0, "checkpoint": 0.0}
         mark = time.perf_counter()
         for rows in shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy",
                                        local_shuffle_buffer_size=4 * optim.batch_size,
                                        local_shuffle_seed=config["seed"] + epoch):
+            if batches_done < skip:  # trained on before the restart
+                batches_done += 1
+                mark = time.perf_counter()
+                continue
             fetched = time.perf_counter()
             encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length,
                                      prompt_format)
@@ -100,31 +135,145 @@ def train_base_loop(config: dict) -> None:
             seconds["step"] += stepped - encoded_at
             if len(losses) == 1:
                 seconds["first_step"] = stepped - encoded_at
+            step += 1
+            batches_done += 1
             mark = stepped
+            if every and step % every == 0 and step < total_steps:
+                _report_train_state(TrainPosition(epoch, batches_done, step), rank, model, optimizer,
+                                    scheduler, engine, resumed_from)
+                mark = time.perf_counter()
+                seconds["checkpoint"] += mark - stepped
         elapsed = time.perf_counter() - started
         metrics = {"epoch": epoch + 1, "loss": sum(losses) / max(1, len(losses)),
                    "tokens_per_s": tokens * world / max(elapsed, 1e-9), "steps": len(losses),
+                   "step": step, "resumed_from_step": resumed_from,
                    **{f"{part}_s": round(value, 2) for part, value in seconds.items()}}
         if epoch + 1 < config["epochs"]:
             ray.train.report(metrics)
             continue
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
+            partitioned = engine is not None and engine.zero_optimization_partition_weights()
+            with _full_parameters(model, partitioned):  # every rank enters: ZeRO-3 gathers collectively
+                if rank == 0:
+                    merged = model.merge_and_unload()
+                    # Gathered ZeRO-3 weights are views into shared buffers that go back to their
+                    # partitions on leaving the block: the file gets copies.
+                    state = ({k: v.detach().to("cpu", copy=True) for k, v in merged.state_dict().items()}
+                             if partitioned else None)
+                    merged.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             if rank == 0:
-                merged = model.merge_and_unload()
-                merged.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
                 provenance = {**config["provenance"], "prompt_format": prompt_format}
-                Path(tmp, "oppu-base.json").write_text(json.dumps(provenance, indent=2))
+                Path(tmp, BASE_PROVENANCE).write_text(json.dumps(provenance, indent=2))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+@dataclass(frozen=True)
+class TrainPosition:
+    """Where base training stands: ``step`` optimiser steps done, the last ``batches_done`` of
+    them in (0-based) ``epoch``."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+
+
+def _full_parameters(model, partitioned: bool):
+    """A block in which every parameter of ``model`` is whole: DeepSpeed ZeRO-3 partitions them
+    across ranks, so all ranks must enter; elsewhere (ZeRO-2, DDP, one process) a no-op."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def _report_train_state(position: TrainPosition, rank: int, model, optimizer, scheduler, engine,
+                        resumed_from: int) -> None:
+    """Report a resumable checkpoint from every rank (Ray Train merges their directories):
+    DeepSpeed's own (each rank its optimiser partition; frozen weights left out), else rank 0's
+    trainable weights, optimiser and schedule; each rank's RNG state; ``TRAIN_STATE``."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if engine is not None:
+            engine.save_checkpoint(tmp, tag=f"step-{position.step}", exclude_frozen_parameters=True)
+        elif rank == 0:
+            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+            torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()}, Path(tmp, "train_state.pt"))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, Path(tmp, f"rng-rank{rank}.pt"))
+        if rank == 0:
+            Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(position)))
+        ray.train.report({"epoch": position.epoch + 1, "step": position.step, "resumed_from_step": resumed_from},
+                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _load_train_state(directory: Path, rank: int, model, optimizer, scheduler, engine) -> TrainPosition:
+    """Restore what ``_report_train_state`` wrote into ``directory``; returns the position."""
+    import torch
+
+    if engine is not None:
+        # The frozen weights were left out of the checkpoint: they are the pretrained model's.
+        loaded, _ = engine.load_checkpoint(str(directory), load_module_strict=False)
+        if loaded is None:
+            raise OppuError(f"no DeepSpeed checkpoint in {directory}")
+    else:
+        state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state["trainable"]) != trainable:
+            raise OppuError(f"checkpoint {directory} holds other trainable weights than this model")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    # The next step's learning rate is the restored schedule's: restoring a schedule does not set
+    # it, and a ZeRO optimiser restored from an elastic checkpoint keeps only its state.
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+        group["lr"] = lr
+    rng_path = directory / f"rng-rank{rank}.pt"
+    if rng_path.exists():
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return TrainPosition(**json.loads((directory / TRAIN_STATE).read_text()))
+
+
+def _is_final(checkpoint) -> bool:
+    """Whether a reported checkpoint is the merged model of a finished run (not a resumable one)."""
+    import pyarrow.fs
+
+    marker = checkpoint.filesystem.get_file_info(f"{checkpoint.path}/{BASE_PROVENANCE}")
+    return marker.type != pyarrow.fs.FileType.NotFound  # asked of the storage: no download
+
+
+def _report_final_again(checkpoint, config: dict, rank: int) -> None:
+    """A restart after the final report (a worker lost on the way out): report the merged model
+    again, so that it is the run's latest checkpoint, which ``adapt_base`` publishes."""
+    import ray.train
+
+    logger.warning("rank %d: base training had finished; reporting its merged model %s again",
+                   rank, checkpoint.path)
+    metrics = {"epoch": config["epochs"], "reported_again": True}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with checkpoint.as_directory() as directory, tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(directory, tmp, dirs_exist_ok=True)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     """Adapt ``cfg.pretrained_uri`` to the task for ``flavour`` and publish it; returns its URI."""
     import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from oppu.data.dataset import read_dataset
@@ -159,7 +308,7 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
     train_config = {
         "model": cfg.pretrained_uri, "optim": asdict(cfg.base.optim), "peft": asdict(cfg.base.peft),
         "epochs": epochs, "n_samples": len(samples), "seed": cfg.seed, "use_gpu": cfg.base.use_gpu,
-        "prompt_format": cfg.prompt_format,
+        "prompt_format": cfg.prompt_format, "checkpoint_every_steps": cfg.base.checkpoint_every_steps,
         "deepspeed": _deepspeed_config(cfg), "provenance": provenance,
     }
     trainer = TorchTrainer(
@@ -168,16 +317,32 @@ def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
         scaling_config=ScalingConfig(num_workers=cfg.base.num_workers, use_gpu=cfg.base.use_gpu),
         datasets={"train": ray.data.from_items([{"prompt": s.prompt, "target": s.target}
                                                 for s in samples])},
-        run_config=TrainRunConfig(name=f"oppu-base-{task.lamp_name}-{flavour}",
-                                  storage_path=_train_storage(cfg)),
+        run_config=TrainRunConfig(
+            name=_run_name(task.lamp_name, flavour, train_config, cfg.base.num_workers),
+            storage_path=_train_storage(cfg),
+            # A lost worker restarts the worker group, which resumes from the latest checkpoint;
+            # only the newest two are kept (the last resumable one and the merged model).
+            failure_config=FailureConfig(max_failures=cfg.base.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     started = time.perf_counter()
     result = trainer.fit()
     log(f"[train_base] done in {time.perf_counter() - started:.0f}s: {result.metrics}")
     with result.checkpoint.as_directory() as checkpoint_dir:
+        if not Path(checkpoint_dir, BASE_PROVENANCE).exists():
+            raise OppuError(f"base training ended on {result.checkpoint.path}, which is not a merged model")
         fsutil.publish_dir(checkpoint_dir, target)
     log(f"[train_base] wrote {target}")
     return target
+
+
+def _run_name(lamp_name: str, flavour: str, train_config: dict, num_workers: int) -> str:
+    """Ray Train's name for a base run: Ray Train hands a run the latest checkpoint stored under
+    its name, so the name carries a digest of everything a checkpoint depends on: a rerun of an
+    interrupted run resumes it, a run with other settings starts afresh."""
+    identity = {k: v for k, v in train_config.items() if k != "checkpoint_every_steps"}
+    digest = hashlib.sha256(json.dumps([identity, num_workers], sort_keys=True).encode()).hexdigest()
+    return f"oppu-base-{lamp_name}-{flavour}-{digest[:12]}"
 
 
 def _samples_digest(samples) -> str:
@@ -189,7 +354,7 @@ def _samples_digest(samples) -> str:
 
 def _published_provenance(base_uri: str) -> dict | None:
     """What ``oppu-base.json`` of a published base says it was adapted from (None: no base there)."""
-    uri = fsutil.join(base_uri, "oppu-base.json")
+    uri = fsutil.join(base_uri, BASE_PROVENANCE)
     if not fsutil.exists(uri):
         return None
     recorded = fsutil.read_json(uri)

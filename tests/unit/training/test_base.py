@@ -1,0 +1,40 @@
+"""Base-adaptation pieces that need no Ray: its config keys and the Ray Train run's name."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from oppu.errors import ConfigError
+from oppu.run_config import BaseStage
+from oppu.training.base import _run_name
+
+TRAIN_CONFIG = {"model": "m", "optim": {"lr": 1e-4}, "epochs": 2, "seed": 0, "checkpoint_every_steps": 50,
+                "deepspeed": None, "provenance": {"samples": 10}}
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("checkpoint_every_steps", -1, "base.checkpoint_every_steps must be >= 0 (0: only the final model), got -1"),
+    ("max_failures", -2, "base.max_failures must be >= -1 (-1: unlimited), got -2"),
+])
+def test_checkpoint_keys_are_checked(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BaseStage(**{key: value})
+
+
+def test_checkpoint_defaults():
+    stage = BaseStage()
+    assert (stage.checkpoint_every_steps, stage.max_failures) == (50, 2)
+    assert BaseStage(checkpoint_every_steps=0, max_failures=-1).checkpoint_every_steps == 0
+
+
+def test_a_run_is_named_by_what_its_checkpoints_depend_on():
+    """Ray Train resumes a run from the latest checkpoint stored under its name: a run with other
+    settings or another worker count must get another name, the checkpoint interval must not."""
+    name = _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 2)
+    assert name.startswith("oppu-base-LaMP_2M-plain-")
+    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
+    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
+    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "provenance": {"samples": 11}}, 2) != name
+    assert _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 1) != name
