@@ -196,7 +196,7 @@ class Progress:
         self.started = self._last_line = time.monotonic()
         self.enabled = logger.isEnabledFor(logging.INFO)
         self._bar = None
-        if self.enabled and configured_level() is not None and sys.stderr.isatty():
+        if self.enabled and configured_level() is not None and _terminal_columns() > 0:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=f"[{desc}]", unit=f" {unit}", file=sys.stderr,
@@ -245,6 +245,14 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _terminal_columns() -> int:
+    """stderr's width when it is a terminal (0 for none, or a pseudo-terminal without a size)."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns if sys.stderr.isatty() else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 def progress(total: int, desc: str, unit: str = "items") -> Progress:
