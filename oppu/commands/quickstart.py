@@ -22,6 +22,7 @@ from pathlib import Path
 
 HELP = "Run the whole OPPU pipeline on synthetic LaMP data with the tiny local model."
 SIZE_ENV = "OPPU_QUICKSTART_SIZE"
+SIZES = ("default", "smoke")
 # --size smoke: 16 users (4 test), a smaller tiny model, one epoch and few samples per stage, one
 # actor per pool, the plain base and the oppu variant only (what the serving walkthrough needs).
 SMOKE_USERS = 16
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "oppu/configs/quickstart-real.yaml unless --config is given")
     parser.add_argument("--out", default="oppu-run", help="run directory (default ./oppu-run)")
     parser.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing it")
-    parser.add_argument("--size", choices=["default", "smoke"], default=os.environ.get(SIZE_ENV, "default"),
+    parser.add_argument("--size", choices=SIZES, default=os.environ.get(SIZE_ENV, "default"),
                         help=f"smoke: every stage at the smallest size ({SMOKE_USERS} users, a smaller model, "
                         f"one epoch, the plain base and oppu only; default from ${SIZE_ENV})")
     add_config_arguments(parser)
@@ -59,11 +60,14 @@ def run(args: argparse.Namespace) -> int:
     import yaml
 
     from oppu.config import load_config, to_dict
+    from oppu.errors import ConfigError
     from oppu.fsutil import write_text
     from oppu.pipeline import PACKAGED_CONFIGS, run_stages
     from oppu.run_config import RunConfig
     from oppu.tasks import get_task
 
+    if args.size not in SIZES:  # argparse does not check a default taken from the environment
+        raise ConfigError(f"{SIZE_ENV}={args.size!r}: use one of {list(SIZES)}")
     task = get_task(args.task)
     real_model = args.model not in (None, "tiny")
     smoke = args.size == "smoke"

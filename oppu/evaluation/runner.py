@@ -191,12 +191,12 @@ def evaluate(cfg: RunConfig) -> dict:
             raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
             if row["error"]:
                 errors[row["method"]] += 1
-            failed = user if row["error"] and user not in users_failed else None
-            if failed:
-                users_failed.add(user)
-            if user not in users_done or failed:
-                bar.update(int(user not in users_done), failed=failed)
+            if user not in users_done:
                 users_done.add(user)
+                bar.update(1)
+            if row["error"] and user not in users_failed:
+                users_failed.add(user)
+                bar.update(0, failed=user)
     return write_results(cfg, task, golds, predictions, raw_outputs, errors, len(test_users))
 
 
