@@ -8,7 +8,8 @@ The command ``oppu train-base`` (same flags) runs this from an installed wheel.
 
 import sys
 
-from oppu.pipeline import STAGE_COMMANDS, job_main
+from oppu.commands.stages import job_main
+from oppu.pipeline import STAGE_COMMANDS
 
 if __name__ == "__main__":
     sys.exit(job_main(STAGE_COMMANDS["train-base"], __doc__))

@@ -11,7 +11,8 @@ On GPUs, train each actor's users together: --set users.trainer=batched --set us
 
 import sys
 
-from oppu.pipeline import STAGE_COMMANDS, job_main
+from oppu.commands.stages import job_main
+from oppu.pipeline import STAGE_COMMANDS
 
 if __name__ == "__main__":
     sys.exit(job_main(STAGE_COMMANDS["train-users"], __doc__))

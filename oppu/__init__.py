@@ -4,4 +4,12 @@ Heavy dependencies (torch, transformers, ray) are imported inside the functions 
 so ``import oppu`` and the pure-Python parts (tasks, metrics, data validation) stay fast.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+if _os.environ.get("OPPU_LOG_LEVEL"):  # a Ray worker (or child) of a configured driver: see oppu.logs
+    from oppu import logs as _logs
+
+    if _logs.configured_level() is None:
+        _logs.configure()

@@ -1,7 +1,8 @@
 """The ``oppu`` command: a map of subcommand name -> module (or ``module:object``) in ``oppu.commands``.
 
 Each command defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; it is
-imported only when its command runs, so ``oppu score`` never pays for torch or ray.
+imported only when its command runs, so ``oppu score`` never pays for torch or ray. ``-q/--quiet``
+and ``-v/--verbose`` (before or after the command) set the log level (``oppu.logs``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from oppu import logs
 from oppu.errors import ConfigError, DataError, OppuError
 
 COMMANDS = {
@@ -34,6 +36,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The ``oppu`` parser; for a known command, with only that command's subparser (no heavy
     imports). ``build_parser(argv).parse_args(argv)`` checks a command line without running it."""
     parser = argparse.ArgumentParser(prog="oppu", description="One PEFT Per User on Ray.")
+    logs.add_arguments(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     names = [argv[0]] if argv and argv[0] in COMMANDS else list(COMMANDS)
     for name in names:
@@ -42,6 +45,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         module = getattr(module, attribute) if attribute else module
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
+        logs.add_arguments(sub, suppress_defaults=True)
         sub.set_defaults(_module=module)
     return parser
 
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    if args.quiet or args.verbose or logs.configured_level() is None:  # a nested main keeps the level
+        logs.configure_from_args(args)
     try:
         return int(args._module.run(args) or 0)
     except (DataError, ConfigError) as exc:

@@ -4,7 +4,8 @@
         model=DIR/base store=DIR/adapters data=DIR/data
 
 or ``serve run serve_apps/config.yaml`` / ``serve deploy serve_apps/config.yaml``. The keys are
-``oppu.serving.config.ServeConfig``'s; docs/serving.md describes the routes.
+``oppu.serving.config.ServeConfig``'s (``log_level``, ``log_encoding`` and ``access_log`` set Ray
+Serve's logging config of both deployments); docs/serving.md describes the routes.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def build(args: dict) -> Application:
         # handle raises BackPressureError, which the ingress answers with 429 and Retry-After.
         max_queued_requests=max(1, config.max_queued_requests),
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
+        logging_config=config.logging_config(),
     ).bind(config.model_dump())
     ingress = OppuIngress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
-                                  ray_actor_options={"num_cpus": 0})
+                                  ray_actor_options={"num_cpus": 0}, logging_config=config.logging_config())
     return ingress.bind(model, config.model_dump())
 
 

@@ -18,6 +18,7 @@ trained on before evaluation (``oppu.analysis.leakage``) and reports the leaks i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from oppu.analysis.leakage import audit_run
@@ -25,6 +26,8 @@ from oppu.analysis.report import SuiteResult, lines, markdown_table
 from oppu.analysis.runs import pick_users, scores_by_group, sub_run, train_and_evaluate, write_sub_dataset
 from oppu.data.records import UserData
 from oppu.run_config import RunConfig
+
+log = logging.getLogger(__name__)
 
 NAME = "activity"
 TITLE = "Users at different activity levels"
@@ -48,7 +51,7 @@ def bucket_users(users: list[UserData], n_buckets: int, per_bucket: int) -> dict
 
 
 def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_samples: int | None = 600,
-        fresh_pretrained: bool = True, log=print):
+        fresh_pretrained: bool = True):
     from oppu.data.dataset import read_dataset
     from oppu.pipeline import run_stages
 
@@ -57,17 +60,18 @@ def run(cfg: RunConfig, n_buckets: int = 3, per_bucket: int = 3, base_max_sample
     buckets = bucket_users([u for u in dataset.users if u.queries], n_buckets, per_bucket)
     held_out = {u.user_id: label for label, members in buckets.items() for u in members}
     users = [dataclasses.replace(u, role="test" if u.user_id in held_out else "base") for u in dataset.users]
-    log(f"[{NAME}] buckets: " + "; ".join(f"{label}: {', '.join(u.user_id for u in members)}"
-                                           for label, members in buckets.items()))
+    log.info(f"[{NAME}] buckets: " + "; ".join(f"{label}: {', '.join(u.user_id for u in members)}"
+                                                for label, members in buckets.items()))
     sub = sub_config(cfg, base_max_samples, fresh_pretrained)
     base = sub.base
     write_sub_dataset(sub, cfg.task, users, {"suite": NAME, "buckets": {k: [u.user_id for u in v]
                                                                        for k, v in buckets.items()}})
-    run_stages(sub, ["base"], log)
-    train_and_evaluate(sub, list(VARIANTS), METHODS, log)
+    run_stages(sub, ["base"])
+    train_and_evaluate(sub, list(VARIANTS), METHODS)
     leak_check = audit_run(sub, FLAVOURS, VARIANTS, pretraining_candidates=[cfg.data_uri])
-    log(f"[{NAME}] leak check: {leak_check['leaked_queries']} of {leak_check['test_queries']} held-out test "
-        f"queries have their gold in a text their models were trained on {leak_check['leaked_queries_by_source']}")
+    log.info("[%s] leak check: %d of %d held-out test queries have their gold in a text their models were "
+             "trained on %s", NAME, leak_check["leaked_queries"], leak_check["test_queries"],
+             leak_check["leaked_queries_by_source"])
     metric = dataset.task.primary_metric
     scores = scores_by_group(sub, METHODS, held_out)
     labels = list(buckets)

@@ -8,12 +8,15 @@ the similarity matrix. No training: the adapters are the run's own, read from it
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 
 from oppu.analysis.report import SuiteResult, markdown_table, new_figure
 from oppu.errors import ConfigError
 from oppu.run_config import RunConfig
+
+log = logging.getLogger(__name__)
 
 NAME = "adapter-similarity"
 TITLE = "Cosine similarity between users' adapters"
@@ -105,7 +108,7 @@ def within_across(users: list[str], matrix: list[list[float]], clusters: Mapping
             "n_across_pairs": len(across)}
 
 
-def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -> tuple[SuiteResult, object]:
+def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5) -> tuple[SuiteResult, object]:
     started = time.perf_counter()
     adapters = load_adapters(cfg, variant)
     if len(adapters) < 2:
@@ -126,8 +129,8 @@ def run(cfg: RunConfig, variant: str = "oppu", n_clusters: int = 5, log=print) -
     ordered = [[matrix[i][j] for j in order] for i in order]
     summary = within_across(users, matrix, clusters)
     delta_summary = within_across(users, delta_matrix, clusters) if delta_matrix else None
-    log(f"[{NAME}] {len(users)} users, {variant}: Appendix F within-cluster {summary['within']}, "
-        f"across {summary['across']}; weight change B@A: {delta_summary}")
+    log.info(f"[{NAME}] {len(users)} users, {variant}: Appendix F within-cluster {summary['within']}, "
+             f"across {summary['across']}; weight change B@A: {delta_summary}")
 
     panels = [("cosine similarity (Appendix F: A and B as stored)", ordered)]
     if delta_matrix:

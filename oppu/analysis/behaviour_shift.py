@@ -11,6 +11,7 @@ alone. Methods: non-personalized, RAG k=1, OPPU k=0 and OPPU k=1.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Sequence
 
@@ -19,6 +20,8 @@ from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, write_su
 from oppu.data.records import UserData
 from oppu.run_config import RunConfig
 from oppu.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 NAME = "behaviour-shift"
 TITLE = "User behaviour shift: only the least relevant history"
@@ -72,8 +75,7 @@ def least_relevant_history(task: Task, user: UserData, keep_fraction: float,
     return UserData(user.user_id, "test", history, queries)
 
 
-def run(cfg: RunConfig, n_users: int = 4, keep_fraction: float = 0.5, embedding_model: str | None = None,
-        log=print):
+def run(cfg: RunConfig, n_users: int = 4, keep_fraction: float = 0.5, embedding_model: str | None = None):
     from oppu.data.dataset import read_dataset
 
     started = time.perf_counter()
@@ -81,11 +83,12 @@ def run(cfg: RunConfig, n_users: int = 4, keep_fraction: float = 0.5, embedding_
     users = pick_users(dataset.test_users(), n_users)
     relevance = f"embedding model {embedding_model} (cosine)" if embedding_model else LEXICAL
     shifted = [least_relevant_history(dataset.task, u, keep_fraction, embedding_model) for u in users]
-    log(f"[{NAME}] {len(users)} users keep their {keep_fraction:.0%} least relevant items by {relevance}")
+    log.info("[%s] %d users keep their %.0f%% least relevant items by %s", NAME, len(users),
+             keep_fraction * 100, relevance)
     sub = sub_run(cfg, NAME)
     write_sub_dataset(sub, cfg.task, shifted, {"suite": NAME, "relevance": relevance,
                                                "keep_fraction": keep_fraction})
-    metrics = train_and_evaluate(sub, ["oppu", "rag-k1+oppu"], list(METHODS), log)
+    metrics = train_and_evaluate(sub, ["oppu", "rag-k1+oppu"], list(METHODS))
     metric = dataset.task.primary_metric
     scores = {METHODS[m]: metrics["methods"][m][metric] for m in METHODS}
     figure = grouped_bars([metric], {label: [value] for label, value in scores.items()},

@@ -9,6 +9,7 @@ the main pipeline trains). Each format's adapters go to their own sub run's stor
 
 from __future__ import annotations
 
+import logging
 import time
 
 from oppu.analysis.personal_inprocess import train_and_publish
@@ -18,6 +19,8 @@ from oppu.data.records import UserData
 from oppu.errors import ConfigError
 from oppu.run_config import RunConfig
 from oppu.tasks.base import Task, TrainingSample
+
+log = logging.getLogger(__name__)
 
 NAME = "history-format"
 TITLE = "History format: input only, output only, both"
@@ -40,7 +43,7 @@ def format_samples(task: Task, user: UserData, history_format: str) -> list[Trai
     return samples
 
 
-def run(cfg: RunConfig, n_users: int = 4, log=print):
+def run(cfg: RunConfig, n_users: int = 4):
     from oppu.data.dataset import read_dataset
 
     started = time.perf_counter()
@@ -59,8 +62,8 @@ def run(cfg: RunConfig, n_users: int = 4, log=print):
         write_sub_dataset(sub, cfg.task, users, {"suite": NAME, "history_format": history_format})
         if not both:  # the main pipeline's own samples: its job trains (or reuses) them below
             train_and_publish(sub, users, lambda u, f=history_format: format_samples(task, u, f), "oppu",
-                              {"history_format": history_format}, log)
-        metrics = train_and_evaluate(sub, ["oppu"] if both else [], ["non-personalized", "oppu"], log)
+                              {"history_format": history_format}, log=log.info)
+        metrics = train_and_evaluate(sub, ["oppu"] if both else [], ["non-personalized", "oppu"])
         results[history_format] = metrics["methods"]
     baseline = results["input + output"]["non-personalized"][metric]
     figure = grouped_bars(list(FORMATS), {"non-personalized": [baseline] * len(FORMATS),

@@ -27,7 +27,7 @@ def methods_for(ks: list[int]) -> tuple[list[str], list[str], dict[str, dict[int
     return variants, methods, {"RAG": rag, "RAG+OPPU": rag_oppu}
 
 
-def run(cfg: RunConfig, n_users: int = 4, ks: tuple[int, ...] = (0, 1, 2, 4, 8), log=print):
+def run(cfg: RunConfig, n_users: int = 4, ks: tuple[int, ...] = (0, 1, 2, 4, 8)):
     from oppu.data.dataset import read_dataset
 
     started = time.perf_counter()
@@ -36,7 +36,7 @@ def run(cfg: RunConfig, n_users: int = 4, ks: tuple[int, ...] = (0, 1, 2, 4, 8),
     sub = sub_run(cfg, NAME, store=cfg.store_uri)
     write_sub_dataset(sub, cfg.task, users, {"suite": NAME})
     variants, methods, curves = methods_for(list(ks))
-    metrics = train_and_evaluate(sub, variants, methods, log)
+    metrics = train_and_evaluate(sub, variants, methods)
     metric = dataset.task.primary_metric
     series = {curve: [metrics["methods"][by_k[k]][metric] for k in ks] for curve, by_k in curves.items()}
     figure = lines(ks, series, title=f"{cfg.task}: {metric} against retrieved items ({len(users)} users)",

@@ -9,11 +9,14 @@ count over the base model's.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 from oppu.analysis.report import SuiteResult, grouped_bars, markdown_table
 from oppu.analysis.runs import pick_users, sub_run, train_and_evaluate, with_users, write_sub_dataset
 from oppu.run_config import RunConfig
+
+log = logging.getLogger(__name__)
 
 NAME = "peft-methods"
 TITLE = "PEFT methods for the personal adapters"
@@ -35,8 +38,7 @@ def trainable_share(cfg: RunConfig, user: str) -> tuple[int, int]:
     return sum(t.numel() for t in adapter.values()), sum(p.numel() for p in model.parameters())
 
 
-def run(cfg: RunConfig, n_users: int = 4, methods: tuple[str, ...] = ("lora", "ia3", "prompt_tuning"),
-        log=print):
+def run(cfg: RunConfig, n_users: int = 4, methods: tuple[str, ...] = ("lora", "ia3", "prompt_tuning")):
     from oppu.data.dataset import read_dataset
 
     started = time.perf_counter()
@@ -50,8 +52,8 @@ def run(cfg: RunConfig, n_users: int = 4, methods: tuple[str, ...] = ("lora", "i
         sub = with_users(sub_run(cfg, NAME, method, store=cfg.store_uri if reuse_store else None,
                                  link_bases=("plain",)), peft=peft)
         write_sub_dataset(sub, cfg.task, users, {"suite": NAME, "peft_method": method})
-        log(f"[{NAME}] {method}: {len(users)} users")
-        metrics = train_and_evaluate(sub, ["oppu"], ["non-personalized", "oppu"], log)
+        log.info(f"[{NAME}] {method}: {len(users)} users")
+        metrics = train_and_evaluate(sub, ["oppu"], ["non-personalized", "oppu"])
         adapter_params, base_params = trainable_share(sub, users[0].user_id)
         results[method] = {"oppu": metrics["methods"]["oppu"], "non-personalized": metrics["methods"]["non-personalized"],
                            "errors": metrics.get("errors", {}), "adapter_parameters": adapter_params,

@@ -94,12 +94,12 @@ def pick_users(users: Sequence[UserData], n: int) -> list[UserData]:
     return [ordered[int(i * step)] for i in range(n)]
 
 
-def train_and_evaluate(sub: RunConfig, variants: Sequence[str], methods: Sequence[str], log=print) -> dict:
+def train_and_evaluate(sub: RunConfig, variants: Sequence[str], methods: Sequence[str]) -> dict:
     """The main pipeline's users and evaluate stages on the sub run; returns its metrics."""
     from oppu.pipeline import run_stages
 
     stages = ["users", "evaluate"] if variants else ["evaluate"]
-    return run_stages(with_eval(with_users(sub, variants=list(variants)), methods), stages, log)
+    return run_stages(with_eval(with_users(sub, variants=list(variants)), methods), stages)
 
 
 def scores_by_group(sub: RunConfig, methods: Sequence[str], group_of: dict[str, str]) -> dict[str, dict]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from dataclasses import dataclass
 
 from oppu.analysis.report import SUITE_ORDER, save_suite
 from oppu.errors import ConfigError
 from oppu.run_config import RunConfig
+
+log = logging.getLogger(__name__)
 
 MODULES = {
     "behaviour-shift": "oppu.analysis.behaviour_shift",
@@ -45,7 +48,7 @@ def suite_names(requested: str) -> list[str]:
     return [requested]
 
 
-def run_suite(name: str, cfg: RunConfig, options: SuiteOptions, log=print) -> dict[str, str]:
+def run_suite(name: str, cfg: RunConfig, options: SuiteOptions) -> dict[str, str]:
     """Run one suite on the run ``cfg`` and write its JSON, PNG and report section."""
     module = importlib.import_module(MODULES[name])
     kwargs = {
@@ -61,8 +64,9 @@ def run_suite(name: str, cfg: RunConfig, options: SuiteOptions, log=print) -> di
         "training-cost": {},
     }[name]
     started = time.perf_counter()
-    log(f"[analyze] {name} on {cfg.run_dir}")
-    result, figure = module.run(cfg, log=log, **kwargs)
+    log.info(f"[analyze] {name} on {cfg.run_dir}")
+    result, figure = module.run(cfg, **kwargs)
     written = save_suite(cfg.run_dir, result, figure)
-    log(f"[analyze] {name} done in {time.perf_counter() - started:.0f}s: {written['json']}, {written['png']}")
+    log.info("[analyze] %s done in %.0fs: %s, %s", name, time.perf_counter() - started, written["json"],
+             written["png"])
     return written

@@ -11,6 +11,7 @@ per-user training times (its ``train_users`` report) are shown beside them when 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 import time
 
@@ -19,6 +20,8 @@ from oppu.analysis.report import SuiteResult, markdown_table, new_figure
 from oppu.data.records import HistoryItem, UserData
 from oppu.run_config import RunConfig
 from oppu.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 NAME = "training-cost"
 TITLE = "Training cost per user"
@@ -50,7 +53,7 @@ def linear_fit(x: list[float], y: list[float]) -> dict:
 
 
 def run(cfg: RunConfig, items: tuple[int, ...] = (5, 10, 20, 40), tokens: tuple[int, ...] = (10, 25, 50, 100),
-        fixed_tokens: int = 50, fixed_items: int = 10, log=print):
+        fixed_tokens: int = 50, fixed_items: int = 10):
     from oppu.data.dataset import read_dataset
     from oppu.models import load_model
     from oppu.training.personal import train_user_adapter
@@ -70,7 +73,7 @@ def run(cfg: RunConfig, items: tuple[int, ...] = (5, 10, 20, 40), tokens: tuple[
         with tempfile.TemporaryDirectory(prefix="oppu-cost-") as out_dir:
             stats = train_user_adapter(model, tokenizer, personal_samples(task, sized), cfg.users.peft,
                                        cfg.users.optim, epochs, cfg.seed, user.user_id, out_dir)
-        log(f"[{NAME}] {n_items} items x {n_tokens} tokens: {stats.seconds:.2f}s")
+        log.info(f"[{NAME}] {n_items} items x {n_tokens} tokens: {stats.seconds:.2f}s")
         return stats.seconds
 
     by_items = [seconds_for(n, fixed_tokens) for n in items]

@@ -34,9 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import ray
 
+    from oppu import logs
     from oppu.analysis.runs import load_run_config
     from oppu.analysis.suites import SuiteOptions, run_suite, suite_names
-    from oppu.pipeline import _timestamped_log
 
     cfg = load_run_config(args.run, args.config, args.overrides)
     options = SuiteOptions(users=args.users, buckets=args.buckets, per_bucket=args.per_bucket,
@@ -44,10 +44,12 @@ def run(args: argparse.Namespace) -> int:
                            activity_fresh_pretrained=not args.activity_reuse_pretrained,
                            keep_fraction=args.keep_fraction, embedding_model=args.embedding_model,
                            variant=args.variant)
-    log = _timestamped_log()
+    names = suite_names(args.suite)
     try:
-        for name in suite_names(args.suite):
-            written = run_suite(name, cfg, options, log)
+        with logs.progress(len(names), "analyze", unit="suites") as bar:
+            for name in names:
+                written = run_suite(name, cfg, options)
+                bar.update(1)
         print(f"report: {written['report']}")
     finally:
         ray.shutdown()

@@ -8,17 +8,23 @@ installed wheel runs every stage without the repository (``run.yaml``: any run c
     oppu train-users --config run.yaml --set run_dir=/shared/oppu-run
     oppu evaluate --config run.yaml --set run_dir=/shared/oppu-run
     oppu pipeline --config run.yaml --set run_dir=/shared/oppu-run     # the three in order
+
+``jobs/*.py`` run the same through ``job_main``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class StageCommand:
-    """A command over ``oppu.pipeline.run_job``: ``HELP``, ``add_arguments`` and ``run`` as ``oppu.cli`` wants."""
+    """A command over ``run_job``: ``HELP``, ``add_arguments`` and ``run`` as ``oppu.cli`` wants."""
 
     name: str  # a key of oppu.pipeline.STAGE_COMMANDS
     HELP: str
@@ -29,9 +35,50 @@ class StageCommand:
         add_config_arguments(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from oppu.pipeline import STAGE_COMMANDS, run_job
+        from oppu.pipeline import STAGE_COMMANDS
 
         return run_job(STAGE_COMMANDS[self.name], args.config, args.overrides)
+
+
+def run_job(stages: list[str], config: str | None, overrides: list[str]) -> int:
+    """Load the run config (``--config FILE``, ``--set key=value``) and run ``stages``; what
+    ``oppu train-base|train-users|evaluate|pipeline`` and ``jobs/*.py`` do. Prints the metrics
+    table when the stages evaluate. Config and data errors raise (``ConfigError``, ``DataError``)."""
+    from oppu import fsutil
+    from oppu.config import load_config, to_dict
+    from oppu.pipeline import run_stages
+    from oppu.preflight import check_inputs
+    from oppu.run_config import RunConfig
+
+    cfg = load_config(RunConfig, config, overrides)
+    check_inputs(cfg, stages)  # before the config line: a missing input is the job's one line
+    log.info("[config] %s", to_dict(cfg))
+    metrics = run_stages(cfg, stages)
+    if metrics is not None:
+        print(fsutil.read_text(fsutil.join(cfg.run_dir, "metrics.md")))
+    return 0
+
+
+def job_main(stages: list[str], description: str, argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/*.py``: ``--config FILE``, ``--set key=value`` and ``-q``/``-v``, then
+    the stages (``OPPU_LOG_LEVEL`` sets the level where neither switch is given)."""
+    from oppu import logs
+    from oppu.config import add_config_arguments
+    from oppu.errors import ConfigError, DataError, OppuError
+
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    logs.add_arguments(parser)
+    args = parser.parse_args(argv)
+    logs.configure_from_args(args)
+    try:
+        return run_job(stages, args.config, args.overrides)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OppuError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 TRAIN_BASE = StageCommand("train-base", "Adapt the base LLM to the task on the non-test users (Ray Train), "

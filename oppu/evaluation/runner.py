@@ -9,17 +9,19 @@ a Markdown table.
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
-import time
 from dataclasses import asdict
 
-from oppu import fsutil
+from oppu import fsutil, logs
 from oppu.errors import ConfigError
 from oppu.evaluation.methods import Method, resolve_method
 from oppu.run_config import RunConfig
 
 ANSWER_FIELDS = ("user_id", "method", "query_id", "prediction", "raw", "error")
+
+log = logging.getLogger(__name__)
 
 
 class QueryAnswerer:
@@ -146,7 +148,7 @@ def pick_random_items(dataset, seed: int) -> dict[str, dict]:
     return {q.id: pool[rng.randrange(len(pool))] for user in dataset.test_users() for q in user.queries}
 
 
-def evaluate(cfg: RunConfig, log=print) -> dict:
+def evaluate(cfg: RunConfig) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
@@ -166,9 +168,8 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
         from oppu.profiles import stored_profiles
 
         stored_profiles(cfg, [u.user_id for u in test_users])  # fail here, not in every actor
-    log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
-        f"methods {', '.join(m.name for m in methods)}")
-    started = time.perf_counter()
+    log.info("[evaluate] %s: %d test users, %d queries, methods %s", task.name, len(test_users), len(golds),
+             ", ".join(m.name for m in methods))
     users = one_block_per_batch(  # materialised first: see train_personal_adapters
         ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
         cfg.eval.users_per_batch)
@@ -182,21 +183,24 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     errors: dict[str, int] = {m.name: 0 for m in methods}
-    users_done = set()
-    for row in answers_ds.iter_rows():
-        predictions[row["method"]][row["query_id"]] = str(row["prediction"])
-        raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
-        if row["error"]:
-            errors[row["method"]] += 1
-        if row["user_id"] not in users_done:
-            users_done.add(row["user_id"])
-            log(f"[evaluate] {len(users_done)}/{len(test_users)} users answered "
-                f"({time.perf_counter() - started:.0f}s)")
-    return write_results(cfg, task, golds, predictions, raw_outputs, errors, len(test_users), log)
+    users_done, users_failed = set(), set()
+    with logs.progress(len(test_users), "evaluate", unit="users") as bar:
+        for row in answers_ds.iter_rows():  # a batch's rows come together, user by user
+            user = row["user_id"]
+            predictions[row["method"]][row["query_id"]] = str(row["prediction"])
+            raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
+            if row["error"]:
+                errors[row["method"]] += 1
+            if user not in users_done:
+                users_done.add(user)
+                bar.update(1)
+            if row["error"] and user not in users_failed:
+                users_failed.add(user)
+                bar.update(0, failed=user)
+    return write_results(cfg, task, golds, predictions, raw_outputs, errors, len(test_users))
 
 
-def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors, n_users: int,
-                  log=print) -> dict:
+def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors, n_users: int) -> dict:
     ids = sorted(golds)
     results = {}
     for method, preds in predictions.items():
@@ -217,7 +221,7 @@ def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors,
     table = markdown_table(task, results, reference)
     fsutil.write_text(fsutil.join(cfg.run_dir, "metrics.md"), table)
     for method, count in metrics["errors"].items():
-        log(f"[evaluate] WARNING: {method}: {count} queries failed (see predictions/raw)")
+        log.warning("[evaluate] %s: %d queries failed (see predictions/raw)", method, count)
     return metrics
 
 

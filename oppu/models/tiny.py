@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 
 from oppu.errors import ConfigError
 from oppu.models.loading import cache_root
+
+log = logging.getLogger(__name__)
 
 BUILD_RECORD = "oppu-build.json"
 BUILD_FORMAT_VERSION = 1  # bump when the build procedure changes, so old cached builds are not reused
@@ -127,7 +130,7 @@ def build_tiny_base(corpus: Sequence[str], out_dir: str | os.PathLike, config: T
 
     cached = cache_root() / "tiny" / key
     if use_cache and _completed_build(cached, key):
-        print(f"[tiny-base] reusing the cached build {cached}", flush=True)
+        log.info("[tiny-base] reusing the cached build %s", cached)
         _install(cached, out_dir)
         return out_dir
 
@@ -241,8 +244,8 @@ def _build_into(out: Path, corpus: list[str], config: TinyModelConfig, seed: int
         if len(train_stream) <= config.pretrain_seq_len:
             raise ConfigError(f"the corpus has only {len(train_stream)} training tokens; pretrain_seq_len="
                               f"{config.pretrain_seq_len} needs more")
-        print(f"[tiny-base] tokenizer: {len(tokenizer)} tokens, corpus {len(stream)} tokens "
-              f"({sum(map(len, corpus)) / len(stream):.2f} chars/token), {tokenizer_s:.1f}s", flush=True)
+        log.info("[tiny-base] tokenizer: %d tokens, corpus %d tokens (%.2f chars/token), %.1fs", len(tokenizer),
+                 len(stream), sum(map(len, corpus)) / len(stream), tokenizer_s)
 
         torch.manual_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(
@@ -268,8 +271,8 @@ def _build_into(out: Path, corpus: list[str], config: TinyModelConfig, seed: int
             "torch": torch.__version__, "transformers": transformers.__version__,
         }
         (out / BUILD_RECORD).write_text(json.dumps(record, indent=1))
-        print(f"[tiny-base] built {n_params / 1e6:.2f}M parameters in {record['total_seconds']:.0f}s; "
-              f"final train loss {pretrain['final_train_loss']}, held-out loss {heldout_loss}", flush=True)
+        log.info("[tiny-base] built %.2fM parameters in %.0fs; final train loss %s, held-out loss %s",
+                 n_params / 1e6, record["total_seconds"], pretrain["final_train_loss"], heldout_loss)
     finally:
         torch.set_num_threads(threads_before)
 
@@ -305,8 +308,8 @@ def _pretrain(model, stream, config: TinyModelConfig, seed: int) -> dict:
             now = time.perf_counter()
             steps_in_window = step % config.log_every_steps or config.log_every_steps
             recent = losses[-steps_in_window:]
-            print(f"[tiny-base] step {step}/{config.pretrain_steps} loss {sum(recent) / len(recent):.3f} "
-                  f"{steps_in_window * tokens_per_step / (now - log_started):.0f} tokens/s", flush=True)
+            log.info("[tiny-base] step %d/%d loss %.3f %.0f tokens/s", step, config.pretrain_steps,
+                     sum(recent) / len(recent), steps_in_window * tokens_per_step / (now - log_started))
             log_started = now
     seconds = time.perf_counter() - started
     tail = losses[-min(len(losses), config.log_every_steps):]

@@ -7,6 +7,7 @@ and reused: ``ensure_profiles`` only asks the writer for users the file does not
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -18,6 +19,8 @@ from oppu.profiles.writers import ProfileWriter
 from oppu.tasks.base import Task
 
 COLUMNS = ("user_id", "writer", "text", "created")
+
+_log = logging.getLogger(__name__)
 
 
 def profiles_uri(data_uri: str, writer: str) -> str:
@@ -61,13 +64,14 @@ def write_profiles(data_uri: str, writer: str, profiles: dict[str, str]) -> str:
 
 
 def ensure_profiles(data_uri: str, writer: ProfileWriter, task: Task, users: Sequence[UserData],
-                    log=print) -> dict[str, str]:
-    """Every user's profile by ``writer``: stored ones reused, missing ones written and stored."""
+                    log=None) -> dict[str, str]:
+    """Every user's profile by ``writer``: stored ones reused, missing ones written and stored
+    (``log``: a callable for the one progress line; default this module's logger)."""
     stored = read_profiles(data_uri, writer.name)
     missing = [u for u in users if u.user_id not in stored]
     if missing:
-        log(f"[profiles] writing {len(missing)} {writer.name} profiles "
-            f"({len(stored)} already in {profiles_uri(data_uri, writer.name)})")
+        (log or _log.info)(f"[profiles] writing {len(missing)} {writer.name} profiles "
+                           f"({len(stored)} already in {profiles_uri(data_uri, writer.name)})")
         stored.update(_write_off_driver(writer, task, missing))
         write_profiles(data_uri, writer.name, stored)
     return {u.user_id: stored[u.user_id] for u in users}
@@ -103,7 +107,7 @@ def writer_for_run(cfg) -> ProfileWriter:
                        num_gpus=settings.num_gpus, seed=cfg.seed)
 
 
-def run_profiles(cfg, users: Sequence[UserData], log=print) -> dict[str, str]:
+def run_profiles(cfg, users: Sequence[UserData], log=None) -> dict[str, str]:
     """Every user's profile for the run ``cfg``: read from the data dir, the missing ones written."""
     from oppu.tasks import get_task
 

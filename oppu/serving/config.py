@@ -65,6 +65,11 @@ class ServeConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(512, ge=1, description="requests an ingress replica takes at once")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each model replica reserves")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs each model replica reserves")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="level of the replicas' logs (Ray Serve's and oppu's): "
+        "/tmp/ray/session_latest/logs/serve/ on each node")
+    log_encoding: Literal["TEXT", "JSON"] = Field("TEXT", description="TEXT lines or one JSON object a line")
+    access_log: bool = Field(True, description="one log line per request (method, route, status, latency)")
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:
@@ -87,6 +92,11 @@ class ServeConfig(BaseModel):
     @property
     def base_model_id(self) -> str:
         return self.model_id or PurePosixPath(self.model.rstrip("/")).name
+
+    def logging_config(self) -> dict:
+        """Ray Serve's ``LoggingConfig`` of every deployment of the app, as a dict."""
+        return {"log_level": self.log_level, "encoding": self.log_encoding,
+                "enable_access_log": self.access_log}
 
 
 def load_serve_config(args: dict) -> ServeConfig:

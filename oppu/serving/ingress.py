@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from oppu import logs
 from oppu.errors import AdapterError, AdapterNotFound, ConfigError, DataError, OppuError, UserIdError
 from oppu.ids import validate_user_id
 from oppu.serving.auth import ADMIN_TOKEN_ENV, Authenticator, AuthError, Caller, ForbiddenError
@@ -146,6 +147,7 @@ class OppuIngress:
         from oppu.tasks import get_task
 
         self.config = ServeConfig(**config)
+        logs.follow_serve_logging(self.config.log_level)
         self.model = model
         self.task = get_task(self.config.task)
         self.auth = Authenticator(TokenStore(self.config.store), os.environ.get(ADMIN_TOKEN_ENV))

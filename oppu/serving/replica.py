@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from oppu import logs
 from oppu.errors import AdapterError, AdapterNotFound, OppuError
 from oppu.serving.adapters import AdapterCache, AdapterShape, LoadedAdapter
 from oppu.serving.config import ServeConfig
@@ -33,6 +35,8 @@ from oppu.serving.scheduler import (
     TokenEvent,
 )
 from oppu.serving.textstream import ChoiceText
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChoiceEnd", "ChoiceResult", "Delta", "GenerateRequest", "GenerateResult", "ModelReplica", "QueueFull",
            "RequestTimeout", "RequestTooLarge", "StreamStart"]
@@ -125,6 +129,7 @@ class ModelReplica:
         from oppu.store import AdapterStore
 
         self.config = ServeConfig(**config)
+        logs.follow_serve_logging(self.config.log_level)
         lora = LoraSlotsConfig(self.config.gpu_slots, self.config.max_lora_rank,
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
@@ -156,6 +161,9 @@ class ModelReplica:
             return user
 
         self._adapter_for_routing = adapter_for_routing
+        log.info("model replica ready: %s (base %s, %s, %s), %d adapter slots, batches of %d",
+                 self.config.model, self.fingerprint, self.engine.device, self.prompt_format,
+                 self.config.gpu_slots, self.config.max_batch_size)
 
     async def info(self) -> dict:
         return {"base_fingerprint": self.fingerprint, "task": self.config.task,

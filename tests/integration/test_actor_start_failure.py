@@ -73,10 +73,13 @@ def test_train_users_actor_that_cannot_start_fails_its_batches_by_name(broken_ru
     assert seconds < 120, seconds
 
 
-def test_evaluate_actor_that_cannot_start_fails_its_queries(broken_run, local_ray):
+def test_evaluate_actor_that_cannot_start_fails_its_queries(broken_run, local_ray, caplog):
     from oppu.evaluation.runner import evaluate
 
-    metrics = evaluate(_config(broken_run), log=lambda _: None)
+    caplog.set_level("INFO", logger="oppu")
+    metrics = evaluate(_config(broken_run))
     assert metrics["errors"] == {"non-personalized": metrics["n_queries"], "oppu": metrics["n_queries"]}
+    failed = [r.getMessage() for r in caplog.records if "users failed: " in r.getMessage()]
+    assert len(failed) == 1 and failed[0].startswith(f"[evaluate] {N_TEST} of {N_TEST} users failed: "), failed
     raw = (broken_run / "predictions" / "raw" / "oppu.json").read_text()
     assert raw.count('""') == metrics["n_queries"]

@@ -5,8 +5,8 @@ What each kind of command gets (tests/docs_blocks.py splits the blocks into comm
 
 - ``oppu SUB ...``: parsed by the ``oppu`` parser (``oppu.cli.build_parser``), flags and all;
 - ``python jobs/X.py ...`` (alone or after ``ray job submit ... --``): the script exists, its
-  flags parse as ``job_main`` parses them, and ``--config`` + every ``--set`` load into a valid
-  ``RunConfig`` (unknown keys, bad values fail);
+  flags parse as ``oppu.commands.stages.job_main`` parses them, and ``--config`` + every ``--set``
+  load into a valid ``RunConfig`` (unknown keys, bad values fail);
 - ``python -c CODE`` (also inside ``$(...)``): CODE compiles; ``python -m cluster.local_cluster
   SUB``: the subcommand and its arguments parse; ``python -m pytest PATHS``: the paths exist;
 - ``ray job submit --runtime-env F``, ``ray up|dashboard|down F``, ``serve deploy F``: F exists and
@@ -96,12 +96,14 @@ def _check_oppu(argv: list[str]) -> None:
 
 
 def _check_job(script: str, argv: list[str]) -> None:
+    from oppu import logs
     from oppu.config import add_config_arguments, load_config
     from oppu.run_config import RunConfig
 
     assert (ROOT / script).is_file(), script
     parser = argparse.ArgumentParser(prog=script)
     add_config_arguments(parser)
+    logs.add_arguments(parser)
     args = _parse(parser, argv)
     assert args.config, f"{script} without --config"
     load_config(RunConfig, ROOT / args.config, args.overrides)  # raises on a bad key or value

@@ -21,6 +21,7 @@ OPPU = Path(__file__).resolve().parents[2] / "oppu"
 # Bottom to top. A part is a subpackage or a top-level module of oppu; ``oppu`` is the package's
 # own __init__, and ``cli`` (the map of command names) belongs with ``commands``.
 LAYERS: tuple[tuple[str, ...], ...] = (
+    ("logs",),  # the oppu logger and progress (the package's __init__ configures it in Ray workers)
     ("oppu", "errors"),
     ("ids", "config", "fsutil"),
     ("metrics",),  # LaMP's arithmetic

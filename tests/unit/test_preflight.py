@@ -83,7 +83,7 @@ def test_a_remote_run_dir_points_at_oppu_publish():
 def test_job_fails_in_one_line_before_ray_starts(tmp_path, capsys, monkeypatch):
     import ray
 
-    from oppu.pipeline import job_main
+    from oppu.commands.stages import job_main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     run = _run(tmp_path, "data", "base")

@@ -48,13 +48,14 @@ def test_build_is_a_loadable_pretrained_llama(tiny_model_dir):
     assert record["final_train_loss"] < record["initial_train_loss"] - 1.0  # pretraining learned something
 
 
-def test_second_build_returns_at_once_and_a_new_dir_is_filled_from_the_cache(tiny_model_dir, tmp_path, capsys):
+def test_second_build_returns_at_once_and_a_new_dir_is_filled_from_the_cache(tiny_model_dir, tmp_path, caplog):
+    caplog.set_level("INFO", logger="oppu")
     corpus = make_corpus()
     started = time.perf_counter()
     assert build_tiny_base(corpus, tiny_model_dir, TEST_MODEL_CONFIG, seed=0) == tiny_model_dir
     assert time.perf_counter() - started < 1.0
     fresh = build_tiny_base(corpus, tmp_path / "again", TEST_MODEL_CONFIG, seed=0)
-    assert "reusing the cached build" in capsys.readouterr().out
+    assert "reusing the cached build" in caplog.text
     assert base_fingerprint(fresh) == base_fingerprint(tiny_model_dir)
 
 

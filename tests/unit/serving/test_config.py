@@ -39,3 +39,18 @@ def test_shipped_serve_config_validates():
     assert app["import_path"] == "serve_apps.oppu_serve:build"
     config = load_serve_config(app["args"])
     assert config.gpu_slots >= config.max_batch_size
+
+
+def test_log_settings_become_ray_serves_logging_config_of_both_deployments():
+    from serve_apps.oppu_serve import build
+
+    app = build({"model": "m", "store": "s", "task": "LaMP-2M", "log_level": "DEBUG", "log_encoding": "JSON",
+                 "access_log": "false"})
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    for deployment in (ingress, model):
+        logging_config = deployment._deployment_config.logging_config
+        assert (logging_config["log_level"], logging_config["encoding"]) == ("DEBUG", "JSON")
+        assert logging_config["enable_access_log"] is False
+    with pytest.raises(ConfigError, match="log_encoding"):
+        load_serve_config({"model": "m", "store": "s", "log_encoding": "XML"})

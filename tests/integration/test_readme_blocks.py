@@ -1,0 +1,147 @@
+"""README.md's Quickstart block and then its serving block, run by bash as written, in order, in one
+directory (the serving block serves what the Quickstart wrote to ``oppu-run/``).
+
+What is not the reader's terminal, and how the test stands in for it:
+
+- the size: ``OPPU_QUICKSTART_SIZE=smoke``, the README's documented switch, is in the environment;
+- the directory: a scratch directory, not the checkout, so ``oppu-run/`` lands there; ``oppu``,
+  ``serve`` and ``pip`` are this checkout and this interpreter (small scripts first on ``PATH``);
+- ``pip install``: checked, not run (the test must not reinstall the environment it runs in, whose
+  editable install may point at another checkout): each requirement must already be met, ``-e .``
+  by this checkout being the ``oppu`` that runs;
+- the Ray instance: ``RAY_ADDRESS=local``, so ``serve run`` starts its own local Ray as on a fresh
+  machine instead of joining a cluster another process on this machine started with ``ray start``.
+
+The block's own port, 8000, is used as written; where another process holds it the serving test is
+skipped, naming the port. The Quickstart's second block is this test suite itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.docs_blocks import ROOT, bash_blocks
+
+pytestmark = pytest.mark.integration
+
+README = ROOT / "README.md"
+PORT = 8000  # the block's own port (serve run's default)
+
+PIP = '''
+import importlib.metadata, pathlib, sys
+import oppu
+for req in [a for a in sys.argv[2:] if a != "-e"]:
+    if req == ".":
+        assert pathlib.Path(oppu.__file__).parents[1] == pathlib.Path(sys.argv[1]), oppu.__file__
+    else:
+        name, _, version = req.partition("==")
+        have = importlib.metadata.version(name).split("+")[0]
+        assert not version or have == version, f"{name} {have} installed, the README asks for {version}"
+'''
+
+
+def _readme_block(heading: str):
+    return next(b for b in bash_blocks(README) if b.heading == heading)
+
+
+def _bin(directory: Path) -> Path:
+    """``oppu``, ``serve`` and ``pip`` as executables (a background ``serve run &`` must be the
+    process ``kill %1`` reaches, so no shell functions)."""
+    directory.mkdir()
+    scripts = {
+        "oppu": 'exec "$PY" -m oppu.cli "$@"',
+        "serve": 'exec "$PY" -c "import sys; from ray.serve.scripts import cli; sys.exit(cli())" "$@"',
+        "pip": f'[ "$1" = install ] && shift && exec "$PY" -c \'{PIP}\' "{ROOT}" "$@"',
+    }
+    for name, body in scripts.items():
+        path = directory / name
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+    return directory
+
+
+def _env(bin_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPPU_LOG_LEVEL")}
+    env.update(PYTHONPATH=str(ROOT), PY=sys.executable, PATH=f"{bin_dir}:{env['PATH']}",
+               RAY_USAGE_STATS_ENABLED="0", OPPU_QUICKSTART_SIZE="smoke", **extra)
+    return env
+
+
+def _bash(script: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    """``script`` under ``bash -euo pipefail`` in a session of its own, killed whole on a timeout
+    (a background ``serve run`` included)."""
+    process = subprocess.Popen(["bash", "-c", f"set -euo pipefail\n{script}"], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"timed out after {timeout_s:.0f}s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.fixture(scope="module")
+def quickstart(tmp_path_factory):
+    """The Quickstart block run in a scratch directory: (directory, bin dir, result, seconds)."""
+    directory = tmp_path_factory.mktemp("readme")
+    bin_dir = _bin(directory / ".bin")
+    block = _readme_block("Quickstart")
+    assert "oppu quickstart" in block.text
+    started = time.monotonic()
+    run = _bash(block.text, directory, _env(bin_dir), timeout_s=900)
+    seconds = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    print(f"README Quickstart block (smoke size): {seconds:.0f}s")
+    return directory, bin_dir, run, seconds
+
+
+def test_quickstart_block_prints_the_table_and_only_the_projects_progress(quickstart):
+    directory, _, run, _ = quickstart
+    metrics = json.loads((directory / "oppu-run" / "metrics.json").read_text())
+    assert metrics["n_test_users"] == 4 and set(metrics["methods"]) == {"non-personalized", "oppu"}
+    assert "| oppu |" in run.stdout and "Finished in" in run.stdout
+    assert "[stages] 4/4 steps (100%)" in run.stderr and "[evaluate] 4/4 users (100%)" in run.stderr
+    for noise in ("Loading weights", "pid=", "FutureWarning", "Starting execution of Dataset",
+                  "Started a local Ray instance"):
+        assert noise not in run.stdout + run.stderr, noise
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_serving_block_answers_a_completion_for_a_quickstart_user(quickstart):
+    directory, bin_dir, _, _ = quickstart
+    deadline = time.monotonic() + 60
+    while not _port_free(PORT):
+        if time.monotonic() > deadline:
+            pytest.skip(f"port {PORT}, which the README's serving block uses, is held by another process")
+        time.sleep(2)
+    block = _readme_block("Serving personalized models")
+    script = "\n".join(["trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT  # serve run and its Ray gone at the end",
+                        block.text])
+    started = time.monotonic()
+    run = _bash(script, directory, _env(bin_dir, RAY_ADDRESS="local"), timeout_s=600)
+    seconds = time.monotonic() - started
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    at = run.stdout.index('{"id"')
+    answer, _ = json.JSONDecoder().raw_decode(run.stdout[at:])
+    assert answer["model"] == "base:user00", answer
+    assert len(answer["choices"]) == 1 and 0 < answer["usage"]["completion_tokens"] <= 8, answer
+    assert _port_free(PORT), "serve run is still serving after `kill %1`"
+    print(f"README serving block: {seconds:.0f}s, answer {answer['choices'][0]['text']!r}")
