@@ -47,23 +47,23 @@ class SlotStats:
 class AdapterSlots:
     """Which adapter version sits in which slot of the multi-LoRA model; LRU replacement.
 
-    Adapters enter slots from their packed form (``multi_lora.PackedAdapter``: one pinned buffer
+    Adapters enter slots from their packed form (``slot_packing.PackedAdapter``: one pinned buffer
     in slot format, made once per host-cached version by :meth:`prepare`), so a slot load is one
     asynchronous host-to-device copy and one batched device copy, queued ahead of the batch's
     prefill on the same stream.
     """
 
     def __init__(self, model: Any, n_slots: int, host_adapters: int = 0):
-        from oppu.models import multi_lora
+        from oppu.serving import slot_packing
 
         self.model = model
         self.n_slots = n_slots
-        self.loader = multi_lora.SlotLoader(model)
+        self.loader = slot_packing.SlotLoader(model)
         # On CUDA, packed adapters live in pooled page-locked buffers (pinning one by one costs
         # milliseconds per adapter); room for the host tier's adapters is pinned up front.
         self.pool = None
         if next(model.parameters()).device.type == "cuda":
-            self.pool = multi_lora.PinnedBuffers(self.loader.layout.numel, self.loader.layout.dtype)
+            self.pool = slot_packing.PinnedBuffers(self.loader.layout.numel, self.loader.layout.dtype)
             self.pool.reserve(host_adapters)
         self._resident: OrderedDict[str, int] = OrderedDict()  # cache_id -> slot
         self._free = list(range(n_slots))
@@ -74,14 +74,14 @@ class AdapterSlots:
 
         Its ``state_dict`` then shares the packed buffer's memory, so host memory holds one copy.
         """
-        from oppu.models import multi_lora
+        from oppu.serving import slot_packing
 
         packed = adapter.packed
         if packed is not None and packed.layout == self.loader.layout:
             return
         try:
-            packed = multi_lora.pack_peft_adapter(self.loader.layout, adapter.state_dict, adapter.peft_config,
-                                                  pool=self.pool)
+            packed = slot_packing.pack_peft_adapter(self.loader.layout, adapter.state_dict, adapter.peft_config,
+                                                    pool=self.pool)
         except Exception as exc:  # whatever the tensors got wrong, it is this adapter's fault
             raise AdapterIntegrityError(f"adapter of user {adapter.user!r} version {adapter.version} does not "
                                         f"fit the base model: {exc}") from exc

@@ -172,7 +172,7 @@ class PersonalTrainer:
                                        out_dir, self.prompt_format)
             manifest = self._publish(job, out_dir, {
                 "final_loss": stats.final_loss, "samples": stats.samples, "steps": stats.steps,
-                "tokens": stats.tokens, "seconds": stats.seconds})
+                "tokens": stats.target_tokens, "seconds": stats.seconds})
         return UserResult(job.user.user_id, "trained", version=manifest.version, samples=stats.samples,
                           tokens=stats.input_tokens, seconds=stats.seconds, loss=stats.final_loss)
 
