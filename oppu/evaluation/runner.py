@@ -150,7 +150,7 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
-    from oppu.actor_pools import guard_start, one_batch_per_actor, one_block_per_batch
+    from oppu.actor_pools import map_users
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -169,16 +169,11 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
         f"methods {', '.join(m.name for m in methods)}")
     started = time.perf_counter()
-    users = one_block_per_batch(  # materialised first: see train_personal_adapters
+    _, answers_ds = map_users(
         ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
-        cfg.eval.users_per_batch)
-    answers_ds = users.map_batches(
-        guard_start(QueryAnswerer, _start_failed),  # an actor that cannot start fails its batches
-        fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],
-                               "random_items": pick_random_items(dataset, cfg.seed)},
-        batch_size=cfg.eval.users_per_batch, compute=one_batch_per_actor(cfg.eval.actors),
-        num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor or None,
-        batch_format="numpy")
+        QueryAnswerer, _start_failed, cfg.eval,
+        {"config": asdict(cfg), "methods": [m.name for m in methods],
+         "random_items": pick_random_items(dataset, cfg.seed)})
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     errors: dict[str, int] = {m.name: 0 for m in methods}
