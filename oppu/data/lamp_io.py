@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from oppu import fsutil
 from oppu.data.records import HistoryItem, Query, UserData
 from oppu.errors import ConfigError, DataError, UserIdError
 from oppu.ids import validate_user_id
@@ -97,10 +98,9 @@ class _Where:
 
 
 def _load_json(path: str | Path) -> Any:
-    import fsspec
-
     try:
-        with fsspec.open(str(path), "rt", encoding="utf-8") as handle:
+        fs, fs_path = fsutil.filesystem(str(path))
+        with fs.open(fs_path, "rt", encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         raise DataError("file not found", file=str(path)) from None

@@ -169,8 +169,10 @@ def evaluate(cfg: RunConfig, log=print) -> dict:
     log(f"[evaluate] {task.name}: {len(test_users)} test users, {len(golds)} queries, "
         f"methods {', '.join(m.name for m in methods)}")
     started = time.perf_counter()
+    users_path = users_parquet_path(cfg.data_uri)
     _, answers_ds = map_users(
-        ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
+        ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path)).filter(
+            lambda r: r["role"] == "test"),
         QueryAnswerer, _start_failed, cfg.eval,
         {"config": asdict(cfg), "methods": [m.name for m in methods],
          "random_items": pick_random_items(dataset, cfg.seed)})

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from oppu import fsutil
 from oppu.errors import OppuError
 from oppu.models.sources import gguf_model_dir, is_gguf
 
@@ -95,9 +96,7 @@ def _wanted_files(names: list[str]) -> list[str]:
 
 
 def _download_cached(uri: str) -> Path:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = fsutil.filesystem(uri)
     root = root.rstrip("/")
     try:
         listing = fs.ls(root, detail=True)

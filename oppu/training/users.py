@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
+from oppu import fsutil
 from oppu.run_config import RunConfig
 from oppu.training.users_report import UserResult, result_of_row, write_report
 
@@ -38,7 +39,8 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     from oppu.training.users_actor import PersonalTrainer, start_failed
 
     wanted = {validate_user_id(u) for u in cfg.users.users} if cfg.users.users else None
-    users = ray.data.read_parquet(users_parquet_path(cfg.data_uri))
+    users_path = users_parquet_path(cfg.data_uri)
+    users = ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path))
     users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted))
     # Sorted, each batch is a run of consecutive users in that order: similar history lengths on
     # one actor, the longest first. An actor that dies is restarted (it loads the base again) and
