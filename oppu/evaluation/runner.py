@@ -9,6 +9,7 @@ a Markdown table.
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 import time
@@ -20,6 +21,8 @@ from oppu.evaluation.methods import Method, resolve_method
 from oppu.run_config import RunConfig
 
 ANSWER_FIELDS = ("user_id", "method", "query_id", "prediction", "raw", "error")
+
+logger = logging.getLogger(__name__)
 
 
 class QueryAnswerer:
@@ -96,6 +99,8 @@ class QueryAnswerer:
                                        prompt_format=prompt_format)
             error = ""
         except Exception as exc:  # a missing or corrupt adapter fails this user's method only
+            logger.warning("user %s, method %s: no answers (%s: %s)", user.user_id, method.name,
+                           type(exc).__name__, exc)
             raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
         return [{"user_id": user.user_id, "method": method.name, "query_id": q.id,
                  "prediction": self.task.parse_output(raw) if not error else "", "raw": raw,
