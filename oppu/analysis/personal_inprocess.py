@@ -26,7 +26,7 @@ def train_and_publish(cfg: RunConfig, users: list[UserData],
     from oppu.training.publish import AdapterPublisher
 
     base_uri = cfg.base_uri("plain")
-    model, tokenizer = load_model(base_uri)
+    model, tokenizer = load_model(base_uri, quantize=cfg.users.quantize)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     publisher = AdapterPublisher.for_run(cfg, variant, base_fingerprint(base_uri),

@@ -27,9 +27,9 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
                          prompt_format: str = "plain") -> dict:
     """What makes two adapters of one user the same training (the store hashes it for ``find``).
 
-    ``trainer`` is recorded only when it is not ``per-user``, and ``prompt_format`` (which the
-    manifest carries to serving, see ``oppu.models.prompting``) only when it is not ``plain``, so
-    older manifests keep their hash: batched training gives the same adapter up to floating-point
+    ``trainer`` is recorded only when it is not ``per-user``, ``users.quantize`` only when it is
+    not ``none``, and ``prompt_format`` (which the manifest carries to serving, see
+    ``oppu.models.prompting``) only when it is not ``plain``, so older manifests keep their hash: batched training gives the same adapter up to floating-point
     order and dropout masks, not bit for bit, so switching trainers trains afresh rather than
     mixing the two.
     """
@@ -40,6 +40,8 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
         config["profile_writer"] = cfg.profiles.writer
     if trainer != "per-user":
         config["trainer"] = trainer
+    if cfg.users.quantize != "none":
+        config["quantize"] = cfg.users.quantize
     if prompt_format != "plain":
         config["prompt_format"] = prompt_format
     return config

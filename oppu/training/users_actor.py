@@ -47,7 +47,7 @@ class PersonalTrainer:
         self.task = get_task(self.cfg.task)
         base_uri = self.cfg.base_uri(self.cfg.variant_base(variant))
         device = "cuda" if self.cfg.users.num_gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        self.model, self.tokenizer = load_model(base_uri, device=device)
+        self.model, self.tokenizer = load_model(base_uri, device=device, quantize=self.cfg.users.quantize)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.fingerprint = base_fingerprint(base_uri)
