@@ -223,6 +223,7 @@ def peft_scaling(peft_config: LoraConfig) -> float:
 
 
 def check_supported(peft_config: LoraConfig) -> None:
+    """``AdapterError`` unless ``peft_config`` is plain LoRA, the one kind a slot holds."""
     unsupported = {"rank_pattern": bool(peft_config.rank_pattern),
                    "alpha_pattern": bool(peft_config.alpha_pattern),
                    "use_dora": bool(peft_config.use_dora),
