@@ -1,6 +1,45 @@
-"""Ray Data actor pools for per-user work: training personal adapters, answering test queries."""
+"""Ray Data actor pools for per-user work: training personal adapters, answering test queries.
+
+``map_users`` is the one way a stage sets up its pool: the users cut into one block per batch,
+an actor class behind ``guard_start``, one batch per actor at a time, the stage's CPUs and GPUs
+per actor. The other functions are its parts.
+"""
 
 from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def map_users(users, actor_cls, failed_batch, stage, constructor_kwargs: dict, *, max_retries: int | None = None):
+    """``users`` (a Ray Data dataset, in the order its batches should start) through a pool of ``actor_cls``.
+
+    ``stage`` holds the pool's settings (``cfg.users`` or ``cfg.eval``): ``actors``,
+    ``users_per_batch``, ``num_cpus_per_actor``, ``num_gpus_per_actor``. Each batch is
+    ``users_per_batch`` consecutive users (``one_block_per_batch``, materialised before the pool
+    starts: on a small cluster the pool's actors would otherwise hold every CPU while the read
+    waits for one), handed to one actor at a time (``one_batch_per_actor``); an actor that cannot
+    start answers its batches with ``failed_batch`` (``guard_start``). ``max_retries``: re-runs of
+    a batch whose actor died (the actor restarts and loads again); then the batch is given up
+    without failing the job. Returns (the input blocks, the results dataset).
+    """
+    blocks = one_block_per_batch(users, stage.users_per_batch)
+    retries = {} if max_retries is None else {"max_task_retries": max_retries}
+    results = blocks.map_batches(
+        guard_start(actor_cls, failed_batch),
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=stage.users_per_batch,
+        compute=one_batch_per_actor(stage.actors),
+        num_cpus=stage.num_cpus_per_actor,
+        num_gpus=stage.num_gpus_per_actor or None,
+        batch_format="numpy",
+        **retries,
+    )
+    if max_retries is not None:
+        # A batch that failed every retry costs its users, not the job; the caller reports them.
+        results.context.max_errored_blocks = blocks.num_blocks()
+    return blocks, results
 
 
 def one_batch_per_actor(size: int):
@@ -54,9 +93,7 @@ def guard_start(actor_cls, failed_batch):
             except Exception as exc:  # noqa: BLE001 - reported on every batch, never raised
                 detail = " ".join(str(exc).split())  # one line, whatever the exception printed
                 self._start_error = f"{actor_cls.__name__} could not start: {type(exc).__name__}: {detail}"
-                import sys
-
-                print(f"[{actor_cls.__name__}] {self._start_error}", file=sys.stderr, flush=True)
+                logger.error("%s", self._start_error)
 
         def __call__(self, batch):
             if self._start_error is not None:

@@ -1,4 +1,12 @@
-"""One filesystem layer for run directories, data sets and models: local paths or any fsspec URI."""
+"""The one filesystem layer: run directories, data sets, models and the adapter store, as local
+paths or any fsspec URI (``file://``, ``s3://``).
+
+Every filesystem the package opens comes from :func:`filesystem`, so the S3 settings are made in
+one place (:func:`storage_options`): endpoint and credentials from the caller's
+``storage_options`` or, as botocore reads them, from the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...), and one transfer setting that depends on
+what is stored (``small_files``).
+"""
 
 from __future__ import annotations
 
@@ -25,11 +33,38 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def filesystem(uri: str):
-    """(fsspec filesystem, path within it) for ``uri``; S3 endpoint from AWS_ENDPOINT_URL."""
-    import fsspec
+def storage_options(uri: str, given: dict[str, Any] | None = None, *, small_files: bool = False) -> dict[str, Any]:
+    """The fsspec options :func:`filesystem` opens ``uri`` with: ``given``, over the package's defaults.
 
-    return fsspec.core.url_to_fs(uri)
+    ``small_files``: every object is small (adapters, manifests, tokens). Then s3fs transfers
+    each file in one request: with per-file transfer concurrency on, it sends a HEAD for the size
+    before every GET, twice the round trips. Large files (model weights) keep s3fs's concurrent
+    ranged transfers.
+    """
+    options = dict(given or {})
+    if small_files and uri.startswith(("s3://", "s3a://")):
+        options.setdefault("max_concurrency", 1)
+    return options
+
+
+def filesystem(uri: str, given_options: dict[str, Any] | None = None, *, small_files: bool = False):
+    """(fsspec filesystem, path within it) for ``uri``, opened with :func:`storage_options`.
+
+    A local filesystem creates the parents of what it writes, as an object store needs none.
+    """
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options(uri, given_options, small_files=small_files))
+    if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
+        fs = LocalFileSystem(auto_mkdir=True)
+    return fs, path
+
+
+def ray_filesystem(uri: str):
+    """The filesystem to hand Ray Data for reading ``uri`` (``filesystem=``): this layer's for a
+    remote URI, so Ray reads S3 with the same settings; ``None`` for a local path (Ray's own)."""
+    return filesystem(uri)[0] if is_remote(uri) else None
 
 
 def write_text(uri: str, text: str) -> None:

@@ -151,6 +151,9 @@ class UserStage:
     optim: OptimSettings = field(default_factory=OptimSettings)
     trainer: Literal["per-user", "batched"] = "per-user"
     batched: BatchedSettings = field(default_factory=BatchedSettings)
+    # nf4: QLoRA, the frozen base held in 4-bit NF4 (bitsandbytes; CUDA GPU actors only) under
+    # full-precision adapters; a quarter of bf16's weight memory, for bases too large for the GPU
+    quantize: Literal["none", "nf4"] = "none"
     actors: int = 2  # Ray Data actor pool size; each actor loads the base once
     users_per_batch: int = 4  # users handed to an actor at a time (consecutive in history length)
     num_cpus_per_actor: float = 1.0
@@ -164,6 +167,10 @@ class UserStage:
             raise ConfigError(f"users.users_per_batch must be >= 1, got {self.users_per_batch}")
         if self.max_retries < 0:
             raise ConfigError(f"users.max_retries must be >= 0, got {self.max_retries}")
+        if self.quantize == "nf4" and self.num_gpus_per_actor <= 0:
+            raise ConfigError("users.quantize=nf4 needs GPU actors: bitsandbytes' 4-bit base runs on CUDA "
+                              f"only, and users.num_gpus_per_actor={self.num_gpus_per_actor} trains on CPU "
+                              "(set users.num_gpus_per_actor > 0, or users.quantize=none)")
         if self.trainer == "batched":
             if self.peft.method != "lora":
                 raise ConfigError(f"users.trainer=batched trains LoRA only, not users.peft.method="

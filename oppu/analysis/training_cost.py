@@ -111,8 +111,9 @@ def run(cfg: RunConfig, items: tuple[int, ...] = (5, 10, 20, 40), tokens: tuple[
 
 
 def _observed(cfg: RunConfig) -> list[dict]:
-    uri = fsutil.join(cfg.run_dir, "reports", "train_users-oppu.json")
-    if not fsutil.exists(uri):
+    from oppu.training.users_report import load_report, report_path
+
+    if not fsutil.exists(report_path(cfg.run_dir, "oppu")):
         return []
     return [{"user": u["user_id"], "samples": u["samples"], "seconds": u["seconds"]}
-            for u in fsutil.read_json(uri)["users"] if u["status"] == "trained"]
+            for u in load_report(cfg.run_dir, "oppu")["users"] if u["status"] == "trained"]

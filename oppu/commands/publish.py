@@ -71,9 +71,9 @@ def plan(run_dir: Path) -> list[str]:
 def publish_adapters(local_root: Path, target: str, dry_run: bool = False) -> dict[str, int]:
     """Merge the local adapter store into the one at ``target``; returns counts of versions."""
     from oppu.store.adapters import MANIFEST_NAME, VERSION_PATTERN
+    from oppu.store.objects import open_root
 
-    fs, root = fsutil.filesystem(target)
-    root = root.rstrip("/")
+    fs, root = open_root(target)
     existing = set(fs.find(root)) if fs.exists(root) else set()
     payload: list[tuple[str, str]] = []
     manifests: list[tuple[str, str]] = []

@@ -13,15 +13,13 @@ Readers return every user with role ``"base"``; roles are chosen afterwards
 
 from __future__ import annotations
 
-import functools
 import json
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from oppu.data.records import HistoryItem, Query, UserData
+from oppu import fsutil
+from oppu.data.records import HistoryItem, Query, UserData, parse_date
 from oppu.errors import ConfigError, DataError, UserIdError
 from oppu.ids import validate_user_id
 
@@ -30,38 +28,6 @@ if TYPE_CHECKING:
 
 # Profile fields that LaMP stores as numbers in some releases (LaMP-3 review scores).
 NUMERIC_TEXT_FIELDS = frozenset({"score"})
-
-_YEAR = re.compile(r"\d{4}")
-_YEAR_MONTH = re.compile(r"(\d{4})[-/](\d{1,2})")
-
-
-@functools.lru_cache(maxsize=1 << 16)  # a user's items recur in every query's profile
-def parse_date(text: str) -> datetime:
-    """A sortable naive-UTC ``datetime`` for the date formats LaMP uses.
-
-    ISO dates and times (``2016-05-22``, ``2016-05-22T10:00:00Z``), bare years (``2005``),
-    year-month (``2005-07``) and free text such as tweets' ``Tue Apr 07 02:13:08 PDT 2009``.
-    Raises ``ValueError`` when the text is not a date.
-    """
-    text = text.strip()
-    if _YEAR.fullmatch(text):
-        return datetime(int(text), 1, 1)
-    if match := _YEAR_MONTH.fullmatch(text):
-        return datetime(int(match[1]), int(match[2]), 1)
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        from dateutil import parser as date_parser
-
-        try:
-            # Time-zone abbreviations such as PDT are ambiguous; order by the local wall clock.
-            return date_parser.parse(text, ignoretz=True)
-        except (ValueError, OverflowError) as exc:
-            raise ValueError(f"not a date: {text!r}") from exc
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
-    return parsed
-
 
 @dataclass
 class _Collector:
@@ -97,10 +63,9 @@ class _Where:
 
 
 def _load_json(path: str | Path) -> Any:
-    import fsspec
-
     try:
-        with fsspec.open(str(path), "rt", encoding="utf-8") as handle:
+        fs, fs_path = fsutil.filesystem(str(path))
+        with fs.open(fs_path, "rt", encoding="utf-8") as handle:
             return json.load(handle)
     except FileNotFoundError:
         raise DataError("file not found", file=str(path)) from None

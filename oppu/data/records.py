@@ -6,8 +6,11 @@ these dataclasses are what every job works with after reading a row.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 Role = Literal["test", "base"]
@@ -58,3 +61,35 @@ class UserData:
             history=[HistoryItem(**h) for h in json.loads(row["history"])],
             queries=[Query(**q) for q in json.loads(row["queries"])],
         )
+
+
+_YEAR = re.compile(r"\d{4}")
+_YEAR_MONTH = re.compile(r"(\d{4})[-/](\d{1,2})")
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a user's items recur in every query's profile
+def parse_date(text: str) -> datetime:
+    """A sortable naive-UTC ``datetime`` for the date formats LaMP uses.
+
+    ISO dates and times (``2016-05-22``, ``2016-05-22T10:00:00Z``), bare years (``2005``),
+    year-month (``2005-07``) and free text such as tweets' ``Tue Apr 07 02:13:08 PDT 2009``.
+    Raises ``ValueError`` when the text is not a date.
+    """
+    text = text.strip()
+    if _YEAR.fullmatch(text):
+        return datetime(int(text), 1, 1)
+    if match := _YEAR_MONTH.fullmatch(text):
+        return datetime(int(match[1]), int(match[2]), 1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        from dateutil import parser as date_parser
+
+        try:
+            # Time-zone abbreviations such as PDT are ambiguous; order by the local wall clock.
+            return date_parser.parse(text, ignoretz=True)
+        except (ValueError, OverflowError) as exc:
+            raise ValueError(f"not a date: {text!r}") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed

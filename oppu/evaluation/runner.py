@@ -98,6 +98,8 @@ class QueryAnswerer:
                                        prompt_format=prompt_format)
             error = ""
         except Exception as exc:  # a missing or corrupt adapter fails this user's method only
+            log.warning("user %s, method %s: no answers (%s: %s)", user.user_id, method.name,
+                           type(exc).__name__, exc)
             raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
         return [{"user_id": user.user_id, "method": method.name, "query_id": q.id,
                  "prediction": self.task.parse_output(raw) if not error else "", "raw": raw,
@@ -152,7 +154,7 @@ def evaluate(cfg: RunConfig) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
     import ray.data
 
-    from oppu.actor_pools import guard_start, one_batch_per_actor, one_block_per_batch
+    from oppu.actor_pools import map_users
     from oppu.data.dataset import read_dataset, users_parquet_path
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -170,16 +172,13 @@ def evaluate(cfg: RunConfig) -> dict:
         stored_profiles(cfg, [u.user_id for u in test_users])  # fail here, not in every actor
     log.info("[evaluate] %s: %d test users, %d queries, methods %s", task.name, len(test_users), len(golds),
              ", ".join(m.name for m in methods))
-    users = one_block_per_batch(  # materialised first: see train_personal_adapters
-        ray.data.read_parquet(users_parquet_path(cfg.data_uri)).filter(lambda r: r["role"] == "test"),
-        cfg.eval.users_per_batch)
-    answers_ds = users.map_batches(
-        guard_start(QueryAnswerer, _start_failed),  # an actor that cannot start fails its batches
-        fn_constructor_kwargs={"config": asdict(cfg), "methods": [m.name for m in methods],
-                               "random_items": pick_random_items(dataset, cfg.seed)},
-        batch_size=cfg.eval.users_per_batch, compute=one_batch_per_actor(cfg.eval.actors),
-        num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor or None,
-        batch_format="numpy")
+    users_path = users_parquet_path(cfg.data_uri)
+    _, answers_ds = map_users(
+        ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path)).filter(
+            lambda r: r["role"] == "test"),
+        QueryAnswerer, _start_failed, cfg.eval,
+        {"config": asdict(cfg), "methods": [m.name for m in methods],
+         "random_items": pick_random_items(dataset, cfg.seed)})
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     errors: dict[str, int] = {m.name: 0 for m in methods}

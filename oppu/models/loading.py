@@ -21,7 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from oppu.errors import OppuError
+from oppu import fsutil
+from oppu.errors import ConfigError, OppuError
 from oppu.models.sources import gguf_model_dir, is_gguf
 
 # Files a causal LM needs at load time; weights in safetensors are preferred over .bin.
@@ -95,9 +96,7 @@ def _wanted_files(names: list[str]) -> list[str]:
 
 
 def _download_cached(uri: str) -> Path:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri)
+    fs, root = fsutil.filesystem(uri)
     root = root.rstrip("/")
     try:
         listing = fs.ls(root, detail=True)
@@ -144,20 +143,30 @@ def default_dtype(device: str):
     return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
 
 
-def load_model(uri: str | os.PathLike, *, device: str = "cpu", dtype=None):
+def load_model(uri: str | os.PathLike, *, device: str = "cpu", dtype=None, quantize: str = "none"):
     """``(model, tokenizer)`` for ``uri``: model in eval mode on ``device``; tokenizer left-padding with a pad token.
 
     ``dtype`` is a ``torch.dtype``; by default float32 on CPU and bfloat16 elsewhere. A tokenizer
     without a pad token pads with EOS (the padding is masked, so which id it is does not matter).
+    ``quantize="nf4"`` loads the linear weights in 4-bit NF4 for QLoRA, frozen, on the current CUDA
+    device (``oppu.models.quantization``; ``ConfigError`` without CUDA or bitsandbytes).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = os.fspath(uri)
+    model = None
+    if quantize == "nf4":
+        from oppu.models.quantization import load_base_4bit
+
+        model = load_base_4bit(text)
+    elif quantize != "none":
+        raise ConfigError(f"quantize: {quantize!r} is not one of ['none', 'nf4']")
     source = text if is_hub_id(text) else resolve_model_dir(text)
     dtype = dtype if dtype is not None else default_dtype(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device)
     except OSError as exc:
         raise OppuError(f"cannot load the model at {text!r} ({source}): {exc}") from exc
     if tokenizer.pad_token_id is None:
@@ -166,6 +175,5 @@ def load_model(uri: str | os.PathLike, *, device: str = "cpu", dtype=None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.to(device)
     model.eval()
     return model, tokenizer

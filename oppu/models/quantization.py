@@ -1,4 +1,5 @@
-"""A 4-bit frozen base for QLoRA: personal adapters trained on GPUs too small for the bf16 base.
+"""A 4-bit frozen base for QLoRA: personal adapters trained on GPUs too small for the bf16 base
+(``users.quantize: nf4`` in the run config; ``load_model(..., quantize="nf4")``).
 
 The base's linear layers are stored in bitsandbytes' NF4 (4 bits a weight, about a quarter of
 bf16) and dequantised on the fly to bf16 for each matmul; LoRA adapters stay in full precision

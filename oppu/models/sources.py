@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from oppu import fsutil
 from oppu.errors import OppuError
 
 log = logging.getLogger(__name__)
@@ -98,11 +99,9 @@ def _file_sha256(path: Path) -> str:
 
 
 def _download_gguf(uri: str) -> Path:
-    import fsspec
-
     from oppu.models.loading import cache_root
 
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsutil.filesystem(uri)
     try:
         info = fs.info(path)
     except FileNotFoundError as exc:

@@ -57,7 +57,7 @@ class LoadedAdapter:
     peft_config: LoraConfig
     state_dict: dict[str, torch.Tensor]
     checked_at_s: float = field(default_factory=time.monotonic)
-    # The state dict in a model's slot format (``multi_lora.PackedAdapter``), set by the engine.
+    # The state dict in a model's slot format (``slot_packing.PackedAdapter``), set by the engine.
     packed: Any = None
 
     @property
@@ -69,13 +69,13 @@ def decode_adapter(manifest: Manifest, files: dict[str, bytes], shape: AdapterSh
                    zero_copy: bool = False) -> LoadedAdapter:
     """Turn a version's verified bytes into tensors, refusing what the replica cannot serve.
 
-    ``zero_copy``: the state dict is a ``multi_lora.SafetensorsFile`` over the downloaded bytes
+    ``zero_copy``: the state dict is a ``slot_packing.SafetensorsFile`` over the downloaded bytes
     (read-only, nothing copied), for a caller that packs it into its own buffer right away
     (``AdapterCache.prepare``).
     """
     from safetensors.torch import load as load_safetensors
 
-    from oppu.models.multi_lora import SafetensorsFile
+    from oppu.serving.slot_packing import SafetensorsFile
 
     where = f"adapter {manifest.key} version {manifest.version}"
     if manifest.base_fingerprint != shape.base_fingerprint:

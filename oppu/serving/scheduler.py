@@ -28,6 +28,7 @@ from typing import Any
 
 from oppu.errors import AdapterError, OppuError
 from oppu.serving.adapters import LoadedAdapter
+from oppu.serving.kv_rows import Rows, grow_in_place, merge_rows, new_cache, select_rows
 from oppu.serving.sampling import RowSampler, SamplingParams, TokenLogprob, choose_tokens
 
 
@@ -88,16 +89,6 @@ class _Seq:
 
 
 @dataclass
-class _Rows:
-    """Rows decoded together: their sequences, one KV cache and its ``[rows, length]`` mask."""
-
-    seqs: list[_Seq]
-    cache: Any
-    mask: Any
-    slot_ids: Any = None  # the rows' slots on the device, made once per composition of the batch
-
-
-@dataclass
 class _Prefill:
     """Newcomers' prompts, left-padded into one matrix, run through the model chunk by chunk."""
 
@@ -146,7 +137,7 @@ class ContinuousBatcher:
         self._thread: threading.Thread | None = None
         self._waiting: deque[_Seq] = deque()
         self._prefill: _Prefill | None = None
-        self._running: _Rows | None = None
+        self._running: Rows | None = None
         self._deferred_release: list[LoadedAdapter] = []
         self._eos = set(engine.eos_ids)
         self._lora_layers = []
@@ -327,7 +318,7 @@ class ContinuousBatcher:
             seq.position = len(ids)
         positions = (keep.cumsum(-1) - 1).clamp(min=0)
         self._prefill = _Prefill(taken, input_ids.to(engine.device), keep.to(engine.device),
-                                 positions.to(engine.device), self._new_cache())
+                                 positions.to(engine.device), new_cache())
 
     def _prefill_chunk(self) -> None:
         job = self._prefill
@@ -340,24 +331,24 @@ class ContinuousBatcher:
                                        position_ids=job.positions[:, job.done:end], past_key_values=job.cache,
                                        use_cache=True, logits_to_keep=1).logits
         job.done = end
-        _grow_in_place(job.cache)
+        grow_in_place(job.cache)
         self.stats.prefill_chunks += 1
         if end < width:
             return
         self._prefill = None
-        rows = _Rows(job.seqs, job.cache, job.keep)
+        rows = Rows(job.seqs, job.cache, job.keep)
         live = [i for i, seq in enumerate(job.seqs) if not seq.done]
         if not live:
             return
-        rows = self._select(rows, live)
+        rows = select_rows(rows, live)
         self._emit(rows.seqs, logits[live, -1, :])
         survivors = [i for i, seq in enumerate(rows.seqs) if not seq.done]
         if not survivors:
             return
-        rows = self._select(rows, survivors)
+        rows = select_rows(rows, survivors)
         if self._running is not None:
             self.stats.joined_running_batch += len(rows.seqs)
-        self._running = rows if self._running is None else self._merge(self._running, rows)
+        self._running = rows if self._running is None else merge_rows(self._running, rows)
 
     def _decode_step(self) -> None:
         torch, rows = self._torch, self._running
@@ -366,7 +357,7 @@ class ContinuousBatcher:
             if not live:
                 self._running = None
                 return
-            rows = self._running = self._select(rows, live)
+            rows = self._running = select_rows(rows, live)
         device = self.engine.device
         # One host-to-device copy per step: each row's last token and its position.
         step_inputs = torch.tensor([[seq.last_token, seq.position] for seq in rows.seqs], dtype=torch.long).to(device)
@@ -385,7 +376,7 @@ class ContinuousBatcher:
         self.stats.history = [*self.stats.history[-999:], len(rows.seqs)]
         self._emit(rows.seqs, logits[:, -1, :])
         live = [i for i, seq in enumerate(rows.seqs) if not seq.done]
-        self._running = self._select(rows, live) if live else None
+        self._running = select_rows(rows, live) if live else None
         if self._running is None:
             self.stats.running = 0
 
@@ -434,48 +425,6 @@ class ContinuousBatcher:
             for adapter in pending:
                 self._release(adapter)
 
-    # -- KV cache rows ------------------------------------------------------------------------------
-
-    def _new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache()
-
-    def _select(self, rows: _Rows, index: list[int]) -> _Rows:
-        """Keep the rows at ``index``, then drop leading columns none of them attends to."""
-        torch = self._torch
-        if index != list(range(len(rows.seqs))):
-            picked = torch.tensor(index, device=rows.mask.device)
-            for layer in rows.cache.layers:
-                layer.keys, layer.values = layer.keys.index_select(0, picked), layer.values.index_select(0, picked)
-            rows = _Rows([rows.seqs[i] for i in index], rows.cache, rows.mask.index_select(0, picked))
-        used = rows.mask.any(0)
-        first = int(used.int().argmax()) if bool(used.any()) else 0
-        if first:
-            for layer in rows.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            rows.mask = rows.mask[:, first:]
-        return rows
-
-    def _merge(self, running: _Rows, joining: _Rows) -> _Rows:
-        """One batch of both: the shorter history is left-padded with masked columns."""
-        torch = self._torch
-        length = max(running.mask.shape[1], joining.mask.shape[1])
-
-        def pad(tensor, dim: int):
-            missing = length - tensor.shape[dim]
-            if not missing:
-                return tensor
-            shape = list(tensor.shape)
-            shape[dim] = missing
-            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-        for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)], dim=0)
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)], dim=0)
-        mask = torch.cat([pad(running.mask, 1), pad(joining.mask, 1)], dim=0)
-        return _Rows(running.seqs + joining.seqs, running.cache, mask)
-
     @contextmanager
     def _adapters(self, seqs: list[_Seq], slot_ids: Any = None):
         """Within the block each row uses its sequence's slot (``slot_ids``: already on the device).
@@ -495,53 +444,3 @@ class ContinuousBatcher:
         finally:
             for layer in self._lora_layers:
                 layer.slot_ids = None
-
-
-KV_HEADROOM = 64  # columns a layer's key/value buffers keep free: one reallocation every 64 decode steps
-
-
-def _grow_in_place(cache: Any) -> None:
-    """Let every layer of a ``DynamicCache`` append new keys and values in place (``_GrowingLayer``)."""
-    from transformers.cache_utils import DynamicLayer
-
-    for layer in cache.layers:
-        if type(layer) is DynamicLayer:
-            layer.__class__ = _make_growing_layer(DynamicLayer)
-
-
-_GROWING: dict[type, type] = {}
-
-
-def _make_growing_layer(base: type) -> type:
-    """``DynamicLayer`` whose ``update`` writes into buffers with headroom instead of concatenating.
-
-    transformers' ``DynamicLayer`` copies the whole history of a layer on every step (``torch.cat``);
-    here the keys and values are views of larger buffers and a decode step writes one column. When
-    the scheduler replaces a layer's tensors (rows left or joined), the next update starts new buffers.
-    """
-    if base not in _GROWING:
-        class GrowingLayer(base):
-            def update(self, key_states, value_states, *args, **kwargs):
-                if not self.is_initialized or self.keys.numel() == 0:
-                    out = super().update(key_states, value_states, *args, **kwargs)
-                    self._growth = None
-                    return out
-                keys, values = self.keys, self.values
-                length, new = keys.shape[-2], key_states.shape[-2]
-                growth = getattr(self, "_growth", None)
-                if growth is None or growth[0] is not keys or growth[2].shape[-2] < length + new:
-                    capacity = length + new + KV_HEADROOM
-                    key_buffer = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
-                    value_buffer = values.new_empty((*values.shape[:2], capacity, values.shape[-1]))
-                    key_buffer[:, :, :length] = keys
-                    value_buffer[:, :, :length] = values
-                else:
-                    key_buffer, value_buffer = growth[2], growth[3]
-                key_buffer[:, :, length:length + new] = key_states
-                value_buffer[:, :, length:length + new] = value_states
-                self.keys, self.values = key_buffer[:, :, :length + new], value_buffer[:, :, :length + new]
-                self._growth = (self.keys, self.values, key_buffer, value_buffer)
-                return self.keys, self.values
-
-        _GROWING[base] = GrowingLayer
-    return _GROWING[base]

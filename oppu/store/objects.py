@@ -1,4 +1,5 @@
-"""The one filesystem layer under the adapter and token stores: fsspec over a root URI."""
+"""What the adapter and token stores do with their objects, over the package's one filesystem
+layer (``oppu.fsutil``)."""
 
 from __future__ import annotations
 
@@ -10,23 +11,17 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from oppu import fsutil
+
 
 def open_root(root_uri: str, storage_options: dict[str, Any] | None = None
               ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and root path of ``root_uri`` (a plain path, ``file://`` or ``s3://``).
+    """The filesystem and root path of a store at ``root_uri`` (a plain path, ``file://`` or ``s3://``).
 
-    S3 endpoints and credentials come from ``storage_options`` or, as botocore reads them, from
-    the environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+    ``fsutil.filesystem`` opens it (endpoint and credentials from ``storage_options`` or the
+    ``AWS_*`` environment), set for small files: everything a store holds is small.
     """
-    options = dict(storage_options or {})
-    if root_uri.startswith(("s3://", "s3a://")):
-        # Everything stored here is small (adapters, manifests, tokens). With per-file transfer
-        # concurrency on, s3fs sends a HEAD for the size before every GET: twice the round trips.
-        options.setdefault("max_concurrency", 1)
-    fs, root = fsspec.core.url_to_fs(root_uri, **options)
-    if isinstance(fs, LocalFileSystem) and not fs.auto_mkdir:
-        # Object stores have no directories to create; locally, writes create their parents.
-        fs = LocalFileSystem(auto_mkdir=True)
+    fs, root = fsutil.filesystem(root_uri, storage_options, small_files=True)
     return fs, root.rstrip("/")
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from oppu.models.peft_adapters import remove_adapter
@@ -21,13 +21,24 @@ from oppu.tasks.base import TrainingSample
 
 @dataclass
 class TrainStats:
+    """What training one user's adapter took, as both trainers (this one and ``batched``) count it.
+
+    ``metrics()`` is what the store records of it (``oppu.training.publish``).
+    """
+
     samples: int
-    steps: int
     epochs: int
-    tokens: int  # trained-on tokens (targets), summed over epochs
-    input_tokens: int  # all tokens processed, summed over epochs
-    final_loss: float
-    seconds: float
+    steps: int
+    target_tokens: int = 0  # trained-on tokens, summed over epochs
+    input_tokens: int = 0  # all real (non-padding) tokens processed, summed over epochs
+    final_loss: float = float("nan")  # mean loss of the user's last step
+    seconds: float = 0.0  # wall time of the training (batched: from the pass's start to this user's end)
+    losses: list[float] = field(default_factory=list)  # mean loss of every step
+
+    def metrics(self) -> dict[str, float]:
+        """The manifest's ``metrics``: the same keys whichever trainer trained the adapter."""
+        return {"final_loss": self.final_loss, "samples": self.samples, "steps": self.steps,
+                "tokens": self.target_tokens, "seconds": self.seconds}
 
 
 def user_seed(seed: int, user_id: str) -> int:
@@ -74,8 +85,7 @@ def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler
         optimizer, int(optim.warmup_ratio * total_steps), total_steps)
     device = next(model.parameters()).device
     model.train()
-    tokens = input_tokens = 0
-    loss_value = float("nan")
+    stats = TrainStats(samples=len(encoded), epochs=epochs, steps=total_steps)
     for _ in range(epochs):
         order = torch.randperm(len(encoded), generator=shuffler).tolist()
         for first in range(0, len(order), optim.batch_size):
@@ -87,11 +97,11 @@ def _fit(model, encoded: list[dict], optim: OptimSettings, epochs: int, shuffler
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.detach())
-            tokens += int((batch["labels"] != -100).sum())
-            input_tokens += int(batch["attention_mask"].sum())
+            stats.losses.append(float(loss.detach()))
+            stats.target_tokens += int((batch["labels"] != -100).sum())
+            stats.input_tokens += int(batch["attention_mask"].sum())
     model.eval()
-    return TrainStats(samples=len(encoded), steps=total_steps, epochs=epochs, tokens=tokens,
-                      input_tokens=input_tokens, final_loss=loss_value,
-                      seconds=time.perf_counter() - start)
+    stats.final_loss = stats.losses[-1] if stats.losses else float("nan")
+    stats.seconds = time.perf_counter() - start
+    return stats
 

@@ -57,7 +57,8 @@ def _config(run_dir: Path, *overrides: str):
 
 
 def test_train_users_actor_that_cannot_start_fails_its_batches_by_name(broken_run, local_ray):
-    from oppu.training.users import load_report, train_personal_adapters
+    from oppu.training.users import train_personal_adapters
+    from oppu.training.users_report import load_report
 
     lines: list[str] = []
     started = time.monotonic()

@@ -159,7 +159,7 @@ def run_uri(cluster, s3_server, tmp_path_factory):
 def test_train_users_job_publishes_every_adapter_to_s3(run_uri):
     from oppu import fsutil
     from oppu.data.dataset import read_dataset
-    from oppu.training.users import load_report
+    from oppu.training.users_report import load_report
 
     test_users = sorted(u.user_id for u in read_dataset(f"{run_uri}/data").test_users())
     assert len(test_users) == N_TEST_USERS
@@ -323,7 +323,7 @@ def test_serve_deploy_answers_from_s3_adapters_and_survives_a_killed_replica(clu
 
 def test_worker_killed_during_train_users_leaves_every_adapter_complete(cluster, s3_server, run_uri):
     from oppu.data.dataset import read_dataset
-    from oppu.training.users import load_report
+    from oppu.training.users_report import load_report
 
     store = f"{run_uri}/adapters-fault"  # same data and base, a fresh store
     job = _submit(cluster, s3_server, "jobs/train_users.py", [f"run_dir={run_uri}", f"store={store}"])

@@ -106,7 +106,7 @@ def test_adapters_do_not_depend_on_other_users_and_rerun_skips(run_dir, tmp_path
         assert with_others[last] == by_itself[last]
         assert len(set(with_others.values())) == len(test_users)  # users differ from each other
 
-        from oppu.training.users import load_report
+        from oppu.training.users_report import load_report
 
         run_stages(_config(run_dir, f"store={together}", "users.variants=[oppu]"), ["users"])
         report = load_report(str(run_dir), "oppu")
@@ -125,7 +125,7 @@ def test_bad_user_fails_alone(run_dir, tmp_path):
     from oppu.data.dataset import read_dataset, write_dataset
     from oppu.data.records import HistoryItem
     from oppu.pipeline import run_stages
-    from oppu.training.users import load_report
+    from oppu.training.users_report import load_report
 
     dataset = read_dataset(run_dir / "data")
     users = dataset.users

@@ -116,7 +116,8 @@ def test_actor_killed_mid_batch_every_user_gets_exactly_one_adapter(run_dir, ray
     from oppu.data.dataset import read_dataset
     from oppu.models import base_fingerprint
     from oppu.store import AdapterKey, AdapterStore
-    from oppu.training.users import load_report, train_personal_adapters
+    from oppu.training.users import train_personal_adapters
+    from oppu.training.users_report import load_report
 
     log = ray_with_publish_log
     log.write_text("")

@@ -58,3 +58,29 @@ def test_the_entry_points_agree_with_the_grammar():
     assert (method.profile, method.k, method.retrieval, method.adapter_variant) == (True, 2, "bm25",
                                                                                    "pag+rag-k2+oppu")
     assert resolve_method("random-history").retrieval == "random"
+
+
+def test_qlora_is_a_checked_users_key():
+    from oppu.config import load_config
+    from oppu.run_config import RunConfig
+    from oppu.training.publish import adapter_train_config
+
+    assert load_config(RunConfig).users.quantize == "none"
+    with pytest.raises(ConfigError, match=r"users.quantize: 'int8' is not one of \['none', 'nf4'\]"):
+        load_config(RunConfig, None, ["users.quantize=int8"])
+    with pytest.raises(ConfigError, match="users.quantize=nf4 needs GPU actors"):
+        load_config(RunConfig, None, ["users.quantize=nf4"])
+    cfg = load_config(RunConfig, None, ["users.quantize=nf4", "users.num_gpus_per_actor=1"])
+    # another training than the full-precision base's, so a re-run does not take one for the other
+    assert adapter_train_config(cfg, "oppu", 3)["quantize"] == "nf4"
+    assert "quantize" not in adapter_train_config(load_config(RunConfig), "oppu", 3)
+
+
+def test_a_4bit_base_without_cuda_is_a_config_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is visible: the 4-bit load would run")
+    from oppu.models import load_model
+
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        load_model(str(tmp_path), quantize="nf4")

@@ -5,7 +5,8 @@ from datetime import datetime
 
 import pytest
 
-from oppu.data.lamp_io import parse_date, read_lamp, read_oppu_format
+from oppu.data.lamp_io import read_lamp, read_oppu_format
+from oppu.data.records import parse_date
 from oppu.errors import DataError
 from oppu.tasks import get_task
 from tests.unit.data.fixtures.lamp_files import (

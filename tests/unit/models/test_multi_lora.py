@@ -14,12 +14,11 @@ from oppu.errors import AdapterError  # noqa: E402
 from oppu.models.multi_lora import (  # noqa: E402
     NO_ADAPTER,
     clear_slot,
-    export_slot_as_peft,
     inject_multi_lora,
     load_peft_adapter_into_slot,
     model_adapters,
-    save_slot_as_peft,
 )
+from oppu.models.slot_export import export_slot_as_peft, save_slot_as_peft  # noqa: E402
 
 VOCAB = 64
 from tests.unit.tiny_models import one_thread, tiny_llama  # noqa: E402, F401

@@ -14,15 +14,12 @@ transformers = pytest.importorskip("transformers")
 from oppu.errors import AdapterError, AdapterIntegrityError  # noqa: E402
 from oppu.models.multi_lora import (  # noqa: E402
     MultiLoraLinear,
-    SafetensorsFile,
-    SlotLayout,
-    SlotLoader,
     inject_multi_lora,
     load_peft_adapter_into_slot,
     multi_lora_layers,
-    pack_peft_adapter,
 )
 from oppu.serving.lora import ServingLoraLinear, lora_delta_one_token, use_serving_layers  # noqa: E402
+from oppu.serving.slot_packing import SafetensorsFile, SlotLayout, SlotLoader, pack_peft_adapter  # noqa: E402
 
 VOCAB = 64
 from tests.unit.tiny_models import tiny_llama  # noqa: E402
@@ -228,7 +225,7 @@ class UnpinnedBuffers:
 
     @staticmethod
     def make(layout):
-        from oppu.models.multi_lora import PinnedBuffers
+        from oppu.serving.slot_packing import PinnedBuffers
 
         class Pool(PinnedBuffers):
             def _grow(self, n):

@@ -11,16 +11,12 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from oppu.models.multi_lora import export_slot_as_peft, inject_multi_lora  # noqa: E402
+from oppu.models.multi_lora import inject_multi_lora  # noqa: E402
+from oppu.models.slot_export import export_slot_as_peft  # noqa: E402
 from oppu.run_config import OptimSettings  # noqa: E402
-from oppu.training.batched import (  # noqa: E402
-    SlotAdamW,
-    init_user_slot,
-    linear_warmup_decay,
-    step_plan,
-    train_users_batched,
-)
+from oppu.training.batched import linear_warmup_decay, step_plan, train_users_batched  # noqa: E402
 from oppu.training.personal import user_seed  # noqa: E402
+from oppu.training.slots import SlotAdamW, init_user_slot  # noqa: E402
 
 VOCAB = 48
 SEED = 7
@@ -207,9 +203,10 @@ def test_per_token_slots_equal_per_row_slots_and_route_gradients_to_owners():
     assert layer.proj.lora_B.grad[0].abs().sum() > 0 and layer.proj.lora_B.grad[2].abs().sum() > 0
 
 
-def test_one_copy_export_equals_export_slot_as_peft(base):
-    from oppu.models.multi_lora import remove_multi_lora
-    from oppu.training.batched import export_slot
+def test_export_is_each_targeted_layers_slot_cut_to_the_configs_rank(base):
+    """What a finished user's slot exports (``snapshot_slot``, one copy for the whole adapter):
+    only the layers the config targets, each slot's A rows and B columns up to its rank."""
+    from oppu.models.multi_lora import multi_lora_layers, remove_multi_lora
 
     model = copy.deepcopy(base)
     inject_multi_lora(model, ["q_proj", "v_proj"], n_slots=3, rank=6, alpha=8)
@@ -218,9 +215,13 @@ def test_one_copy_export_equals_export_slot_as_peft(base):
         if hasattr(layer, "lora_B"):
             torch.nn.init.normal_(layer.lora_B)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"])
-    expected = export_slot_as_peft(model, 1, config)
-    got = export_slot(model, 1, config)
+    got = export_slot_as_peft(model, 1, config)
+    expected = {}
+    for name, layer in multi_lora_layers(model).items():
+        if name.endswith("v_proj"):
+            expected[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A[1, :4]
+            expected[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B[1, :, :4]
     assert list(got) == list(expected)
     for key in expected:
-        assert torch.equal(got[key], expected[key]) and got[key].is_contiguous()
+        assert torch.equal(got[key], expected[key].detach()) and got[key].is_contiguous()
     remove_multi_lora(model)

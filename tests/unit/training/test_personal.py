@@ -65,7 +65,7 @@ def test_adapter_is_bit_identical_with_or_without_other_users(tiny_base, tmp_pat
     _train(model2, tokenizer2, movie_user("other-a", 12, offset=1), tmp_path / "a")
     _train(model2, tokenizer2, movie_user("other-b", 7, offset=2), tmp_path / "b")
     stats, after_others = _train(model2, tokenizer2, target, tmp_path / "after")
-    assert stats.samples == 10 and stats.steps == 6 and stats.tokens > 0
+    assert stats.samples == 10 and stats.steps == 6 and stats.target_tokens > 0 and len(stats.losses) == 6
     assert alone.keys() == after_others.keys() and len(alone) == 4  # q_proj and v_proj, A and B, 1 layer
     for key in alone:
         assert torch.equal(alone[key], after_others[key]), key

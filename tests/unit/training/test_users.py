@@ -31,16 +31,20 @@ def base_dir(tmp_path_factory):
     return build_movie_tag_base(tmp_path_factory.mktemp("run") / "base")
 
 
-def _trainer(base_dir, store, trainer: str, *overrides: str):
+def _config(base_dir, store, trainer: str, *overrides: str):
     from oppu.config import load_config
     from oppu.run_config import RunConfig
-    from oppu.training.users import PersonalTrainer
 
-    cfg = load_config(RunConfig, None, [
+    return load_config(RunConfig, None, [
         f"run_dir={base_dir.parent}", f"store={store}", "users.variants=[oppu]", f"users.trainer={trainer}",
         "users.optim.lr=1e-2", "users.optim.batch_size=4", "users.optim.epochs=2", "users.optim.max_length=256",
         "users.batched.tokens_per_forward=1024", "users.batched.max_active_users=2", *overrides])
-    return PersonalTrainer(asdict(cfg), "oppu")
+
+
+def _trainer(base_dir, store, trainer: str, *overrides: str):
+    from oppu.training.users_actor import PersonalTrainer
+
+    return PersonalTrainer(asdict(_config(base_dir, store, trainer, *overrides)), "oppu")
 
 
 def test_batched_trainer_publishes_peft_adapters_and_rerun_skips(base_dir, tmp_path):

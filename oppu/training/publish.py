@@ -1,0 +1,123 @@
+"""A trained personal adapter into the store: the one way every trainer publishes a user.
+
+The Ray Data actor (``oppu.training.users_actor``, either trainer) and the in-process analyses
+(``oppu.analysis.personal_inprocess``) all build an :class:`AdapterPublisher` for a run's variant
+with :meth:`AdapterPublisher.for_run` and publish through it, so every manifest carries the same
+train config (what ``find`` hashes to skip a re-run), data hash and span, PEFT method, and the
+same metrics (``TrainStats.metrics``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oppu.run_config import RunConfig, parse_variant
+
+if TYPE_CHECKING:
+    from oppu.data.records import UserData
+    from oppu.store import AdapterKey, AdapterStore, Manifest
+    from oppu.tasks.base import TrainingSample
+    from oppu.training.personal import TrainStats
+
+
+def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str = "per-user",
+                         prompt_format: str = "plain") -> dict:
+    """What makes two adapters of one user the same training (the store hashes it for ``find``).
+
+    ``trainer`` is recorded only when it is not ``per-user``, ``users.quantize`` only when it is
+    not ``none``, and ``prompt_format`` (which the manifest carries to serving, see
+    ``oppu.models.prompting``) only when it is not ``plain``, so older manifests keep their hash: batched training gives the same adapter up to floating-point
+    order and dropout masks, not bit for bit, so switching trainers trains afresh rather than
+    mixing the two.
+    """
+    profile, k = parse_variant(variant)
+    config = {"variant": variant, "peft": asdict(cfg.users.peft), "optim": asdict(cfg.users.optim),
+              "epochs": epochs, "seed": cfg.seed, "retrieval_k": k}
+    if profile:
+        config["profile_writer"] = cfg.profiles.writer
+    if trainer != "per-user":
+        config["trainer"] = trainer
+    if cfg.users.quantize != "none":
+        config["quantize"] = cfg.users.quantize
+    if prompt_format != "plain":
+        config["prompt_format"] = prompt_format
+    return config
+
+
+@dataclass
+class AdapterPublisher:
+    """How one variant's personal adapters of a run are trained, and where they are published."""
+
+    cfg: RunConfig
+    store: AdapterStore
+    task: str
+    base_fingerprint: str
+    variant: str
+    epochs: int
+    prompt_format: str
+    train_config: dict
+    config_hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        from oppu.store import config_hash
+
+        self.config_hash = config_hash(self.train_config)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, variant: str, base_fingerprint: str, prompt_format: str, *,
+                trainer: str = "per-user", extra_config: dict | None = None) -> AdapterPublisher:
+        """The publisher of ``variant`` for ``cfg``; ``extra_config`` (an ablation's setting) joins the train config."""
+        from oppu.store import AdapterStore
+        from oppu.tasks import get_task
+
+        task = get_task(cfg.task)
+        epochs = cfg.users.optim.epochs or task.default_epochs
+        train_config = {**adapter_train_config(cfg, variant, epochs, trainer, prompt_format), **(extra_config or {})}
+        return cls(cfg, AdapterStore(cfg.store_uri), task.name, base_fingerprint, variant, epochs, prompt_format,
+                   train_config)
+
+    def key(self, user_id: str) -> AdapterKey:
+        from oppu.store import AdapterKey
+
+        return AdapterKey(self.task, self.base_fingerprint, self.variant, user_id)
+
+    def existing(self, user: UserData) -> Manifest | None:
+        """The user's adapter for the same data and train config, if the store holds one."""
+        from oppu.data.dataset import dataset_fingerprint
+
+        return self.store.find(self.key(user.user_id), dataset_fingerprint(user), self.config_hash)
+
+    def publish(self, user: UserData, adapter_dir: str | Path, stats: TrainStats) -> Manifest:
+        """Publish the PEFT adapter directory ``adapter_dir`` as a new version of the user's adapter."""
+        from oppu.data.dataset import dataset_fingerprint, history_span
+
+        return self.store.publish(self.key(user.user_id), adapter_dir, data_hash=dataset_fingerprint(user),
+                                  config=self.train_config, peft_method=self.cfg.users.peft.method,
+                                  data_span=history_span(user), metrics=stats.metrics())
+
+    def publish_state(self, user: UserData, state_dict: dict, peft_config, stats: TrainStats) -> Manifest:
+        """Publish an adapter given as its PEFT state dict and config (what the batched trainer hands over)."""
+        from oppu.models.peft_adapters import write_peft_adapter
+
+        with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
+            return self.publish(user, write_peft_adapter(out_dir, state_dict, peft_config), stats)
+
+    def train_and_publish(self, model, tokenizer, user: UserData,
+                          samples: list[TrainingSample]) -> tuple[Manifest, TrainStats]:
+        """Train the user's adapter alone (``oppu.training.personal``) on ``samples`` and publish it."""
+        from oppu.training.personal import train_user_adapter
+
+        users = self.cfg.users
+        with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
+            stats = train_user_adapter(model, tokenizer, samples, users.peft, users.optim, self.epochs,
+                                       self.cfg.seed, user.user_id, out_dir, self.prompt_format)
+            return self.publish(user, out_dir, stats), stats
+
+    def lora_config(self, model):
+        """The LoraConfig saved beside a batched adapter, as ``PeftModel.save_pretrained`` writes it."""
+        peft_config = self.cfg.users.peft.to_peft_config(inference_mode=True)
+        peft_config.base_model_name_or_path = getattr(model, "name_or_path", None)
+        return peft_config
