@@ -9,6 +9,7 @@ them up unchanged.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from oppu.data.records import UserData
@@ -16,14 +17,18 @@ from oppu.run_config import RunConfig
 from oppu.tasks.base import TrainingSample
 from oppu.training.personal import TrainStats
 
+logger = logging.getLogger(__name__)
+
 
 def train_and_publish(cfg: RunConfig, users: list[UserData],
                       samples_of: Callable[[UserData], list[TrainingSample]], variant: str,
-                      extra_config: dict, log=print) -> dict[str, TrainStats]:
+                      extra_config: dict, log=None) -> dict[str, TrainStats]:
     """Train ``variant`` for each user on ``samples_of(user)`` over the plain base; publish each."""
     from oppu.models import base_fingerprint, load_model
     from oppu.models.prompting import resolve_prompt_format
     from oppu.training.publish import AdapterPublisher
+
+    log = log or logger.info
 
     base_uri = cfg.base_uri("plain")
     model, tokenizer = load_model(base_uri, quantize=cfg.users.quantize)

@@ -269,7 +269,7 @@ def _report_final_again(checkpoint, config: dict, rank: int) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def adapt_base(cfg: RunConfig, flavour: str, log=print) -> str:
+def adapt_base(cfg: RunConfig, flavour: str, log=logger.info) -> str:
     """Adapt ``cfg.pretrained_uri`` to the task for ``flavour`` and publish it; returns its URI."""
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig

@@ -21,16 +21,22 @@ or training fails is reported as failed; the others go on.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict
 
-from oppu import fsutil
+from oppu import fsutil, logs
 from oppu.run_config import RunConfig
 from oppu.training.users_report import UserResult, result_of_row, write_report
 
+logger = logging.getLogger(__name__)
 
-def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[UserResult]:
-    """Train (or skip) every selected test user's adapter for ``variant``; returns one result each."""
+
+def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> list[UserResult]:
+    """Train (or skip) every selected test user's adapter for ``variant``; returns one result each.
+
+    Progress (users done of all, ETA, failures by name) goes to ``oppu.logs.progress``; each
+    user's line to the debug log (``-v``); the summary to ``log``."""
     import ray.data
 
     from oppu.actor_pools import map_users
@@ -52,14 +58,14 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=print) -> list[Use
     expected = [str(row["user_id"]) for row in blocks.select_columns(["user_id"]).take_all()]
     results: list[UserResult] = []
     started = time.perf_counter()
-    for row in results_ds.iter_rows():
-        result = result_of_row(row)
-        results.append(result)
-        elapsed = time.perf_counter() - started
-        detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
-                  if result.status == "trained" else result.error or result.version)
-        log(f"[train_users {variant}] {len(results)} users ({elapsed:.0f}s): "
-            f"{result.user_id} {result.status} — {detail}")
+    with logs.progress(len(expected), f"train_users {variant}", unit="users") as bar:
+        for row in results_ds.iter_rows():
+            result = result_of_row(row)
+            results.append(result)
+            bar.update(1, failed=result.user_id if result.status == "failed" else None)
+            detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
+                      if result.status == "trained" else result.error or result.version)
+            logger.debug("[train_users %s] %s %s: %s", variant, result.user_id, result.status, detail)
     seen = {r.user_id for r in results}
     for user_id in expected:
         if user_id not in seen:
