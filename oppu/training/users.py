@@ -36,7 +36,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
     """Train (or skip) every selected test user's adapter for ``variant``; returns one result each.
 
     Progress (users done of all, ETA, failures by name) goes to ``oppu.logs.progress``; each
-    user's line to the debug log (``-v``); the summary to ``log``."""
+    user's line and the summary to ``log``."""
     import ray.data
 
     from oppu.actor_pools import map_users
@@ -65,7 +65,8 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
             bar.update(1, failed=result.user_id if result.status == "failed" else None)
             detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
                       if result.status == "trained" else result.error or result.version)
-            logger.debug("[train_users %s] %s %s: %s", variant, result.user_id, result.status, detail)
+            log(f"[train_users {variant}] {len(results)} users ({time.perf_counter() - started:.0f}s): "
+                f"{result.user_id} {result.status} — {detail}")
     seen = {r.user_id for r in results}
     for user_id in expected:
         if user_id not in seen:
