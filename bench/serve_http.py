@@ -34,6 +34,7 @@ import gc
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main() -> int:
     if out_dir:
         _LOG = open(Path(out_dir) / "serve_http.log", "w")  # noqa: SIM115 (open for the whole run)
     results: dict = {}
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout` cuts a run: keep its partial figures
     try:
         run(shape, results)
     except BaseException as exc:  # keep what was measured for the log, never as the results file
@@ -129,6 +131,10 @@ def main() -> int:
     log(f"wrote {args.out}")
     print_summary(results)
     return 0
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def run(shape: HttpShape, out: dict) -> None:
