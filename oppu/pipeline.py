@@ -18,7 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from oppu import fsutil, logs
-from oppu.run_config import RunConfig
+from oppu.run_config import RunConfig, parse_flavour
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ def ensure_pretrained(cfg: RunConfig) -> str:
 def run_stages(cfg: RunConfig, stages: list[str], log_line=None) -> dict | None:
     """Run ``stages`` (any of ``base``, ``users``, ``evaluate``) in order; returns the metrics.
 
-    Progress goes to the ``oppu`` logger, one step per base flavour, variant and evaluation
-    (``log_line`` is not used: callers written before logging pass one).
+    Base flavours are adapted ``base.parallel_flavours`` at a time and personal variants trained
+    ``users.parallel_variants`` at a time (each its own Ray Train run or actor pool, sharing the
+    cluster's resources); stages still run one after another. Progress goes to the ``oppu``
+    logger, one step per base flavour, variant and evaluation (``log_line`` is not used: callers
+    written before logging pass one).
     """
     from oppu.evaluation.runner import evaluate
     from oppu.preflight import check_inputs
@@ -102,26 +105,74 @@ def run_stages(cfg: RunConfig, stages: list[str], log_line=None) -> dict | None:
     from oppu.training.users import train_personal_adapters
 
     check_inputs(cfg, stages)  # a missing input fails here, in one line, before Ray starts
-    steps = []
+    groups: list[tuple[list[tuple[str, object]], int]] = []  # (named steps, how many run at once)
     if "base" in stages:
-        steps.append(("pretrained", lambda: ensure_pretrained(cfg)))
-        steps += [(f"base {f}", lambda f=f: adapt_base(cfg, f, log=log.info)) for f in cfg.base.flavours]
+        groups.append(([("pretrained", lambda: ensure_pretrained(cfg))], 1))
+        if cfg.base.parallel_flavours > 1 and any(parse_flavour(f, cfg.base.rag_k)[0] for f in cfg.base.flavours):
+            # Written once before the flavours start: two profile flavours at once would both write them.
+            groups.append(([("profiles", lambda: _write_profiles(cfg))], 1))
+        groups.append(([(f"base {f}", lambda f=f: adapt_base(cfg, f, log=log.info)) for f in cfg.base.flavours],
+                       cfg.base.parallel_flavours))
     if "users" in stages:
-        steps += [(f"users {v}", lambda v=v: train_personal_adapters(cfg, v, log=log.info))
-                  for v in cfg.users.variants]
+        groups.append(([(f"users {v}", lambda v=v: train_personal_adapters(cfg, v, log=log.info))
+                        for v in cfg.users.variants], cfg.users.parallel_variants))
     if "evaluate" in stages:
-        steps.append(("evaluate", lambda: evaluate(cfg)))
+        groups.append(([("evaluate", lambda: evaluate(cfg))], 1))
     init_ray(cfg)
-    metrics = None
-    with logs.progress(len(steps), "stages", unit="steps") if len(steps) > 1 else nullcontext() as bar:
+    results: dict[str, object] = {}
+    n_steps = sum(len(steps) for steps, _ in groups)
+    with logs.progress(n_steps, "stages", unit="steps") if n_steps > 1 else nullcontext() as bar:
+        for steps, at_once in groups:
+            results.update(_run_steps(steps, at_once, bar))
+    return results.get("evaluate")
+
+
+def _run_steps(steps: list[tuple[str, object]], at_once: int, bar) -> dict[str, object]:
+    """Run named steps, ``at_once`` of them at a time; returns each one's result by name.
+
+    A failed step lets the running ones finish, starts no new one, and is raised (the first
+    failure, with the others logged)."""
+    def done(name: str) -> None:
+        if bar is not None:
+            bar.update(1)
+        log.debug("[stages] %s done", name)
+
+    results: dict[str, object] = {}
+    if at_once <= 1 or len(steps) == 1:
         for name, step in steps:
-            result = step()
-            if name == "evaluate":
-                metrics = result
-            if bar is not None:
-                bar.update(1)
-                log.debug("[stages] %s done", name)
-    return metrics
+            results[name] = step()
+            done(name)
+        return results
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    waiting, running, errors = list(steps), {}, []
+    with ThreadPoolExecutor(max_workers=min(at_once, len(steps)), thread_name_prefix="oppu-stage") as pool:
+        while running or (waiting and not errors):
+            while waiting and not errors and len(running) < at_once:  # a step starts only while none failed
+                name, step = waiting.pop(0)
+                running[pool.submit(step)] = name
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                if future.exception() is not None:
+                    errors.append((name, future.exception()))
+                else:
+                    results[name] = future.result()
+                    done(name)
+    for name, _ in waiting:
+        log.warning("[stages] %s not started: %s failed", name, errors[0][0])
+    for name, error in errors[1:]:
+        log.error("[stages] %s failed too: %s", name, error)
+    if errors:
+        raise errors[0][1]
+    return results
+
+
+def _write_profiles(cfg: RunConfig) -> None:
+    from oppu.data.dataset import read_dataset
+    from oppu.profiles import run_profiles
+
+    run_profiles(cfg, read_dataset(cfg.data_uri).users, log.info)
 
 
 STAGE_COMMANDS = {  # command (and jobs/<name>.py) -> the stages it runs

@@ -95,6 +95,11 @@ class BaseStage:
     max_samples: int | None = None  # cap on training samples (None: all)
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
+    # GPUs each worker holds; a fraction lets flavours adapted at once share one GPU
+    gpus_per_worker: float = 1.0
+    # flavours adapted at once, each its own Ray Train run (one GPU's worth of small models at
+    # once keeps it busy where one run alone leaves it idle between steps)
+    parallel_flavours: int = 1
     deepspeed: str | None = None  # path to a DeepSpeed JSON config (GPU only), e.g. configs/deepspeed/zero2.json
     train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
     # optimiser steps between resumable checkpoints (adapter, optimiser, schedule, data position); 0: none
@@ -109,6 +114,11 @@ class BaseStage:
                               f"got {self.checkpoint_every_steps}")
         if self.max_failures < -1:
             raise ConfigError(f"base.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+        if self.parallel_flavours < 1:
+            raise ConfigError(f"base.parallel_flavours must be >= 1, got {self.parallel_flavours}")
+        if self.gpus_per_worker <= 0 or (self.gpus_per_worker > 1 and not float(self.gpus_per_worker).is_integer()):
+            raise ConfigError(f"base.gpus_per_worker must be a fraction in (0, 1] or a whole number, "
+                              f"got {self.gpus_per_worker}")
         for flavour in self.flavours:
             parse_flavour(flavour, self.rag_k)
 
@@ -161,8 +171,12 @@ class UserStage:
     users: list[str] | None = None  # only these users (default: every test user)
     skip_existing: bool = True  # skip users whose adapter for the same data and config exists
     max_retries: int = 2  # re-runs of a batch whose actor died; then its unfinished users fail
+    # variants trained at once, each its own actor pool (actors x num_gpus_per_actor GPUs each)
+    parallel_variants: int = 1
 
     def __post_init__(self) -> None:
+        if self.parallel_variants < 1:
+            raise ConfigError(f"users.parallel_variants must be >= 1, got {self.parallel_variants}")
         if self.users_per_batch < 1:
             raise ConfigError(f"users.users_per_batch must be >= 1, got {self.users_per_batch}")
         if self.max_retries < 0:

@@ -314,7 +314,9 @@ def adapt_base(cfg: RunConfig, flavour: str, log=logger.info) -> str:
     trainer = TorchTrainer(
         train_base_loop,
         train_loop_config=train_config,
-        scaling_config=ScalingConfig(num_workers=cfg.base.num_workers, use_gpu=cfg.base.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.base.num_workers, use_gpu=cfg.base.use_gpu,
+            resources_per_worker={"GPU": cfg.base.gpus_per_worker} if cfg.base.use_gpu else None),
         datasets={"train": ray.data.from_items([{"prompt": s.prompt, "target": s.target}
                                                 for s in samples])},
         run_config=TrainRunConfig(

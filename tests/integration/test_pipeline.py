@@ -51,8 +51,8 @@ def run_dir(tmp_path_factory):
                      "--out", str(out / "data")]) == 0
     shutil.copyfile(lamp / "reference.json", out / "data" / "reference.json")
     cfg = load_config(RunConfig, PACKAGED_CONFIGS / "quickstart.yaml",
-                      ["task=LaMP-2M", f"run_dir={out}", *TINY])
-    run_stages(cfg, ["base"])
+                      ["task=LaMP-2M", f"run_dir={out}", *TINY, "base.parallel_flavours=2"])
+    run_stages(cfg, ["base"])  # quickstart.yaml's two flavours, adapted at once (base.parallel_flavours)
     ray.shutdown()
     return out
 
@@ -115,6 +115,26 @@ def test_adapters_do_not_depend_on_other_users_and_rerun_skips(run_dir, tmp_path
         assert len(versions) == len(test_users)  # exactly one version each
     finally:
         ray.shutdown()
+
+
+def test_variants_trained_at_once_equal_one_after_another(run_dir, tmp_path):
+    """``users.parallel_variants``: two variants' actor pools at once write the same adapters
+    (per-user path: bit-identical) as the variants one after another."""
+    import ray
+
+    from oppu.pipeline import run_stages
+
+    variants = "users.variants=[oppu,rag-k1+oppu]"
+    at_once, in_turn = tmp_path / "at-once", tmp_path / "in-turn"
+    try:
+        run_stages(_config(run_dir, f"store={at_once}", variants, "users.parallel_variants=2",
+                           "users.actors=1"), ["users"])
+        run_stages(_config(run_dir, f"store={in_turn}", variants), ["users"])
+    finally:
+        ray.shutdown()
+    for variant in ("oppu", "rag-k1+oppu"):
+        parallel, sequential = _adapter_hashes(at_once, variant), _adapter_hashes(in_turn, variant)
+        assert len(parallel) == 4 and parallel == sequential
 
 
 def test_bad_user_fails_alone(run_dir, tmp_path):
