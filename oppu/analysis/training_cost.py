@@ -67,11 +67,12 @@ def run(cfg: RunConfig, items: tuple[int, ...] = (5, 10, 20, 40), tokens: tuple[
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     epochs = cfg.users.optim.epochs or task.default_epochs
+    peft_config = cfg.users.peft.to_peft_config()
 
     def seconds_for(n_items: int, n_tokens: int) -> float:
         sized = sized_history(task, user, n_items, n_tokens)
         with tempfile.TemporaryDirectory(prefix="oppu-cost-") as out_dir:
-            stats = train_user_adapter(model, tokenizer, personal_samples(task, sized), cfg.users.peft,
+            stats = train_user_adapter(model, tokenizer, personal_samples(task, sized), peft_config,
                                        cfg.users.optim, epochs, cfg.seed, user.user_id, out_dir)
         log.info(f"[{NAME}] {n_items} items x {n_tokens} tokens: {stats.seconds:.2f}s")
         return stats.seconds

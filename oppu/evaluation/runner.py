@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import tempfile
-from dataclasses import asdict
 
 from oppu import fsutil, logs
 from oppu.errors import ConfigError
@@ -27,16 +26,15 @@ log = logging.getLogger(__name__)
 class QueryAnswerer:
     """Ray Data actor: answers every method's prompts for the users of each batch."""
 
-    def __init__(self, config: dict, methods: list[str], random_items: dict[str, dict]):
+    def __init__(self, cfg: RunConfig, methods: list[str], random_items: dict[str, dict]):
         import torch
 
-        from oppu.config import from_dict
         from oppu.models import base_fingerprint, load_model
         from oppu.models.prompting import resolve_prompt_format
         from oppu.store import AdapterStore
         from oppu.tasks import get_task
 
-        self.cfg = from_dict(RunConfig, config)
+        self.cfg = cfg
         self.task = get_task(self.cfg.task)
         self.methods = [resolve_method(m) for m in methods]
         self.random_items = random_items
@@ -177,7 +175,7 @@ def evaluate(cfg: RunConfig) -> dict:
         ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path)).filter(
             lambda r: r["role"] == "test"),
         QueryAnswerer, _start_failed, cfg.eval,
-        {"config": asdict(cfg), "methods": [m.name for m in methods],
+        {"cfg": cfg, "methods": [m.name for m in methods],
          "random_items": pick_random_items(dataset, cfg.seed)})
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}

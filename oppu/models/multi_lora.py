@@ -138,6 +138,20 @@ def inject_multi_lora(model: nn.Module, targets: LoraConfig | Sequence[str] = ("
     return layers
 
 
+def inject_lora_slots(model: nn.Module, peft_config: LoraConfig, *, n_slots: int,
+                      dtype: torch.dtype | None = None) -> list[MultiLoraLinear]:
+    """:func:`inject_multi_lora` shaped by a LoRA config: on the layers it targets, its rank and
+    dropout, every slot at its scaling (:func:`peft_scaling`, rsLoRA included), so a trainer
+    hands the config down and reads none of its fields."""
+    check_supported(peft_config)
+    layers = inject_multi_lora(model, peft_config, n_slots=n_slots, rank=peft_config.r, alpha=peft_config.lora_alpha,
+                               dropout=peft_config.lora_dropout, dtype=dtype)
+    scaling = peft_scaling(peft_config)
+    for layer in layers:
+        layer.scaling.fill_(scaling)
+    return layers
+
+
 def target_matcher(targets: LoraConfig | Sequence[str]) -> Callable[[str], bool]:
     """Whether a module name is one ``targets`` adapts, by PEFT's own rule.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,16 +20,23 @@ def remove_adapter(peft_model) -> None:
         tuner.unload()
 
 
-def write_peft_adapter(out_dir: str | Path, state_dict: dict[str, torch.Tensor], peft_config: PeftConfig) -> Path:
+def write_peft_adapter(out_dir: str | Path, state_dict: dict[str, torch.Tensor], peft_config: PeftConfig,
+                       base_model_name_or_path: str | None = None) -> Path:
     """Write an adapter's PEFT state dict and config as the directory ``PeftModel.from_pretrained`` loads.
 
     ``adapter_model.safetensors`` (with PEFT's ``{"format": "pt"}`` metadata) and
-    ``adapter_config.json`` (``peft_config.save_pretrained``); returns the directory.
+    ``adapter_config.json`` as ``PeftModel.save_pretrained`` writes it: ``inference_mode`` true,
+    and ``base_model_name_or_path`` naming the base where given. ``peft_config`` itself is left
+    as it is (a trainable config can be handed in). Returns the directory.
     """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    peft_config.save_pretrained(str(out))
+    saved = copy.copy(peft_config)
+    saved.inference_mode = True
+    if base_model_name_or_path is not None:
+        saved.base_model_name_or_path = base_model_name_or_path
+    saved.save_pretrained(str(out))
     return out

@@ -121,10 +121,9 @@ def train_users_batched(
 
     from oppu.models.multi_lora import (
         check_supported,
-        inject_multi_lora,
+        inject_lora_slots,
         model_adapters,
         multi_lora_layers,
-        peft_scaling,
         remove_multi_lora,
     )
     from oppu.models.slot_export import snapshot_slot
@@ -137,14 +136,11 @@ def train_users_batched(
         raise ConfigError(f"tokens_per_forward={tokens_per_forward} is below max_length={hparams.max_length}: "
                           "a full-length sample would not fit a micro-batch")
     n_slots = max(1, min(max_active_users, len(runs)))
-    inject_multi_lora(base_model, peft_config, n_slots=n_slots, rank=peft_config.r, alpha=peft_config.lora_alpha,
-                      dropout=peft_config.lora_dropout, dtype=torch.float32)
+    inject_lora_slots(base_model, peft_config, n_slots=n_slots, dtype=torch.float32)
     was_training = base_model.training
     draws = None
     try:
         layers: list[MultiLoraLinear] = list(multi_lora_layers(base_model).values())
-        for layer in layers:
-            layer.scaling.fill_(peft_scaling(peft_config))
         flat = FlatSlots(layers, n_slots)
         optimizer = SlotAdamW([flat.param], n_slots, hparams.weight_decay)
         draws = InitialDraws(layers, seed)

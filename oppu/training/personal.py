@@ -8,15 +8,20 @@ user's adapter is bit-identical whatever other users the same process trained be
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from oppu.models.peft_adapters import remove_adapter
-from oppu.run_config import OptimSettings, PeftSettings
+from oppu.run_config import OptimSettings
 from oppu.tasks.base import TrainingSample
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 
 @dataclass
@@ -47,11 +52,14 @@ def user_seed(seed: int, user_id: str) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], peft: PeftSettings,
+def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], peft_config: PeftConfig,
                        optim: OptimSettings, epochs: int, seed: int, user_id: str,
                        out_dir: str | Path, prompt_format: str = "plain") -> TrainStats:
-    """Train a personal adapter for ``user_id`` on ``samples`` and save it (PEFT layout) to ``out_dir``."""
-    import peft as peft_lib
+    """Train a personal adapter for ``user_id`` on ``samples`` and save it (PEFT layout) to ``out_dir``.
+
+    ``peft_config`` is a trainable PEFT config (``PeftSettings.to_peft_config()``), left as given.
+    """
+    import peft
     import torch
 
     from oppu.models import encode_sample
@@ -61,7 +69,10 @@ def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], pef
     encoded = [encode_sample(tokenizer, s, optim.max_length, prompt_format) for s in samples]
     torch.manual_seed(user_seed(seed, user_id))
     shuffler = torch.Generator().manual_seed(user_seed(seed + 1, user_id))
-    peft_model = peft_lib.get_peft_model(base_model, peft.to_peft_config())
+    # PEFT writes into the config it is given (the base's name, at times target_modules) and keeps
+    # it in the model: a shallow copy per user leaves the caller's as built, and shares its
+    # target_modules set, so adapter_config.json lists them in the same order for every user.
+    peft_model = peft.get_peft_model(base_model, copy.copy(peft_config))
     try:
         stats = _fit(peft_model, encoded, optim, epochs, shuffler, tokenizer.pad_token_id)
         peft_model.save_pretrained(str(out_dir))

@@ -5,6 +5,11 @@ The Ray Data actor (``oppu.training.users_actor``, either trainer) and the in-pr
 with :meth:`AdapterPublisher.for_run` and publish through it, so every manifest carries the same
 train config (what ``find`` hashes to skip a re-run), data hash and span, PEFT method, and the
 same metrics (``TrainStats.metrics``).
+
+It is also where ``users.peft`` becomes PEFT's config, once (``AdapterPublisher.peft_config``):
+both trainers are handed that object and neither re-reads the settings, so the rank, alpha,
+dropout and target modules a user's adapter is trained and saved with are the ones hashed into
+its train config (docs/internals.md, "The LoRA rank's path").
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import TYPE_CHECKING
 from oppu.run_config import RunConfig, parse_variant
 
 if TYPE_CHECKING:
+    from peft import PeftConfig
+
     from oppu.data.records import UserData
     from oppu.store import AdapterKey, AdapterStore, Manifest
     from oppu.tasks.base import TrainingSample
@@ -59,6 +66,7 @@ class AdapterPublisher:
     epochs: int
     prompt_format: str
     train_config: dict
+    peft_config: PeftConfig  # users.peft as PEFT's config, the one both trainers are handed
     config_hash: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,7 +85,7 @@ class AdapterPublisher:
         epochs = cfg.users.optim.epochs or task.default_epochs
         train_config = {**adapter_train_config(cfg, variant, epochs, trainer, prompt_format), **(extra_config or {})}
         return cls(cfg, AdapterStore(cfg.store_uri), task.name, base_fingerprint, variant, epochs, prompt_format,
-                   train_config)
+                   train_config, cfg.users.peft.to_peft_config())
 
     def key(self, user_id: str) -> AdapterKey:
         from oppu.store import AdapterKey
@@ -98,26 +106,22 @@ class AdapterPublisher:
                                   config=self.train_config, peft_method=self.cfg.users.peft.method,
                                   data_span=history_span(user), metrics=stats.metrics())
 
-    def publish_state(self, user: UserData, state_dict: dict, peft_config, stats: TrainStats) -> Manifest:
-        """Publish an adapter given as its PEFT state dict and config (what the batched trainer hands over)."""
+    def publish_state(self, user: UserData, state_dict: dict, stats: TrainStats,
+                      base_model_name_or_path: str | None) -> Manifest:
+        """Publish an adapter given as its PEFT state dict (what the batched trainer hands over), saved
+        beside ``peft_config`` as ``PeftModel.save_pretrained`` would save it over the named base."""
         from oppu.models.peft_adapters import write_peft_adapter
 
         with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
-            return self.publish(user, write_peft_adapter(out_dir, state_dict, peft_config), stats)
+            adapter_dir = write_peft_adapter(out_dir, state_dict, self.peft_config, base_model_name_or_path)
+            return self.publish(user, adapter_dir, stats)
 
     def train_and_publish(self, model, tokenizer, user: UserData,
                           samples: list[TrainingSample]) -> tuple[Manifest, TrainStats]:
         """Train the user's adapter alone (``oppu.training.personal``) on ``samples`` and publish it."""
         from oppu.training.personal import train_user_adapter
 
-        users = self.cfg.users
         with tempfile.TemporaryDirectory(prefix="oppu-adapter-") as out_dir:
-            stats = train_user_adapter(model, tokenizer, samples, users.peft, users.optim, self.epochs,
+            stats = train_user_adapter(model, tokenizer, samples, self.peft_config, self.cfg.users.optim, self.epochs,
                                        self.cfg.seed, user.user_id, out_dir, self.prompt_format)
             return self.publish(user, out_dir, stats), stats
-
-    def lora_config(self, model):
-        """The LoraConfig saved beside a batched adapter, as ``PeftModel.save_pretrained`` writes it."""
-        peft_config = self.cfg.users.peft.to_peft_config(inference_mode=True)
-        peft_config.base_model_name_or_path = getattr(model, "name_or_path", None)
-        return peft_config

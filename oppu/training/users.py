@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 
 from oppu import fsutil, logs
 from oppu.run_config import RunConfig
@@ -53,7 +52,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
     # its batch re-run up to max_retries times; users it had published by then are skipped as
     # already present. A batch that failed every retry costs its users, not the job.
     blocks, results_ds = map_users(users.sort("n_history", descending=True), PersonalTrainer, start_failed,
-                                   cfg.users, {"config": asdict(cfg), "variant": variant},
+                                   cfg.users, {"cfg": cfg, "variant": variant},
                                    max_retries=cfg.users.max_retries)
     expected = [str(row["user_id"]) for row in blocks.select_columns(["user_id"]).take_all()]
     results: list[UserResult] = []

@@ -32,16 +32,15 @@ class _Pending:
 class PersonalTrainer:
     """Ray Data actor: holds one base model and trains the personal adapters of many users."""
 
-    def __init__(self, config: dict, variant: str):
+    def __init__(self, cfg: RunConfig, variant: str):
         import torch
 
-        from oppu.config import from_dict
         from oppu.models import base_fingerprint, load_model
         from oppu.models.prompting import resolve_prompt_format
         from oppu.tasks import get_task
         from oppu.training.publish import AdapterPublisher
 
-        self.cfg = from_dict(RunConfig, config)
+        self.cfg = cfg
         self.variant = variant
         uses_profile, self.k = parse_variant(variant)
         self.task = get_task(self.cfg.task)
@@ -137,14 +136,13 @@ class PersonalTrainer:
                 self._finish(results, job.index, _failed(job.user.user_id, exc))
         if not encoded:
             return
-        peft_config = self.publisher.lora_config(self.model)
         started = time.perf_counter()
         trained: list[UserResult] = []
 
         def publish(user_id: str, state: dict, stats) -> None:
             job = jobs[user_id]
             try:
-                manifest = self.publisher.publish_state(job.user, state, peft_config, stats)
+                manifest = self.publisher.publish_state(job.user, state, stats, self.model.name_or_path)
                 result = UserResult(user_id, "trained", version=manifest.version, samples=stats.samples,
                                     tokens=stats.input_tokens, seconds=stats.seconds, loss=stats.final_loss)
                 trained.append(result)
@@ -154,7 +152,7 @@ class PersonalTrainer:
 
         try:
             train_users_batched(
-                self.model, self.tokenizer, encoded, peft_config, optim, self.cfg.seed,
+                self.model, self.tokenizer, encoded, self.publisher.peft_config, optim, self.cfg.seed,
                 epochs=self.publisher.epochs, max_active_users=self.cfg.users.batched.max_active_users,
                 tokens_per_forward=self.cfg.users.batched.tokens_per_forward,
                 gradient_checkpointing=self.cfg.users.batched.gradient_checkpointing,

@@ -82,8 +82,9 @@ def test_one_users_adapter_trains_and_is_served_through_the_chat_template(model_
     prompt = task.build_prompt({"description": "A soldier returns home from the war to his family."})
     before = generate_greedy(model, tokenizer, [prompt], 8, prompt_format="chat")[0]
     adapter_dir = tmp_path / "adapter"
+    lora = PeftSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]).to_peft_config()
     stats = train_user_adapter(
-        model, tokenizer, samples, PeftSettings(r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]),
+        model, tokenizer, samples, lora,
         OptimSettings(lr=3e-3, batch_size=6, warmup_ratio=0.0, max_length=256), epochs=6, seed=0,
         user_id="ada", out_dir=adapter_dir, prompt_format="chat")
     assert stats.final_loss < 0.5, stats

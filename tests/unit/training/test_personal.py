@@ -46,7 +46,7 @@ def _train(model, tokenizer, user, out_dir):
     from oppu.training.personal import train_user_adapter
 
     samples = personal_samples(get_task("LaMP-2M"), user)
-    stats = train_user_adapter(model, tokenizer, samples, PeftSettings(), OptimSettings(lr=1e-2, batch_size=4),
+    stats = train_user_adapter(model, tokenizer, samples, PeftSettings().to_peft_config(), OptimSettings(lr=1e-2, batch_size=4),
                                epochs=2, seed=7, user_id=user.user_id, out_dir=out_dir)
     return stats, load_file(out_dir / "adapter_model.safetensors")
 

@@ -4,6 +4,7 @@ the evaluation job cannot tell which of them published an adapter."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -77,11 +78,11 @@ def test_publish_state_writes_what_peft_loads(base_dir, tmp_path):
     cfg = _config(base_dir, tmp_path / "store", "batched")
     publisher = AdapterPublisher.for_run(cfg, "oppu", "0123456789abcdef", "plain", trainer="batched")
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    reference = PeftModel(model, publisher.lora_config(model))
+    reference = PeftModel(model, copy.copy(publisher.peft_config))
     state = {name: torch.randn_like(tensor) for name, tensor in reference.state_dict().items() if "lora_" in name}
     state = {name.replace(".default", ""): tensor for name, tensor in state.items()}
     ann = movie_user("ann", 4)
-    manifest = publisher.publish_state(ann, state, publisher.lora_config(model), TrainStats(4, 2, 2))
+    manifest = publisher.publish_state(ann, state, TrainStats(4, 2, 2), model.name_or_path)
     assert manifest.train_config["trainer"] == "batched" and manifest.metrics.keys() == METRIC_KEYS
     fetched = AdapterStore(str(tmp_path / "store")).fetch(publisher.key("ann"), tmp_path / "fetched")
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), fetched)

@@ -4,8 +4,6 @@ re-executed batch publishes nothing twice) and fail a bad user alone."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 
@@ -44,7 +42,7 @@ def _config(base_dir, store, trainer: str, *overrides: str):
 def _trainer(base_dir, store, trainer: str, *overrides: str):
     from oppu.training.users_actor import PersonalTrainer
 
-    return PersonalTrainer(asdict(_config(base_dir, store, trainer, *overrides)), "oppu")
+    return PersonalTrainer(_config(base_dir, store, trainer, *overrides), "oppu")
 
 
 def test_batched_trainer_publishes_peft_adapters_and_rerun_skips(base_dir, tmp_path):
