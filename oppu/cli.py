@@ -20,6 +20,7 @@ COMMANDS = {
     "prepare": "oppu.commands.prepare",
     "score": "oppu.commands.score",
     "token": "oppu.commands.token",
+    "users": "oppu.commands.users",
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
     "publish": "oppu.commands.publish",

@@ -36,3 +36,8 @@ class AdapterNotFound(AdapterError):
 
 class AdapterIntegrityError(AdapterError):
     """An adapter whose files do not match its manifest (sha256, base fingerprint)."""
+
+
+class UserErasedError(OppuError):
+    """The user was erased (``oppu users delete``): nothing of theirs may be trained or published
+    until ``oppu users restore``."""

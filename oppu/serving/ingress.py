@@ -92,7 +92,7 @@ class OppuIngress:
     def __init__(self, model, config: dict):
         import os
 
-        from oppu.serving.events import events_actor
+        from oppu.serving.events import DeletionEvents
         from oppu.serving.metrics import ServingMetrics
         from oppu.store import AdapterStore, TokenStore
         from oppu.tasks import get_task
@@ -103,7 +103,7 @@ class OppuIngress:
         self.task = get_task(self.config.task)
         self.auth = Authenticator(TokenStore(self.config.store), os.environ.get(ADMIN_TOKEN_ENV))
         self.store = AdapterStore(self.config.store)
-        self.events = events_actor(serve.get_replica_context().app_name)
+        self.events = DeletionEvents(serve.get_replica_context().app_name)
         self.metrics = ServingMetrics()
         self.dataset = None
         if self.config.data:
@@ -267,10 +267,26 @@ class OppuIngress:
             raise ApiError(400, "invalid_user_id", str(exc), "user") from None
         caller.require(user)
         deleted = await asyncio.to_thread(self.store.delete_user, user, self.config.task)
-        await self.events.record_deletion.remote(user)
+        await self.events.record(user)
         if not deleted:
             raise AdapterNotFound(f"user {user!r} has no adapter for task {self.config.task}")
         return {"user": user, "deleted_versions": deleted}
+
+    @app.delete("/v1/users/{user}")
+    async def erase_user(self, user: str, authorization: str | None = Header(None)) -> dict:
+        """Erase the user from serving: a tombstone (nothing of theirs is trained or published
+        again), every adapter version of every task and variant, their tokens, and every replica's
+        caches. Their records in a run directory go with ``oppu users delete`` (docs/erasure.md)."""
+        self.metrics.request("erase_user")
+        caller = await self._caller(authorization)
+        try:
+            user = validate_user_id(user)
+        except UserIdError as exc:
+            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
+        caller.require(user)
+        deleted, revoked = await asyncio.to_thread(self._erase, user)
+        await self.events.record(user)
+        return {"user": user, "erased": True, "deleted_versions": deleted, "tokens_revoked": revoked}
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -405,9 +421,20 @@ class OppuIngress:
     def _model_card(model_id: str, created: int) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "oppu"}
 
+    def _erase(self, user: str) -> tuple[int, int]:
+        from oppu.erasure import add_tombstone
+
+        add_tombstone(self.store.root_uri, user)  # first: a publish racing this delete undoes itself
+        deleted = self.store.delete_user(user)
+        return deleted, self.auth.tokens.revoke(user)
+
     def _history(self, user: str):
+        from oppu.erasure import is_tombstoned
+
         if self.dataset is None:
             raise ConfigError("k > 0 needs the app's 'data' argument (the prepared data set)")
+        if is_tombstoned(self.store.root_uri, user):  # erased since the app read the data set
+            raise UnknownHistory(f"user {user!r} has no history in the data set")
         try:
             return self.dataset.user(user).history
         except KeyError:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from oppu.errors import UserErasedError
 from oppu.run_config import RunConfig, parse_variant
 
 if TYPE_CHECKING:
@@ -101,10 +102,19 @@ class AdapterPublisher:
     def publish(self, user: UserData, adapter_dir: str | Path, stats: TrainStats) -> Manifest:
         """Publish the PEFT adapter directory ``adapter_dir`` as a new version of the user's adapter."""
         from oppu.data.dataset import dataset_fingerprint, history_span
+        from oppu.erasure import is_tombstoned
 
-        return self.store.publish(self.key(user.user_id), adapter_dir, data_hash=dataset_fingerprint(user),
-                                  config=self.train_config, peft_method=self.cfg.users.peft.method,
-                                  data_span=history_span(user), metrics=stats.metrics())
+        if is_tombstoned(self.store.root_uri, user.user_id):
+            raise UserErasedError(f"user {user.user_id!r} was erased (oppu users delete): not published; "
+                                  "`oppu users restore` lifts that")
+        manifest = self.store.publish(self.key(user.user_id), adapter_dir, data_hash=dataset_fingerprint(user),
+                                      config=self.train_config, peft_method=self.cfg.users.peft.method,
+                                      data_span=history_span(user), metrics=stats.metrics())
+        if is_tombstoned(self.store.root_uri, user.user_id):  # erased while this version was written
+            self.store.delete_user(user.user_id)
+            raise UserErasedError(f"user {user.user_id!r} was erased while their adapter was published: "
+                                  "the version was removed again")
+        return manifest
 
     def publish_state(self, user: UserData, state_dict: dict, stats: TrainStats,
                       base_model_name_or_path: str | None) -> Manifest:

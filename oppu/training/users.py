@@ -40,13 +40,16 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
 
     from oppu.actor_pools import map_users
     from oppu.data.dataset import users_parquet_path
+    from oppu.erasure import tombstone_check
     from oppu.ids import validate_user_id
     from oppu.training.users_actor import PersonalTrainer, start_failed
 
     wanted = {validate_user_id(u) for u in cfg.users.users} if cfg.users.users else None
+    erased = tombstone_check(cfg.store_uri)  # erased users (oppu users delete) are never trained again
     users_path = users_parquet_path(cfg.data_uri)
     users = ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path))
-    users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted))
+    users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted)
+                         and not erased(row["user_id"]))
     # Sorted, each batch is a run of consecutive users in that order: similar history lengths on
     # one actor, the longest first. An actor that dies is restarted (it loads the base again) and
     # its batch re-run up to max_retries times; users it had published by then are skipped as

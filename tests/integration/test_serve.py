@@ -454,3 +454,41 @@ def test_prometheus_metrics_have_latency_histograms_and_token_counters(app):
         time.sleep(2)
     assert all(name in text for name in wanted), [name for name in wanted if name not in text]
     assert completion_tokens(text) >= 200 * 4  # the load test alone generated at least this many
+
+
+def test_erase_user_removes_adapters_and_tokens_and_tombstones_them(app):
+    import httpx
+
+    from oppu.erasure import is_tombstoned
+
+    tokens, url = app["tokens"], app["url"]
+    assert httpx.delete(url + "/v1/users/load19", headers=auth(tokens["bob"])).status_code == 403
+    erased = httpx.delete(url + "/v1/users/load19", headers=auth(tokens["load19"]))
+    assert erased.status_code == 200
+    assert erased.json() | {"deleted_versions": 1, "tokens_revoked": 1} == erased.json()
+    gone = httpx.post(url + "/v1/completions", json=completion("load19", ADMIN_TOKEN)[1], headers=auth(ADMIN_TOKEN),
+                      timeout=60)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "adapter_not_found"
+    assert httpx.post(url + "/v1/completions", json=completion("load19", tokens["load19"])[1],
+                      headers=auth(tokens["load19"]), timeout=60).status_code == 401
+    assert is_tombstoned(app["store"].root_uri, "load19")
+
+
+def test_killing_the_deletion_log_fails_no_request_and_deletions_still_hold(app):
+    """The deletion-events actor is a fast path: with it killed under load, every request is
+    answered, and a deletion is honoured through the store within adapter_check_ttl_s."""
+    import httpx
+    import ray
+
+    tokens, url = app["tokens"], app["url"]
+    ray.kill(ray.get_actor("adapter_events_oppu", namespace="oppu_serve"))
+    load = [completion(user, tokens[user]) for user in LOAD_USERS[:16]]
+    answers = asyncio.run(post_all(url, load))
+    assert [a.status_code for a in answers] == [200] * 16
+    assert httpx.delete(url + "/v1/users/load16/adapter", headers=auth(tokens["load16"])).status_code == 200
+    time.sleep(0.6)  # the app's adapter_check_ttl_s
+    after = httpx.post(url + "/v1/completions", json=completion("load16", tokens["load16"])[1],
+                       headers=auth(tokens["load16"]), timeout=60)
+    assert after.status_code == 404
+    answers = asyncio.run(post_all(url, [completion(user, tokens[user]) for user in LOAD_USERS[:8]]))
+    assert [a.status_code for a in answers] == [200] * 8

@@ -27,7 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("metrics",),  # LaMP's arithmetic
     ("tasks",),  # the task registry (scores through metrics)
     ("data", "models", "store"),
-    ("retrieval", "profiles", "run_config", "actor_pools"),
+    ("retrieval", "profiles", "run_config", "actor_pools", "erasure"),
     ("training", "evaluation", "serving"),  # siblings: none imports another
     ("preflight",),
     ("pipeline",),  # runs the training and evaluation stages
