@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from oppu.errors import OppuError
 from oppu.serving.sampling import SamplingParams
@@ -46,7 +46,7 @@ def _no_op(*allowed: Any) -> Callable[[Any], bool]:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _Common(BaseModel):
@@ -60,7 +60,7 @@ class _Common(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1, description="extension (vLLM's): sample among the k most likely; 0 or -1: off")
     n: int = Field(1, ge=1)
-    stream: bool = False
+    stream: StrictBool = False  # "yes" or 1 is a 400, as OpenAI answers, not a quiet True
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -137,7 +137,7 @@ class ChatMessage(BaseModel):
 class ChatBody(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
     UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = _Common.UNSUPPORTED | {
