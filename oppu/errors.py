@@ -36,3 +36,11 @@ class AdapterNotFound(AdapterError):
 
 class AdapterIntegrityError(AdapterError):
     """An adapter whose files do not match its manifest (sha256, base fingerprint)."""
+
+
+class NonFiniteError(OppuError):
+    """A user's training loss, gradient or adapter weights became NaN or infinite: names the user and step."""
+
+    def __init__(self, message: str, *, user: str | None = None, step: int | None = None):
+        self.user, self.step = user, step
+        super().__init__(message)
