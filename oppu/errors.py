@@ -41,3 +41,11 @@ class AdapterIntegrityError(AdapterError):
 class UserErasedError(OppuError):
     """The user was erased (``oppu users delete``): nothing of theirs may be trained or published
     until ``oppu users restore``."""
+
+
+class NonFiniteError(OppuError):
+    """A user's training loss, gradient or adapter weights became NaN or infinite: names the user and step."""
+
+    def __init__(self, message: str, *, user: str | None = None, step: int | None = None):
+        self.user, self.step = user, step
+        super().__init__(message)

@@ -8,7 +8,14 @@ for the whole model with :func:`model_adapters`) and adds that row's own low-ran
     y[b] = base(x[b]) + scaling[s_b] * (x[b] @ A[s_b].T) @ B[s_b].T      s_b = slot_ids[b]
 
 with two batched matmuls over gathered matrices, so one pass serves (or trains) rows of many
-users; ``s_b = -1`` gives the bare base. An adapter of rank ``r`` below the slot rank fills the
+users; ``s_b = -1`` gives the bare base.
+
+No row ever computes with another slot's matrices scaled by zero: ``0 * NaN`` is NaN, so one
+diverged or corrupt adapter would reach every row of the pass (and, in training, every slot's
+gradient). A row of the bare base *selects* a zero update (``torch.where``) instead of scaling
+slot 0's by 0, and per-token slots (packed training) run each slot's matmuls over its own
+tokens only (:class:`_SpanLora`), so a slot's update and gradient read its own tokens and
+matrices and nothing else. An adapter of rank ``r`` below the slot rank fills the
 first ``r`` rows of ``A`` / columns of ``B`` and leaves zeros, which add nothing.
 
 Adapters move in and out in PEFT's own format (``adapter_model.safetensors`` keys such as
@@ -61,7 +68,8 @@ class MultiLoraLinear(nn.Module):
                                                    dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slot_ids: torch.Tensor | None = None  # LongTensor[batch] or [batch, seq], set by model_adapters
-        self.slot_onehot: torch.Tensor | None = None  # BoolTensor[tokens, n_slots] for per-token slot_ids
+        # For per-token slot_ids: (slot, first token, end token) runs of the flattened tokens, on the host.
+        self.slot_spans: list[tuple[int, int, int]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot_ids = self.slot_ids
@@ -78,44 +86,87 @@ class MultiLoraLinear(nn.Module):
         gather = slot_ids.clamp(min=0)
         lora_a = self.lora_A[gather].to(x.dtype)  # [batch, rank, in]
         lora_b = self.lora_B[gather].to(x.dtype)  # [batch, out, rank]
-        row_scaling = torch.where(active, self.scaling[gather], 0.0).to(x.dtype)
+        row_scaling = self.scaling[gather].to(x.dtype)
         hidden = torch.bmm(self.dropout(rows), lora_a.transpose(1, 2))
         delta = torch.bmm(hidden, lora_b.transpose(1, 2)) * row_scaling[:, None, None]
+        # A base row gathered slot 0 only to keep shapes static: select zero for it rather than
+        # scale by 0, which would let a NaN in slot 0 into every base row.
+        delta = torch.where(active[:, None, None], delta, 0.0)
         return result + delta.reshape(result.shape)
 
     def _forward_per_token(self, x: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
         """Every token its own slot (``slot_ids``: ``[batch, seq]``), for packed rows of many users.
 
-        All slots' ``A`` stacked form one ``[n_slots * rank, in]`` matrix: one matmul gives every
-        slot's down-projection of every token, a mask keeps each token's own slot's ``rank``
-        columns (times its scaling; -1 keeps none) and one ``addmm`` with all slots' ``B`` adds
-        the update to the base output. A token's update, and the gradient a slot receives, are
-        those of its own slot alone: the other slots' columns are multiplied by exact zeros. Two
-        plain GEMMs whose width is ``n_slots * rank`` (64 for 8 slots of rank 8), no gathered
-        copies of ``A`` / ``B``, no per-row batched matmuls.
+        The tokens come in runs of one slot (``slot_spans``, set by :func:`model_adapters`; packed
+        training lays each user's samples side by side, so a pass has about one run per user).
+        Each run gets its own slot's two matmuls over its own tokens, added in place to the base
+        output (:class:`_SpanLora`). Selecting tokens rather than masking an all-slots matmul by
+        zeros is what keeps a slot's non-finite values (weights, activations or gradients) in
+        that slot: ``0 * NaN`` is NaN. The matmuls are views of the activations, nothing is
+        copied; the cost is three kernels per run in the forward and five in the backward.
         """
         if slot_ids.shape != x.shape[:-1]:
             raise ValueError(f"per-token slot_ids has shape {tuple(slot_ids.shape)}, "
                              f"the input has {tuple(x.shape[:-1])} tokens")
+        spans = self.slot_spans
+        if spans is None:
+            spans = slot_spans(slot_ids)
         result = self.base(x)
-        tokens = slot_ids.numel()
-        width = self.n_slots * self.rank
-        owned = self.slot_onehot
-        if owned is None or owned.shape != (tokens, self.n_slots):
-            owned = slot_onehot(slot_ids, self.n_slots)
-        weights = torch.where(owned, self.scaling, 0.0).to(x.dtype)  # [tokens, n_slots]
-        lora_a = self.lora_A.to(x.dtype).reshape(width, self.in_features)
-        # One cast-and-transpose copy: [n_slots, out, rank] -> [out, n_slots * rank].
-        lora_b = self.lora_B.transpose(0, 1).to(result.dtype, memory_format=torch.contiguous_format)
-        lora_b = lora_b.reshape(self.out_features, width)  # a view, unless .to() had nothing to cast
-        hidden = torch.nn.functional.linear(self.dropout(x.reshape(tokens, self.in_features)), lora_a)
-        hidden = (hidden.view(tokens, self.n_slots, self.rank) * weights[:, :, None]).view(tokens, width)
-        out = torch.addmm(result.reshape(tokens, self.out_features), hidden.to(result.dtype), lora_b.t())
-        return out.view(result.shape)
+        return _SpanLora.apply(result, self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(result.dtype),
+                               self.scaling, tuple(spans))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"n_slots={self.n_slots}, rank={self.rank}")
+
+
+class _SpanLora(torch.autograd.Function):
+    """``out[t] += scaling[s] * B[s] @ (A[s] @ x[t])`` for every run ``(s, start, end)`` of tokens.
+
+    Forward and backward touch slot ``s``'s matrices with the tokens of its runs only, so a
+    slot's gradient is a sum over its own tokens (a NaN loss of one user stays in that user's
+    slot). ``result`` is the base layer's fresh output, updated in place (the base's backward
+    does not need it); tokens in no run (padding, slot -1) keep the base output. ``lora_a`` /
+    ``lora_b`` are the stacked matrices already in the activations' dtype; ``A x`` is rounded
+    to that dtype, then scaled, as the PEFT layer and the all-slots path before it round.
+    """
+
+    @staticmethod
+    def forward(ctx, result, x, lora_a, lora_b, scaling, spans):
+        out = result.view(-1, result.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        scaling = scaling.to(x.dtype)
+        hiddens = []
+        for slot, start, end in spans:
+            hidden = torch.nn.functional.linear(rows[start:end], lora_a[slot]) * scaling[slot]
+            out[start:end].addmm_(hidden.to(out.dtype), lora_b[slot].t())
+            hiddens.append(hidden)
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(x, lora_a, lora_b, scaling, *hiddens)
+        ctx.spans = spans
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_result):
+        x, lora_a, lora_b, scaling, *hiddens = ctx.saved_tensors
+        needs_x, needs_a, needs_b = ctx.needs_input_grad[1:4]
+        grad_out = grad_result.reshape(-1, grad_result.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        grad_x = torch.zeros_like(rows) if needs_x else None
+        grad_a = torch.zeros_like(lora_a) if needs_a else None
+        grad_b = torch.zeros_like(lora_b) if needs_b else None
+        for (slot, start, end), hidden in zip(ctx.spans, hiddens, strict=True):
+            grad = grad_out[start:end].to(lora_b.dtype)
+            if grad_b is not None:
+                grad_b[slot].addmm_(grad.t(), hidden.to(lora_b.dtype))
+            grad_hidden = (grad @ lora_b[slot]).to(x.dtype) * scaling[slot]
+            if grad_a is not None:
+                grad_a[slot].addmm_(grad_hidden.t(), rows[start:end])
+            if grad_x is not None:
+                grad_x[start:end] = grad_hidden @ lora_a[slot]
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
+        return grad_result, grad_x, grad_a, grad_b, None, None
 
 
 def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoraLinear]:
@@ -188,17 +239,31 @@ def remove_multi_lora(model: nn.Module) -> None:
         setattr(parent, child_name, getattr(parent, child_name).base)
 
 
-def slot_onehot(slot_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
-    """``[tokens, n_slots]`` booleans: which slot each token (of ``slot_ids``, any shape) uses."""
-    return slot_ids.reshape(-1, 1) == torch.arange(n_slots, device=slot_ids.device)
+def slot_spans(slot_ids: torch.Tensor | Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal slots in the flattened ``slot_ids``: ``(slot, start, end)``, slot -1 left out.
+
+    Read on the host: a device tensor is copied back (a sync), so callers on a training or
+    serving path hand spans they built on the host to :func:`model_adapters`.
+    """
+    flat = torch.as_tensor(slot_ids).reshape(-1).tolist()
+    spans, start = [], 0
+    for i in range(1, len(flat) + 1):
+        if i == len(flat) or flat[i] != flat[start]:
+            if flat[start] >= 0:
+                spans.append((flat[start], start, i))
+            start = i
+    return spans
 
 
 @contextlib.contextmanager
-def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
+def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int],
+                   spans: Sequence[tuple[int, int, int]] | None = None) -> Iterator[None]:
     """Within the block, batch row ``b`` of every forward uses adapter slot ``slot_ids[b]`` (-1: none).
 
     ``slot_ids`` of shape ``[batch, seq]`` choose a slot per token instead (rows that pack
-    samples of several users; see ``MultiLoraLinear._forward_per_token``). Host ``slot_ids`` are
+    samples of several users; see ``MultiLoraLinear._forward_per_token``), run by run: ``spans``
+    are those runs (:func:`slot_spans` of ``slot_ids``, built on the host), worked out here from
+    ``slot_ids`` when not given (a device sync for a tensor on the GPU). Host ``slot_ids`` are
     range-checked; a tensor already on the device is taken as it is.
     """
     layers = list(multi_lora_layers(model).values())
@@ -210,6 +275,9 @@ def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> 
         raise ValueError(f"slot_ids must be one index per batch row (or per token), "
                          f"got shape {tuple(slot_tensor.shape)}")
     n_slots = layers[0].n_slots
+    # Per-token slots: the runs of one slot are worked out once for all layers, on the host.
+    if slot_tensor.dim() == 2 and spans is None:
+        spans = slot_spans(slot_tensor)
     # Values are checked where they live on the host; reading a device tensor would wait for the GPU.
     if slot_tensor.device.type == "cpu":
         if slot_tensor.numel() and (int(slot_tensor.max()) >= n_slots or int(slot_tensor.min()) < NO_ADAPTER):
@@ -217,16 +285,17 @@ def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int]) -> 
         if device.type == "cuda":
             slot_tensor = slot_tensor.pin_memory().to(device, non_blocking=True)
     slot_tensor = slot_tensor.to(device)
-    # Per-token slots: which slot each token uses is worked out once for all layers.
-    onehot = slot_onehot(slot_tensor, n_slots) if slot_tensor.dim() == 2 else None
-    previous = [(layer.slot_ids, layer.slot_onehot) for layer in layers]
+    spans = list(spans) if slot_tensor.dim() == 2 else None
+    if spans is not None and any(not 0 <= slot < n_slots for slot, _, _ in spans):
+        raise ValueError(f"slot spans must name slots in [0, {n_slots - 1}], got {spans}")
+    previous = [(layer.slot_ids, layer.slot_spans) for layer in layers]
     for layer in layers:
-        layer.slot_ids, layer.slot_onehot = slot_tensor, onehot
+        layer.slot_ids, layer.slot_spans = slot_tensor, spans
     try:
         yield
     finally:
-        for layer, (slot, owned) in zip(layers, previous, strict=True):
-            layer.slot_ids, layer.slot_onehot = slot, owned
+        for layer, (slot, runs) in zip(layers, previous, strict=True):
+            layer.slot_ids, layer.slot_spans = slot, runs
 
 
 def peft_scaling(peft_config: LoraConfig) -> float:

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
     from peft import PeftConfig
+
+
+def nonfinite_tensors(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors of ``state_dict`` holding a NaN or an infinity, in key order.
+
+    The store refuses to publish such an adapter and serving to load one: a diverged adapter
+    would give garbage answers, and a NaN in a shared multi-LoRA kernel must never get the chance
+    to reach other users' rows.
+    """
+    import torch
+
+    return [name for name in state_dict if not bool(torch.isfinite(state_dict[name]).all())]
 
 
 def remove_adapter(peft_model) -> None:

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class SlotSnapshot:
-    """A slot's adapter (and its user's per-step losses) on their way to the host.
+    """A slot's adapter (and its user's per-step losses, or any per-step tensor) on their way to the host.
 
     The copies are queued behind the GPU's work without waiting for it: a device copy of the
     slot first (so the slot can take its next user at once), then one non-blocking copy into

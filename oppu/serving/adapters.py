@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,16 @@ def decode_adapter(manifest: Manifest, files: dict[str, bytes], shape: AdapterSh
         state_dict = SafetensorsFile(weights) if zero_copy else load_safetensors(weights)
     except Exception as exc:  # safetensors raises its own error types for malformed headers
         raise AdapterIntegrityError(f"{where}: unreadable adapter files: {exc}") from exc
+    # A NaN or inf weight is refused here, before the adapter reaches the host cache or a GPU
+    # slot: its own answers would be garbage, and it must not sit among other users' slots.
+    from oppu.models.peft_adapters import nonfinite_tensors
+
+    with warnings.catch_warnings():  # zero_copy: read-only views over the bytes, only read here
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        bad = nonfinite_tensors(state_dict)
+    if bad:
+        raise AdapterIntegrityError(f"{where} (user {manifest.user!r}): {ADAPTER_WEIGHTS} holds NaN or infinite "
+                                    f"values in {len(bad)} tensor(s), first {bad[0]!r}; it is not loaded")
     if str(peft_config.get("peft_type", "")).upper() != "LORA":
         raise AdapterIntegrityError(f"{where}: peft_type {peft_config.get('peft_type')!r} is not "
                                     "LORA; only LoRA adapters are served")

@@ -40,13 +40,16 @@ def lora_delta_one_token(rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     """``scaling[s_b] * B[s_b] @ (A[s_b] @ rows[b])`` per row ``b`` (zero where ``s_b = -1``).
 
     ``rows``: ``[batch, in]``; ``lora_a``: ``[slots, rank, in]``; ``lora_b``: ``[slots, out, rank]``.
+    A base row (``s_b = -1``) gathers slot 0 to keep shapes static, and its zero is *selected*
+    (``torch.where``), not slot 0's update scaled by 0: a NaN in slot 0 would survive ``* 0``
+    and reach every base answer. Compiled, the select fuses into the same kernel.
     """
     dtype = rows.dtype
     gather = slot_ids.clamp(min=0)
     hidden = (rows.float()[:, None, :] * lora_a[gather].float()).sum(-1).to(dtype)  # [batch, rank]
     delta = (hidden.float()[:, None, :] * lora_b[gather].float()).sum(-1).to(dtype)  # [batch, out]
-    row_scaling = torch.where(slot_ids >= 0, scaling[gather], 0.0).to(dtype)
-    return delta * row_scaling[:, None]
+    delta = delta * scaling[gather].to(dtype)[:, None]
+    return torch.where((slot_ids >= 0)[:, None], delta, 0.0)
 
 
 def use_serving_layers(model: torch.nn.Module) -> int:

@@ -438,7 +438,7 @@ class ContinuousBatcher:
         if slot_ids is None:
             slot_ids = self._torch.tensor([seq.slot for seq in seqs], dtype=self._torch.long).to(self.engine.device)
         for layer in self._lora_layers:
-            layer.slot_ids, layer.slot_onehot = slot_ids, None
+            layer.slot_ids, layer.slot_spans = slot_ids, None
         try:
             yield
         finally:

@@ -210,6 +210,8 @@ class AdapterStore:
                                    f"names must match {FILE_NAME_PATTERN.pattern}")
             # Hash the very bytes uploaded, so a file changing under us cannot desync the two.
             data = local_file.read_bytes()
+            if name.endswith(".safetensors"):
+                _refuse_nonfinite(key, adapter_dir, name, data)
             file_hashes[name] = sha256_hex(data)
             self._fs.pipe_file(f"{version_path}/{name}", data)
         manifest = Manifest(
@@ -399,3 +401,19 @@ def _complete_versions(fs: AbstractFileSystem, path: str, depth: int) -> list[tu
         if len(parts) == depth + 1 and parts[-1] == MANIFEST_NAME and VERSION_PATTERN.fullmatch(parts[-2]):
             found.append(("/".join(parts[:-2]), parts[-2]))
     return found
+
+
+def _refuse_nonfinite(key: AdapterKey, adapter_dir: Path, name: str, data: bytes) -> None:
+    """``AdapterError`` if a weights file holds NaN or inf: a diverged adapter is never published."""
+    from safetensors.torch import load
+
+    from oppu.models.peft_adapters import nonfinite_tensors
+
+    try:
+        tensors = load(data)
+    except Exception:  # safetensors' own error types: the format is serving's to judge (decode_adapter)
+        return
+    bad = nonfinite_tensors(tensors)
+    if bad:
+        raise AdapterError(f"cannot publish adapter {key} of user {key.user!r}: {adapter_dir}/{name} holds NaN or "
+                           f"infinite values in {len(bad)} tensor(s), first {bad[0]!r} (training diverged?)")

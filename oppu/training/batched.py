@@ -16,6 +16,13 @@ comes out the same, up to floating-point summation order, trained alone or in an
 LoRA dropout is the exception: its random masks are drawn per pass, so with dropout > 0 the
 adapters are equal in distribution only.
 
+That holds for a user whose loss or gradients stop being finite too: every LoRA kernel selects
+a slot's own tokens (``oppu.models.multi_lora``), never scales the others' by zero, and the
+optimiser's clipping and update are per slot, so NaNs stay in their slot. Such a user fails
+alone: its per-step losses and gradient norms, and its final weights, are checked when its
+adapter reaches the host (with no extra device sync), and it is handed to ``on_user_failed``
+with the first step that went wrong instead of to ``on_user_done``.
+
 The LoRA matrices and AdamW moments are kept in float32 while the base runs in its own dtype
 (bf16 on GPU): updates of size lr * 1 would vanish in bf16 rounding. The slots' buffers and
 optimiser are ``oppu.training.slots``; a finished user's slot goes out through
@@ -31,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from oppu.errors import ConfigError
+from oppu.errors import ConfigError, NonFiniteError
 from oppu.ids import validate_user_id
 from oppu.run_config import OptimSettings
 from oppu.training.packing import Row, collate, collate_packed, group_by_length, pack_rows, to_device
@@ -100,6 +107,7 @@ def train_users_batched(
     packed: bool = True,
     gradient_checkpointing: bool = False,
     on_user_done: Callable[[str, StateDict, TrainStats], None] | None = None,
+    on_user_failed: Callable[[str, NonFiniteError], None] | None = None,
 ) -> dict[str, StateDict]:
     """Train one LoRA adapter per user, up to ``max_active_users`` at a time; returns PEFT state dicts.
 
@@ -115,6 +123,10 @@ def train_users_batched(
     step after the user's last one), with the state dict in PEFT's saved format
     (``PeftModel.from_pretrained`` loads it next to ``peft_config``), so a caller can store
     adapters while others still train.
+    A user whose loss, gradient norm or weights are not finite gets no adapter: it goes to
+    ``on_user_failed`` (a ``NonFiniteError`` naming the user and the step), and the others
+    train as if it had not been there; without ``on_user_failed``, the first such error is
+    raised once every other user is done (their ``on_user_done`` calls made).
     ``base_model`` is frozen and used in place; its layers are restored before returning.
     """
     import torch
@@ -162,7 +174,9 @@ def train_users_batched(
             free_slots = list(range(n_slots - 1, -1, -1))
             active: dict[int, _UserRun] = {}
             adapters: dict[str, StateDict] = {}
-            loss_history: list[torch.Tensor] = []  # per global step: each slot's mean loss
+            # Per global step, [n_slots, 2]: each slot's mean loss and gradient norm (before clipping).
+            loss_history: list[torch.Tensor] = []
+            failures: list[NonFiniteError] = []
             pending: list[tuple[_UserRun, SlotSnapshot]] = []  # finished users whose copies are under way
 
             def finish(wait: bool) -> None:
@@ -173,7 +187,14 @@ def train_users_batched(
                         waiting.append((run, snapshot))
                         continue
                     state = snapshot.state_dict()
-                    run.stats.losses = snapshot.losses.tolist()
+                    losses, grad_norms = snapshot.losses.unbind(1)
+                    error = nonfinite_error(run.user_id, losses, grad_norms, snapshot.adapter)
+                    if error is not None:  # never handed over, so never published
+                        failures.append(error)
+                        if on_user_failed is not None:
+                            on_user_failed(run.user_id, error)
+                        continue
+                    run.stats.losses = losses.tolist()
                     run.stats.final_loss = run.stats.losses[-1]
                     run.stats.seconds = time.perf_counter() - started
                     adapters[run.user_id] = state
@@ -214,7 +235,7 @@ def train_users_batched(
                 for micro_batch in micro_batches:
                     with phase("collate"):
                         batch = (collate_packed if packed else collate)(micro_batch, pad_id, device)
-                    with model_adapters(base_model, batch["owners"]), phase("pass"):
+                    with model_adapters(base_model, batch["owners"], batch.get("owner_spans")), phase("pass"):
                         if packed:
                             calls = packed_attention_calls()
                             hidden = decoder(**packed_forward_kwargs(batch)).last_hidden_state
@@ -239,9 +260,12 @@ def train_users_batched(
                 lrs = [hparams.lr * linear_warmup_decay(active[s].next_step, active[s].warmup_steps,
                                                         active[s].total_steps) for s in slots]
                 with phase("optimizer"):
-                    optimizer.clip_grad_norms(slots, hparams.max_grad_norm)
+                    grad_norms = torch.zeros(n_slots, device=device)
+                    grad_norms.index_copy_(0, to_device(torch.tensor(slots), device),
+                                           optimizer.clip_grad_norms(slots, hparams.max_grad_norm))
                     optimizer.step(slots, lrs)
-                loss_history.append(slot_losses)
+                # Read on the host only with the user's adapter (no sync here): see finish().
+                loss_history.append(torch.stack([slot_losses, grad_norms], 1))
                 with phase("finish users"):
                     for slot in slots:
                         run = active[slot]
@@ -256,6 +280,8 @@ def train_users_batched(
                     del loss_history[:len(loss_history) - kept_steps]
                     finish(wait=False)
             finish(wait=True)
+            if failures and on_user_failed is None:
+                raise failures[0]
             return adapters
     finally:
         if draws is not None:
@@ -264,6 +290,24 @@ def train_users_batched(
             base_model.gradient_checkpointing_disable()
         remove_multi_lora(base_model)
         base_model.train(was_training)
+
+
+def nonfinite_error(user_id: str, losses, grad_norms, weights) -> NonFiniteError | None:
+    """The error for a user whose per-step ``losses`` / ``grad_norms`` or final ``weights`` (host
+    tensors) are not all finite, naming the first step that went wrong; None if all are."""
+    import torch
+
+    steps = len(losses)
+    for name, values in (("loss", losses), ("gradient norm", grad_norms)):
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            step = int(bad[0])
+            return NonFiniteError(f"user {user_id!r}: {name} is {float(values[step])} at optimiser step "
+                                  f"{step + 1} of {steps}; its adapter is not published", user=user_id, step=step + 1)
+    if not bool(torch.isfinite(weights).all()):
+        return NonFiniteError(f"user {user_id!r}: adapter weights are not finite after optimiser step {steps} "
+                              f"of {steps}; its adapter is not published", user=user_id, step=steps)
+    return None
 
 
 def phase(name: str):

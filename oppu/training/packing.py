@@ -175,7 +175,10 @@ def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> 
     balanced = _least_loaded(ordered, len(bins), max_tokens)
     if balanced is not None:
         bins = balanced
-    return [PackedBatch(tuple(rows_in), min(max_tokens, -(-sum(map(len, rows_in)) // width_multiple) * width_multiple))
+    # Within a pass, each owner's samples side by side: the LoRA runs one owner's tokens at a
+    # time (``collate_packed``'s ``owner_spans``), so fewer runs are fewer kernels.
+    return [PackedBatch(tuple(sorted(rows_in, key=lambda row: (row.owner, row.sample))),
+                        min(max_tokens, -(-sum(map(len, rows_in)) // width_multiple) * width_multiple))
             for rows_in in bins]
 
 
@@ -216,6 +219,9 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
     defined attention, and ``max_seqlen`` (a host int) the longest segment.
     ``trained_positions`` index the positions that predict a labelled token of their own sample
     (position ``t`` predicts token ``t + 1``), with ``trained_labels`` / ``trained_owners``.
+    ``owner_spans`` (host ints, for ``multi_lora.model_adapters``) are the runs of one owner's
+    tokens, ``(owner, start, end)``, padding left out: built here so the LoRA layers learn
+    where each owner's tokens lie without reading ``owners`` back from the device.
     """
     import torch
 
@@ -224,6 +230,7 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
     positions = torch.zeros((1, width), dtype=torch.long)
     owners = torch.full((1, width), -1, dtype=torch.long)
     boundaries = [0]
+    spans: list[tuple[int, int, int]] = []
     trained_positions, trained_labels, trained_owners = [], [], []
     offset = 0
     for row in batch.rows:
@@ -231,6 +238,10 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
         input_ids[0, offset:offset + n] = torch.as_tensor(row.input_ids, dtype=torch.long)
         positions[0, offset:offset + n] = torch.arange(n)
         owners[0, offset:offset + n] = row.owner
+        if spans and spans[-1][0] == row.owner and spans[-1][2] == offset:
+            spans[-1] = (row.owner, spans[-1][1], offset + n)
+        else:
+            spans.append((row.owner, offset, offset + n))
         targets = torch.as_tensor(row.labels[1:], dtype=torch.long)
         trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         trained_positions.append(trained + offset)
@@ -251,4 +262,5 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
                "trained_owners": torch.cat(trained_owners) if trained_owners else torch.zeros(0, dtype=torch.long)}
     out = {name: to_device(tensor, device) for name, tensor in tensors.items()}
     out["max_seqlen"] = max(lengths)
+    out["owner_spans"] = spans
     return out

@@ -117,7 +117,9 @@ class PersonalTrainer:
     def _train_batched(self, pending: list[_Pending], results: list[UserResult | None]) -> None:
         """Train ``pending`` together (``train_users_batched``), publishing each user as it finishes.
 
-        A user whose samples cannot be encoded fails alone. Should the batched pass itself raise,
+        A user whose samples cannot be encoded fails alone, as does one whose loss, gradients or
+        weights stop being finite (``on_user_failed``: never published, the others' adapters
+        unaffected, see ``oppu.training.batched``). Should the batched pass itself raise,
         the users it had not finished are retried one by one, so a bad user fails only itself.
         """
         from oppu.models import encode_sample
@@ -150,13 +152,16 @@ class PersonalTrainer:
                 result = _failed(user_id, exc)
             self._finish(results, job.index, result)
 
+        def diverged(user_id: str, error: Exception) -> None:
+            self._finish(results, jobs[user_id].index, _failed(user_id, error))
+
         try:
             train_users_batched(
                 self.model, self.tokenizer, encoded, self.publisher.peft_config, optim, self.cfg.seed,
                 epochs=self.publisher.epochs, max_active_users=self.cfg.users.batched.max_active_users,
                 tokens_per_forward=self.cfg.users.batched.tokens_per_forward,
                 gradient_checkpointing=self.cfg.users.batched.gradient_checkpointing,
-                on_user_done=publish)
+                on_user_done=publish, on_user_failed=diverged)
         except Exception as exc:
             unfinished = [job for job in jobs.values() if results[job.index] is None]
             logger.exception("the batched pass over %d users failed", len(jobs))

@@ -62,20 +62,26 @@ def varlen_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch
 
 
 def _masked_attention(query, key, value, cu_seqlens, scale):
-    """The same function through SDPA and a block-diagonal causal mask (small sizes, any device)."""
+    """The same function through SDPA, segment by segment (small sizes, any device).
+
+    One causal SDPA per segment, over that segment's tokens only, rather than one over all
+    tokens with a block-diagonal mask: a masked-out probability is an exact 0, and ``0 * NaN``
+    is NaN, so one sample with a non-finite value would reach every sample of the pass
+    (flash attention's varlen kernel never reads other segments either). Reading the bounds is
+    a sync, as was the mask's ``repeat_interleave``.
+    """
     tokens, heads = query.shape[0], query.shape[1]
     if key.shape[1] != heads:
         repeat = heads // key.shape[1]
         key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
-    bounds = cu_seqlens.to(device=query.device, dtype=torch.long)
-    segment = torch.repeat_interleave(torch.arange(len(bounds) - 1, device=query.device), bounds.diff())
-    if segment.numel() != tokens:
-        raise ValueError(f"cu_seqlens cover {segment.numel()} tokens, the input has {tokens}")
-    position = torch.arange(tokens, device=query.device)
-    mask = (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask, scale=scale)
-    return out.transpose(0, 1)
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != tokens or any(b < a for a, b in zip(bounds, bounds[1:], strict=False)):
+        raise ValueError(f"cu_seqlens {bounds} do not cover the input's {tokens} tokens")
+    parts = [torch.nn.functional.scaled_dot_product_attention(
+        query[start:end].transpose(0, 1), key[start:end].transpose(0, 1), value[start:end].transpose(0, 1),
+        is_causal=True, scale=scale).transpose(0, 1)
+        for start, end in zip(bounds, bounds[1:], strict=False) if end > start]
+    return torch.cat(parts) if parts else query.new_empty(query.shape[0], heads, value.shape[-1])
 
 
 def hf_packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from oppu.errors import AdapterIntegrityError
 from oppu.serving.adapters import AdapterShape, decode_adapter
@@ -112,3 +113,51 @@ def test_adapter_for_another_base_is_refused(setup):
     with pytest.raises(AdapterIntegrityError, match="unreadable"):
         decode_adapter(loaded["u1"].manifest, files | {"adapter_model.safetensors": b"garbage"},
                        AdapterShape(FINGERPRINT, 8, ("q_proj", "v_proj")))
+
+
+def nan_adapter_files(adapter_dir, tensor_index: int = 0) -> tuple[dict[str, bytes], str]:
+    """The adapter's files with one tensor set to NaN; and that tensor's name."""
+    from safetensors.torch import load, save
+
+    weights = load((adapter_dir / "adapter_model.safetensors").read_bytes())
+    name = sorted(weights)[tensor_index]
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    return {"adapter_config.json": (adapter_dir / "adapter_config.json").read_bytes(),
+            "adapter_model.safetensors": save(weights)}, name
+
+
+def test_a_nan_adapter_is_refused_with_a_422_naming_it(setup):
+    from oppu.serving.http_errors import as_api_error
+
+    _, adapters, loaded = setup
+    files, name = nan_adapter_files(adapters["u1"])
+    for zero_copy in (False, True):
+        with pytest.raises(AdapterIntegrityError, match=f"user 'u1'.*NaN.*{name}") as raised:
+            decode_adapter(loaded["u1"].manifest, files, AdapterShape(FINGERPRINT, 8, ("q_proj", "v_proj")),
+                           zero_copy=zero_copy)
+        error = as_api_error(raised.value)
+        assert error.status == 422 and "u1" in error.message and loaded["u1"].version in error.message
+
+
+@pytest.mark.parametrize("static_cache", [False, True], ids=["dynamic-cache", "static-cache"])
+def test_nan_in_slot_0_and_another_slot_changes_no_other_answer(setup, offline_answers, static_cache):
+    """A NaN adapter sitting in a slot (put there behind the loader's back) leaves the base rows,
+    which gather slot 0, and other users' rows exactly as they were: select, do not scale by 0."""
+    from oppu.models.multi_lora import multi_lora_layers
+
+    base, _, loaded = setup
+    engine = make_engine(base, n_slots=4, static_cache=static_cache)
+    rows = [GenerationRow(engine.encode(prompt), loaded[user] if user else None, max_new_tokens=8)
+            for user, prompt in CASES]
+    engine.generate(rows)  # u1, u2, u3 take slots 3, 2, 1; slot 0 stays free
+    poisoned = [slot for slot in range(4) if slot not in engine.slots._resident.values()] + [2]
+    assert poisoned == [0, 2]
+    with torch.no_grad():
+        for layer in multi_lora_layers(engine.model).values():
+            for slot in poisoned:
+                layer.lora_A[slot] = float("nan")
+                layer.lora_B[slot] = float("nan")
+    # u2 now sits in a NaN slot: only its answers may change.
+    keep = [i for i, (user, _) in enumerate(CASES) if user != "u2"]
+    outputs = [engine.decode(ids) for ids in engine.generate([rows[i] for i in keep])]
+    assert outputs == [offline_answers[i] for i in keep]

@@ -227,3 +227,19 @@ def test_publish_refuses_a_directory_without_adapter_config(store, tmp_path):
     with pytest.raises(AdapterError, match="adapter_config.json"):
         publish(store, KEY, tmp_path / "empty")
     assert store.versions(KEY) == []
+
+
+def test_publish_refuses_non_finite_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2}')
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.q_proj.lora_B.weight": torch.tensor([[float("inf"), 0.0]] * 4)},
+              str(adapter_dir / "adapter_model.safetensors"))
+    store = AdapterStore(str(tmp_path / "store"))
+    with pytest.raises(AdapterError, match=r"user 'user-1'.*adapter_model\.safetensors.*q_proj\.lora_B"):
+        store.publish(KEY, adapter_dir, data_hash="d", config={}, peft_method="lora", data_span={}, metrics={})
+    assert store.versions(KEY) == []

@@ -225,3 +225,89 @@ def test_export_is_each_targeted_layers_slot_cut_to_the_configs_rank(base):
     for key in expected:
         assert torch.equal(got[key], expected[key].detach()) and got[key].is_contiguous()
     remove_multi_lora(model)
+
+
+# -- non-finite isolation (issue #15) -------------------------------------------------------
+
+POISON = 2  # a token id no other user's samples use (theirs are 3..VOCAB-1, targets 1 and 3..11)
+
+
+@pytest.fixture(scope="module")
+def poisoned_base(base):
+    """The base with token ``POISON``'s embedding NaN: a user whose samples hold it gets a NaN loss."""
+    model = copy.deepcopy(base)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[POISON] = float("nan")
+    return model
+
+
+def diverging_samples() -> list[dict[str, list[int]]]:
+    samples = user_samples(6, 9)
+    samples[0] = {"input_ids": [POISON] + samples[0]["input_ids"], "labels": [-100] + samples[0]["labels"]}
+    return samples
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_a_diverging_user_fails_alone_and_the_others_train_as_without_it(poisoned_base, packed):
+    users = [("bad", diverging_samples()), *USERS.items()]
+    done, failed = [], []
+    adapters = train_users_batched(poisoned_base, None, users, LORA, HPARAMS, SEED, max_active_users=3,
+                                   tokens_per_forward=96, packed=packed,
+                                   on_user_done=lambda u, s, stats: done.append(u),
+                                   on_user_failed=lambda u, error: failed.append((u, error)))
+    assert [u for u, _ in failed] == ["bad"] and "bad" not in adapters and "bad" not in done
+    error = failed[0][1]
+    assert error.user == "bad" and "'bad'" in str(error) and "step" in str(error) and error.step >= 1
+    assert sorted(done) == sorted(USERS)
+    for user_id in USERS:
+        alone = train_users_batched(poisoned_base, None, [(user_id, USERS[user_id])], LORA, HPARAMS, SEED,
+                                    tokens_per_forward=96, packed=packed)
+        assert_same_adapter(adapters[user_id], alone[user_id])
+        assert all(torch.isfinite(t).all() for t in adapters[user_id].values())
+
+
+def test_without_a_failure_callback_the_divergence_is_raised_after_the_others(poisoned_base):
+    from oppu.errors import NonFiniteError
+
+    done = []
+    with pytest.raises(NonFiniteError, match="user 'bad'.*step 1 of"):
+        train_users_batched(poisoned_base, None, [("bad", diverging_samples()), ("u2", USERS["u2"])], LORA,
+                            HPARAMS, SEED, tokens_per_forward=96, on_user_done=lambda u, s, stats: done.append(u))
+    assert done == ["u2"]
+
+
+@pytest.mark.parametrize("per_token", [True, False], ids=["per-token", "per-row"])
+def test_a_nan_slot_reaches_no_other_row_nor_other_slots_gradients(per_token):
+    """Select, do not scale: slot 1 full of NaN (and a NaN input row of slot 1) leaves every
+    other row's output and every other slot's gradient exactly as they are without it."""
+    from oppu.models.multi_lora import MultiLoraLinear, model_adapters
+
+    torch.manual_seed(3)
+    layer = torch.nn.Module()
+    layer.proj = MultiLoraLinear(torch.nn.Linear(6, 5), n_slots=3, rank=2, alpha=4)
+    with torch.no_grad():
+        layer.proj.lora_A.normal_()
+        layer.proj.lora_B.normal_()
+    x = torch.randn(4, 3, 6)
+    slots = torch.tensor([0, -1, 2, 1])  # row 3 is the NaN slot's
+    grad_out = torch.randn(4, 3, 5)
+
+    def run(poison: bool):
+        layer.proj.lora_A.grad = layer.proj.lora_B.grad = None
+        inputs = x.clone()
+        if poison:
+            with torch.no_grad():
+                layer.proj.lora_A[1] = float("nan")
+                layer.proj.lora_B[1] = float("inf")
+            inputs[3] = float("nan")
+        ids = slots[:, None].expand(4, 3) if per_token else slots
+        with model_adapters(layer, ids):
+            out = layer.proj(inputs)
+            (out * grad_out).sum().backward()
+        return out.detach(), layer.proj.lora_A.grad.clone(), layer.proj.lora_B.grad.clone()
+
+    clean, poisoned = run(False), run(True)
+    torch.testing.assert_close(poisoned[0][:3], clean[0][:3], rtol=0, atol=0)
+    assert not torch.isfinite(poisoned[0][3]).any()
+    for grads_clean, grads_poisoned in zip(clean[1:], poisoned[1:], strict=True):
+        torch.testing.assert_close(grads_poisoned[[0, 2]], grads_clean[[0, 2]], rtol=0, atol=0)
