@@ -1,8 +1,12 @@
 """``oppu token``: per-user bearer tokens for the serving API.
 
-    oppu token create --store s3://bucket/oppu --user 310      # adds a token; prints it last
-    oppu token rotate --store s3://bucket/oppu --user 310      # new token, older ones revoked
-    oppu token revoke --store s3://bucket/oppu --user 310 [--token oppu_...]
+    oppu token create --tokens s3://tokens-bucket/oppu --user 310      # adds a token; prints it last
+    oppu token rotate --tokens s3://tokens-bucket/oppu --user 310      # new token, older ones revoked
+    oppu token revoke --tokens s3://tokens-bucket/oppu --user 310 [--token oppu_...]
+
+``--tokens`` is the serve app's ``tokens`` root (``--store``, its older name, still works: where the
+app sets no ``tokens``, the adapter store's root). Writing there takes the token store's own
+credentials: ``OPPU_TOKENS_AWS_ACCESS_KEY_ID`` / ``OPPU_TOKENS_AWS_SECRET_ACCESS_KEY`` when set.
 
 The plain token is shown once, as the last line of stdout (scripts take ``| tail -n1``); the
 store keeps only its sha256. Everything else goes to stderr.
@@ -25,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               ("rotate", "add a token, revoke every older one, print the new one"),
                               ("revoke", "revoke one token of the user, or all of them")):
         sub = actions.add_parser(action, help=help_text, description=help_text)
-        sub.add_argument("--store", required=True,
-                         help="store root URI (a path, file:// or s3://bucket/prefix), the one "
-                              "the serve app reads")
+        sub.add_argument("--tokens", "--store", dest="store", required=True,
+                         help="token store root URI (a path, file:// or s3://bucket/prefix): the serve "
+                              "app's 'tokens', or its 'store' where it sets none")
         sub.add_argument("--user", required=True, help="user id: 1-128 letters, digits, '.', '_', '-'")
         if action == "revoke":
             sub.add_argument("--token", help="the token to revoke (default: all of the user's tokens)")

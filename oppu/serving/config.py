@@ -7,7 +7,7 @@ every ``key=value`` as text; the same keys appear under ``args:`` in ``serve_app
 from __future__ import annotations
 
 from pathlib import PurePosixPath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,6 +21,13 @@ class ServeConfig(BaseModel):
 
     model: str = Field(description="base model: a local HF model dir or an fsspec URI (DIR/base)")
     store: str = Field(description="adapter store root URI (file:///..., s3://bucket/prefix)")
+    # Apart from the adapters on a cluster, under credentials of their own: whoever can write
+    # adapters (training jobs, the serving pods' delete right) must not be able to mint tokens.
+    tokens: str | None = Field(None, description="token store root URI (`oppu token --tokens`); default: "
+                               "the adapter store's root, fine for one machine, not for a cluster")
+    tokens_storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of the token root (no secrets: its S3 keys "
+        "come from OPPU_TOKENS_AWS_ACCESS_KEY_ID / OPPU_TOKENS_AWS_SECRET_ACCESS_KEY)")
     data: str | None = Field(None, description="prepared data set dir for /v1/predict's history")
     task: str | None = Field(None, description="task the adapters were trained for (default: data set's)")
     variant: str = Field("oppu", description="adapter variant to serve")
@@ -59,6 +66,9 @@ class ServeConfig(BaseModel):
     default_temperature: float = Field(0.0, ge=0, le=2, description="temperature when a request gives none "
                                        "(0: greedy; OpenAI's default is 1)")
     num_replicas: int = Field(1, ge=1, description="model replicas")
+    routing_buckets: int = Field(64, ge=1, description="opaque routing keys user ids hash into for Ray "
+                                 "Serve's multiplexed routing (the ids themselves never reach Serve's "
+                                 "metrics or logs; oppu/serving/privacy.py)")
     model_max_ongoing_requests: int = Field(128, ge=1, description="requests a model replica takes at "
                                             "once (>= max_batch_size, or batches cannot fill); more wait in "
                                             "the ingress's handle, at most max_queued_requests of them")
@@ -88,6 +98,10 @@ class ServeConfig(BaseModel):
         if ":" in (self.model_id or ""):
             raise ValueError(f"model_id {self.model_id!r} must not contain ':' (it separates the user)")
         return self
+
+    @property
+    def token_root(self) -> str:
+        return self.tokens or self.store
 
     @property
     def base_model_id(self) -> str:

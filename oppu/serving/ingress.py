@@ -40,11 +40,13 @@ from oppu.serving.openai_api import (
     parse_body,
     usage,
 )
+from oppu.serving.privacy import routing_key
 from oppu.serving.replica import (
     ChoiceEnd,
     Delta,
     GenerateRequest,
     GenerateResult,
+    Refused,
     RequestTooLarge,
     StreamStart,
 )
@@ -101,7 +103,10 @@ class OppuIngress:
         logs.follow_serve_logging(self.config.log_level)
         self.model = model
         self.task = get_task(self.config.task)
-        self.auth = Authenticator(TokenStore(self.config.store), os.environ.get(ADMIN_TOKEN_ENV))
+        # The token root may differ from the adapter store (config.tokens), with its own options
+        # and credentials (OPPU_TOKENS_AWS_*, read by TokenStore), so adapter writers cannot mint tokens.
+        tokens = TokenStore(self.config.token_root, self.config.tokens_storage_options)
+        self.auth = Authenticator(tokens, os.environ.get(ADMIN_TOKEN_ENV))
         self.store = AdapterStore(self.config.store)
         self.events = DeletionEvents(serve.get_replica_context().app_name)
         self.metrics = ServingMetrics()
@@ -330,13 +335,18 @@ class OppuIngress:
                                stop=body.stops(), templated=templated, prompt_field=prompt_field)
 
     def _handle(self, request: GenerateRequest, stream: bool = False):
-        return self.model.options(multiplexed_model_id=request.user or "", stream=stream)
+        # An opaque bucket, never the user id: Serve exports multiplexed ids as metric labels.
+        key = routing_key(request.user, self.config.routing_buckets) if request.user is not None else ""
+        return self.model.options(multiplexed_model_id=key, stream=stream)
 
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
         try:
-            return await self._handle(request).generate.remote(request)
+            result = await self._handle(request).generate.remote(request)
         except Exception as exc:
             raise self._error(exc) from None
+        if isinstance(result, Refused):
+            raise self._error(result.error)
+        return result
 
     def _error(self, exc: BaseException) -> ApiError:
         error = as_api_error(_unwrap(exc), self.config.retry_after_s)
@@ -350,6 +360,9 @@ class OppuIngress:
             start = await responses.__anext__()
         except Exception as exc:
             raise self._error(exc) from None
+        if isinstance(start, Refused):
+            responses.cancel()
+            raise self._error(start.error)
         assert isinstance(start, StreamStart)
 
         async def events() -> AsyncIterator[str]:
@@ -363,6 +376,8 @@ class OppuIngress:
                         yield f"data: {json.dumps(on_end(item))}\n\n"
                     elif isinstance(item, GenerateResult) and (last := on_result(item)) is not None:
                         yield f"data: {json.dumps(last)}\n\n"
+                    elif isinstance(item, Refused):  # e.g. timed out mid-stream
+                        raise item.error
             except Exception as exc:  # the status line is sent: report the error in-band
                 error = self._error(exc)
                 yield f"data: {json.dumps(error_body(error.status, error.code, error.message, error.param))}\n\n"

@@ -5,6 +5,12 @@ Layout under the root URI::
     {root}/_auth/{user}.json              {"user", "tokens": [{"sha256", "created"}]}  (source of truth)
     {root}/_auth/by-hash/{sha256}.json    {"user", "created"}                           (lookup index)
 
+The root is the serve app's ``tokens`` (default: its adapter ``store``). On a cluster it is a
+bucket or prefix of its own, reached with credentials of its own: ``OPPU_TOKENS_AWS_ACCESS_KEY_ID``
+and ``OPPU_TOKENS_AWS_SECRET_ACCESS_KEY`` (and ``..._SESSION_TOKEN``), when set, replace the
+``AWS_*`` ones for this store only. So the adapter store's write credentials (training jobs; the
+serving pods' delete right) cannot mint a token, and the serving pods get read-only ones here.
+
 ``verify`` finds the user through the index (one read, however many users) and then requires
 the hash in that user's own file, so a token whose index entry outlived a revoke, or whose
 user-file entry was lost to two concurrent writers, is refused: the store fails closed.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import os
 import re
 import secrets
 from datetime import UTC, datetime
@@ -28,6 +35,23 @@ TOKEN_PATTERN = re.compile(rf"{TOKEN_PREFIX}[A-Za-z0-9_-]{{43}}")
 AUTH_DIR = "_auth"
 
 
+# s3fs option -> the environment variable holding the token store's own credential.
+CREDENTIAL_ENV = {"key": "OPPU_TOKENS_AWS_ACCESS_KEY_ID", "secret": "OPPU_TOKENS_AWS_SECRET_ACCESS_KEY",
+                  "token": "OPPU_TOKENS_AWS_SESSION_TOKEN"}
+
+
+def token_storage_options(root_uri: str, given: dict[str, Any] | None = None,
+                          environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``given``, plus the token store's own S3 credentials from ``OPPU_TOKENS_AWS_*`` where set."""
+    environ = os.environ if environ is None else environ
+    options = dict(given or {})
+    if root_uri.startswith(("s3://", "s3a://")):
+        for option, variable in CREDENTIAL_ENV.items():
+            if environ.get(variable):
+                options.setdefault(option, environ[variable])
+    return options
+
+
 def token_hash(token: str) -> str:
     return sha256_hex(token.encode())
 
@@ -37,7 +61,7 @@ class TokenStore:
 
     def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None):
         self.root_uri = root_uri
-        self._fs, root = open_root(root_uri, storage_options)
+        self._fs, root = open_root(root_uri, token_storage_options(root_uri, storage_options))
         self._auth = f"{root}/{AUTH_DIR}"
 
     def __repr__(self) -> str:

@@ -1,7 +1,9 @@
 """The KubeRay manifests under k8s/ pass the operator's CRD schemas (KubeRay v1.7.0, committed in
 ``k8s/crds/``, see its README), with unknown fields refused as ``kubectl apply`` (strict field
 validation) refuses them, and name only scripts, configs, secrets and serve builders that exist.
-The Grafana dashboard queries only metrics the code registers."""
+The Grafana dashboard queries only metrics the code registers. Every shipped Ray cluster config
+turns on Ray's token authentication, the NetworkPolicy covers every Ray pod, and the serving pods'
+credentials are split from the training ones and from the token store's writers."""
 
 from __future__ import annotations
 
@@ -264,7 +266,7 @@ def test_cluster_launcher_config_passes_rays_schema():
     broken["available_node_types"]["gpu_worker"]["max_worker"] = 8
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
-    assert config["file_mounts"] == {str(_image_root()): "."}
+    assert config["file_mounts"][str(_image_root())] == "."
 
 
 def test_runtime_env_is_accepted_by_ray():
@@ -280,3 +282,184 @@ def test_the_kuberay_crds_are_in_the_repository():
     found = {path.name for path in CRD_DIR.glob("ray.io_*.yaml")}
     assert found == {f"ray.io_{kind.lower()}s.yaml" for kind in KUBERAY_KINDS}, f"{CRD_DIR}: {sorted(found)}"
     assert "v1.7.0" in (CRD_DIR / "README.md").read_text()
+
+
+# -- the locked control plane (docs/cluster.md, "Threat model") ------------------------------------
+
+TRAINING_SECRET = "oppu-s3"  # write access to the runs: training pods only
+HEAD_PORTS = {8265, 6379, 10001, 8000}  # dashboard/Jobs API, GCS, Ray client, Serve
+
+
+def _example_secrets() -> dict[str, set[str]]:
+    return {doc["metadata"]["name"]: set(doc["stringData"])
+            for doc in _documents("secret-s3.example.yaml") if doc["kind"] == "Secret"}
+
+
+def _cluster_spec(doc: dict) -> dict | None:
+    spec = doc["spec"]
+    return spec.get("rayClusterConfig") or spec.get("rayClusterSpec") or (spec if doc["kind"] == "RayCluster" else None)
+
+
+def _auth_problems(doc: dict, manifests: list[dict]) -> list[str]:
+    """Why a KubeRay object would run (or submit to) a Ray cluster without token authentication."""
+    secrets = _example_secrets()
+    cluster = _cluster_spec(doc)
+    if cluster is not None:
+        auth = cluster.get("authOptions") or {}
+        if auth.get("mode") != "token":
+            return [f"authOptions.mode is {auth.get('mode')!r}, not 'token'"]
+        if "auth_token" not in secrets.get(auth.get("secretName"), set()):
+            return [f"authOptions.secretName {auth.get('secretName')!r} is no example Secret with auth_token"]
+        return []
+    # A RayJob on an existing cluster: that cluster authenticates, and the submitter brings its token.
+    target = doc["spec"].get("clusterSelector", {}).get("ray.io/cluster")
+    clusters = {d["metadata"]["name"]: d for d in manifests if d["kind"] == "RayCluster"}
+    if target not in clusters:
+        return [f"clusterSelector names no shipped RayCluster: {target!r}"]
+    secret = (_cluster_spec(clusters[target]).get("authOptions") or {}).get("secretName")
+    env = {v["name"]: v for c in doc["spec"]["submitterPodTemplate"]["spec"]["containers"] for v in c.get("env", [])}
+    problems = _auth_problems(clusters[target], manifests)
+    if env.get("RAY_AUTH_MODE", {}).get("value") != "token":
+        problems.append("the submitter does not set RAY_AUTH_MODE=token")
+    if env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef") != {"name": secret, "key": "auth_token"}:
+        problems.append(f"the submitter's RAY_AUTH_TOKEN is not {secret}/auth_token")
+    return problems
+
+
+def test_every_shipped_kuberay_cluster_authenticates():
+    manifests = [doc for _, doc in _kuberay_manifests()]
+    for doc in manifests:
+        assert _auth_problems(doc, manifests) == [], f"{doc['kind']} {doc['metadata']['name']}"
+    # One token per cluster: the training token must not open the serving cluster.
+    names = [_cluster_spec(d)["authOptions"]["secretName"] for d in manifests if _cluster_spec(d) is not None]
+    assert len(names) == len(set(names)), names
+
+
+@pytest.mark.parametrize("kind, mutate", [
+    ("RayCluster", lambda d: d["spec"].pop("authOptions")),
+    ("RayCluster", lambda d: d["spec"]["authOptions"].update(mode="disabled")),
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"].pop("authOptions")),
+    ("RayJob", lambda d: d["spec"]["submitterPodTemplate"]["spec"]["containers"][0].pop("env")),
+], ids=["cluster-no-auth", "cluster-disabled", "service-no-auth", "job-no-token"])
+def test_auth_check_rejects_a_cluster_without_token_auth(kind, mutate):
+    manifests = copy.deepcopy([doc for _, doc in _kuberay_manifests()])
+    doc = next(d for d in manifests if d["kind"] == kind)
+    mutate(doc)
+    assert _auth_problems(doc, manifests) != []
+
+
+def test_cluster_launcher_and_local_cluster_authenticate():
+    from cluster.local_cluster import LocalClusterConfig
+
+    config = yaml.safe_load((ROOT / "cluster" / "cluster-launcher.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [command for command in config[key] if "ray start" in command]
+        assert starts and all("RAY_AUTH_MODE=token" in command for command in starts), key
+        assert not any("--dashboard-host=0.0.0.0" in command for command in starts), key
+    assert "/home/ray/.ray/auth_token" in config["file_mounts"]  # Ray's default token path on every node
+    local = yaml.safe_load((ROOT / "cluster" / "local-cluster.yaml").read_text())
+    assert local.get("auth", "token") == "token" and LocalClusterConfig.auth == "token"  # the dataclass default
+
+
+def _secret_refs(pod: dict) -> set[str]:
+    """Every Secret a pod spec reads: envFrom, env secretKeyRef, secret volumes."""
+    names = set()
+    for container in pod["containers"] + pod.get("initContainers", []):
+        names |= {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+        names |= {v["valueFrom"]["secretKeyRef"]["name"] for v in container.get("env", [])
+                  if "secretKeyRef" in v.get("valueFrom", {})}
+    names |= {v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v}
+    return names
+
+
+def _credential_problems(manifests: list[dict]) -> list[str]:
+    secrets = _example_secrets()
+    token_secrets = {name for name, keys in secrets.items() if any(k.startswith("OPPU_TOKENS_") for k in keys)}
+    problems = []
+    for doc in manifests:
+        where = f"{doc['kind']} {doc['metadata']['name']}"
+        for pod in _pod_templates(doc):
+            refs = _secret_refs(pod)
+            if doc["kind"] == "RayService":
+                if TRAINING_SECRET in refs:
+                    problems.append(f"{where}: a serving pod reads the training (write) credentials")
+                if not refs & token_secrets:
+                    problems.append(f"{where}: a serving pod has no read-only token-store credentials")
+            elif refs & token_secrets:
+                problems.append(f"{where}: a training pod reads token-store credentials")
+        if doc["kind"] == "RayService":
+            for app in _serve_config(doc)["applications"]:
+                args = app["args"]
+                bucket = PurePosixPath(args["store"].removeprefix("s3://")).parts[0]
+                if not args.get("tokens") or PurePosixPath(args["tokens"].removeprefix("s3://")).parts[0] == bucket:
+                    problems.append(f"{where}: tokens must live in a bucket apart from the adapter store")
+    return problems
+
+
+def test_credentials_are_split():
+    """Serving pods never get the training cluster's write keys, and tokens live apart from adapters
+    (their own bucket and read-only keys), so no credential that writes adapters can mint a token."""
+    manifests = [doc for _, doc in _kuberay_manifests()]
+    assert _credential_problems(manifests) == []
+    broken = copy.deepcopy(manifests)
+    service = next(d for d in broken if d["kind"] == "RayService")
+    service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrom"].append(
+        {"secretRef": {"name": TRAINING_SECRET}})
+    assert any("training (write) credentials" in p for p in _credential_problems(broken))
+
+
+# A strict subset of networking.k8s.io/v1 NetworkPolicy: the fields the manifest uses, typos refused.
+_SELECTOR = {"type": "object", "additionalProperties": False, "properties": {
+    "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "matchExpressions": {"type": "array"}}}
+_PEER = {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": {
+    "podSelector": _SELECTOR, "namespaceSelector": _SELECTOR, "ipBlock": {"type": "object"}}}
+_PORT = {"type": "object", "additionalProperties": False, "required": ["port"], "properties": {
+    "protocol": {"enum": ["TCP", "UDP", "SCTP"]}, "port": {"type": ["integer", "string"]},
+    "endPort": {"type": "integer"}}}
+_RULE = {"type": "object", "additionalProperties": False, "properties": {
+    "from": {"type": "array", "items": _PEER}, "ports": {"type": "array", "items": _PORT}}}
+NETWORK_POLICY_SCHEMA = {"type": "object", "additionalProperties": False,
+                         "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+    "apiVersion": {"const": "networking.k8s.io/v1"}, "kind": {"const": "NetworkPolicy"},
+    "metadata": {"type": "object", "required": ["name"]},
+    "spec": {"type": "object", "additionalProperties": False, "required": ["podSelector"], "properties": {
+        "podSelector": _SELECTOR, "policyTypes": {"type": "array", "items": {"enum": ["Ingress", "Egress"]}},
+        "ingress": {"type": "array", "items": _RULE}, "egress": {"type": "array"}}}}}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(key) == value for key, value in selector.get("matchLabels", {}).items())
+
+
+def test_network_policy_covers_every_ray_pod_and_limits_the_head_ports():
+    kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
+    assert "networkpolicy.yaml" in kustomization["resources"]
+    policies = _documents("networkpolicy.yaml")
+    assert policies
+    for policy in policies:
+        jsonschema.validate(policy, NETWORK_POLICY_SCHEMA)
+    for name, doc in _kuberay_manifests():
+        cluster = _cluster_spec(doc)
+        if cluster is None:
+            continue
+        groups = [cluster["headGroupSpec"]] + cluster.get("workerGroupSpecs", [])
+        for group in groups:
+            labels = group["template"]["metadata"]["labels"]
+            selecting = [p for p in policies if _selects(p["spec"]["podSelector"], labels)
+                         and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+            assert selecting, f"{name}: no NetworkPolicy selects pods labelled {labels}"
+            for policy in selecting:
+                for rule in policy["spec"].get("ingress", []):
+                    peers = rule.get("from")
+                    assert peers, f"{policy['metadata']['name']}: a rule open to every source"
+                    ports = {port["port"] for port in rule.get("ports", [])}
+                    if not ports or ports & (HEAD_PORTS - {8000}):
+                        # All ports, or the control plane's: only this cluster's own pods (and, for
+                        # 8265, the operator and job submitters) may come in.
+                        assert ports <= {8265} or all(_selects(peer.get("podSelector", {}), labels)
+                                                      and "namespaceSelector" not in peer for peer in peers), \
+                            f"{policy['metadata']['name']}: {sorted(ports) or 'every port'} open beyond the cluster"
+                    for peer in peers:  # an empty selector on both sides would admit every pod anywhere
+                        assert peer.get("podSelector", {}).get("matchLabels") or \
+                            peer.get("namespaceSelector", {}).get("matchLabels"), policy["metadata"]["name"]

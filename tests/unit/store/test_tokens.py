@@ -92,3 +92,33 @@ def test_cli_bad_user_id_exits_2(root, capsys, tmp_path):
     captured = capsys.readouterr()
     assert captured.out == "" and "--user" in captured.err
     assert not (tmp_path / "store").exists()
+
+
+def test_token_root_has_its_own_s3_credentials():
+    """OPPU_TOKENS_AWS_* reach the token store's s3fs options (over nothing else); no effect on local roots."""
+    from oppu.store.tokens import token_storage_options
+
+    environ = {"OPPU_TOKENS_AWS_ACCESS_KEY_ID": "tok-key", "OPPU_TOKENS_AWS_SECRET_ACCESS_KEY": "tok-secret",
+               "AWS_ACCESS_KEY_ID": "adapter-key"}
+    assert token_storage_options("s3://tokens/oppu", {"endpoint_url": "http://s3"}, environ) == {
+        "endpoint_url": "http://s3", "key": "tok-key", "secret": "tok-secret"}
+    assert token_storage_options("s3://tokens/oppu", {"key": "given"}, environ)["key"] == "given"
+    assert token_storage_options("/tmp/tokens", None, environ) == {}
+    assert token_storage_options("s3://tokens/oppu", None, {}) == {}
+
+
+def test_serve_app_reads_tokens_from_their_own_root(tmp_path):
+    """``tokens`` separates the token root from the adapter store; unset, the store's root is used."""
+    from oppu.serving.config import load_serve_config
+
+    apart = load_serve_config({"model": "m", "store": str(tmp_path / "adapters"), "tokens": str(tmp_path / "tok")})
+    assert apart.token_root == str(tmp_path / "tok")
+    assert load_serve_config({"model": "m", "store": "s3://b/a"}).token_root == "s3://b/a"
+    token = TokenStore(apart.token_root).create("u1")
+    assert TokenStore(apart.store).verify(token) is None and TokenStore(apart.token_root).verify(token) == "u1"
+
+
+def test_cli_tokens_flag_names_the_token_root(tmp_path, capsys):
+    tokens_root = str(tmp_path / "tokens")
+    assert oppu_main(["token", "create", "--tokens", tokens_root, "--user", "u1"]) == 0
+    assert TokenStore(tokens_root).verify(capsys.readouterr().out.splitlines()[-1]) == "u1"
