@@ -13,6 +13,7 @@ client raises its usual exceptions.
 # methods that @serve.ingress rewraps.
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -50,6 +51,8 @@ from oppu.serving.replica import (
     RequestTooLarge,
     StreamStart,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -441,7 +444,12 @@ class OppuIngress:
 
         add_tombstone(self.store.root_uri, user)  # first: a publish racing this delete undoes itself
         deleted = self.store.delete_user(user)
-        return deleted, self.auth.tokens.revoke(user)
+        try:
+            revoked = self.auth.tokens.revoke(user)
+        except PermissionError:  # the shipped serving keys cannot write the token root (docs/cluster.md)
+            logger.warning("erase: the token root is read-only here; revoke with `oppu token revoke`")
+            revoked = None
+        return deleted, revoked
 
     def _history(self, user: str):
         from oppu.erasure import is_tombstoned
