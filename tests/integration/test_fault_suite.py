@@ -429,3 +429,35 @@ def test_a_delete_racing_a_publish_ends_with_nothing_served(app, tmp_path, monke
     fault.record(answer.status_code == 404, f"racer answered {answer.status_code}")
     fault.adapters_lost += _good_answers_hold(app)
     assert answer.status_code == 404 and fault.adapters_lost == 0
+
+
+def test_a_diverging_user_in_a_batched_pass_fails_alone():
+    """A user whose loss goes NaN mid-pass is failed and unpublished; the users sharing its passes
+    come out as if it had not been there (the batched-vs-alone tolerance of test_batched.py)."""
+    import copy
+
+    import torch
+
+    from oppu.training.batched import train_users_batched
+    from tests.unit.tiny_models import tiny_llama
+    from tests.unit.training.test_batched import HPARAMS, LORA, SEED, USERS, VOCAB, user_samples
+
+    base = tiny_llama(VOCAB, intermediate_size=48).train()
+    poisoned = 2  # a token no other user's samples hold; its embedding is made NaN
+    with torch.no_grad():
+        base.get_input_embeddings().weight[poisoned] = float("nan")
+    bad = user_samples(6, 9)
+    bad[0] = {"input_ids": [poisoned] + bad[0]["input_ids"], "labels": [-100] + bad[0]["labels"]}
+    failed = []
+    together = train_users_batched(copy.deepcopy(base), None, [("bad", bad), *USERS.items()], LORA, HPARAMS, SEED,
+                                   max_active_users=4, tokens_per_forward=96,
+                                   on_user_failed=lambda user, error: failed.append(user))
+    changed = 0
+    for user, samples in USERS.items():
+        alone = train_users_batched(copy.deepcopy(base), None, [(user, samples)], LORA, HPARAMS, SEED,
+                                    tokens_per_forward=96)[user]
+        changed += not all(torch.allclose(together[user][k], alone[k], rtol=1e-4, atol=2e-6) for k in alone)
+    fault = row("a user diverging (NaN) in a batched pass")
+    fault.adapters_lost += changed
+    fault.record(failed == ["bad"] and "bad" not in together and changed == 0, f"failed {failed}, changed {changed}")
+    assert failed == ["bad"] and "bad" not in together and changed == 0
