@@ -55,6 +55,16 @@ from oppu.serving.replica import (
 logger = logging.getLogger(__name__)
 
 
+REPLICA_LOST_RETRIES = 2
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` says the model replica died or became unreachable under the request."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError) or isinstance(_unwrap(exc), RayActorError)
+
+
 def _unwrap(exc: BaseException) -> BaseException:
     """The replica's own exception from Ray's wrapper (a RayTaskError subclass keeps the cause)."""
     cause = getattr(exc, "cause", None)
@@ -343,10 +353,18 @@ class OppuIngress:
         return self.model.options(multiplexed_model_id=key, stream=stream)
 
     async def _generate(self, request: GenerateRequest) -> GenerateResult:
-        try:
-            result = await self._handle(request).generate.remote(request)
-        except Exception as exc:
-            raise self._error(exc) from None
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            try:
+                result = await self._handle(request).generate.remote(request)
+                break
+            except Exception as exc:
+                # A replica that died under the request (killed, node lost): nothing reached the
+                # client yet, so the request runs again on a live one instead of failing.
+                if attempt < REPLICA_LOST_RETRIES and _replica_lost(exc):
+                    logger.warning("a model replica was lost under a request; retrying it (%d of %d)",
+                                   attempt + 1, REPLICA_LOST_RETRIES)
+                    continue
+                raise self._error(exc) from None
         if isinstance(result, Refused):
             raise self._error(result.error)
         return result
@@ -358,11 +376,16 @@ class OppuIngress:
 
     async def _stream(self, request: GenerateRequest, on_delta: Callable, on_end: Callable, on_result: Callable,
                       first: list[dict] = ()) -> StreamingResponse:
-        responses = self._handle(request, stream=True).generate_stream.remote(request)
-        try:  # the first item says the request was accepted; errors before it are plain JSON
-            start = await responses.__anext__()
-        except Exception as exc:
-            raise self._error(exc) from None
+        for attempt in range(REPLICA_LOST_RETRIES + 1):
+            responses = self._handle(request, stream=True).generate_stream.remote(request)
+            try:  # the first item says the request was accepted; errors before it are plain JSON
+                start = await responses.__anext__()
+                break
+            except Exception as exc:
+                if attempt < REPLICA_LOST_RETRIES and _replica_lost(exc):  # no byte sent yet: run it again
+                    logger.warning("a model replica was lost before a stream started; retrying it")
+                    continue
+                raise self._error(exc) from None
         if isinstance(start, Refused):
             responses.cancel()
             raise self._error(start.error)
