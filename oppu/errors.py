@@ -36,3 +36,14 @@ class AdapterNotFound(AdapterError):
 
 class AdapterIntegrityError(AdapterError):
     """An adapter whose files do not match its manifest (sha256, base fingerprint)."""
+
+
+class StageFailed(OppuError):
+    """A stage ran to its end, but more of its units failed than its threshold allows
+    (``users.max_failed_users``, ``eval.max_failed_queries``): names how many and which."""
+
+
+def name_list(names: list[str], shown: int = 20) -> str:
+    """``names`` comma-separated for an error line: the first ``shown`` of them and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -173,8 +173,13 @@ class UserStage:
     max_retries: int = 2  # re-runs of a batch whose actor died; then its unfinished users fail
     # variants trained at once, each its own actor pool (actors x num_gpus_per_actor GPUs each)
     parallel_variants: int = 1
+    # users of a variant that may fail before train_users fails (after writing its report); -1: any
+    # number. Also `oppu train-users --max-failed-users N`.
+    max_failed_users: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_failed_users < -1:
+            raise ConfigError(f"users.max_failed_users must be >= 0 (-1: any number), got {self.max_failed_users}")
         if self.parallel_variants < 1:
             raise ConfigError(f"users.parallel_variants must be >= 1, got {self.parallel_variants}")
         if self.users_per_batch < 1:
@@ -206,6 +211,14 @@ class EvalStage:
     num_gpus_per_actor: float = 0.0
     generation_batch_size: int = 16
     max_prompt_tokens: int = 1024
+    # queries (all methods together) that may fail to be answered (a missing or corrupt adapter, an
+    # actor that could not start) before evaluate fails, after writing metrics.json; -1: any number.
+    # 0 by default: a failed query would score as an empty answer. Also `oppu evaluate --max-failed-queries N`.
+    max_failed_queries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_failed_queries < -1:
+            raise ConfigError(f"eval.max_failed_queries must be >= 0 (-1: any number), got {self.max_failed_queries}")
 
 
 @dataclass
