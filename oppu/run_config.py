@@ -104,13 +104,15 @@ class BaseStage:
     train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
     # optimiser steps between resumable checkpoints (adapter, optimiser, schedule, data position); 0: none
     checkpoint_every_steps: int = 50
+    # also a resumable checkpoint at the end of every epoch but the last (where no step's fell there)
+    checkpoint_each_epoch: bool = True
     max_failures: int = 2  # worker-group restarts, each resuming from the last checkpoint; -1: unlimited
 
     def __post_init__(self) -> None:
         if self.rag_k < 1:
             raise ConfigError(f"base.rag_k must be >= 1, got {self.rag_k}")
         if self.checkpoint_every_steps < 0:
-            raise ConfigError(f"base.checkpoint_every_steps must be >= 0 (0: only the final model), "
+            raise ConfigError(f"base.checkpoint_every_steps must be >= 0 (0: none within an epoch), "
                               f"got {self.checkpoint_every_steps}")
         if self.max_failures < -1:
             raise ConfigError(f"base.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
