@@ -49,3 +49,14 @@ class NonFiniteError(OppuError):
     def __init__(self, message: str, *, user: str | None = None, step: int | None = None):
         self.user, self.step = user, step
         super().__init__(message)
+
+
+class StageFailed(OppuError):
+    """A stage ran to its end, but more of its units failed than its threshold allows
+    (``users.max_failed_users``, ``eval.max_failed_queries``): names how many and which."""
+
+
+def name_list(names: list[str], shown: int = 20) -> str:
+    """``names`` comma-separated for an error line: the first ``shown`` of them and how many more."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

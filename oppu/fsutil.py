@@ -104,18 +104,25 @@ def exists(uri: str) -> bool:
     return local_path(uri).exists()
 
 
+MARKER_FILE = "config.json"  # what every reader of a model directory looks for first
+
+
 def publish_dir(local_dir: str | Path, uri: str) -> str:
     """Copy a finished local directory to ``uri`` (replacing what was there); returns ``uri``.
 
-    Locally the copy goes to a sibling temp dir first and is renamed into place, so a reader
-    never sees a half-written model.
+    The old directory is replaced only once the new one is complete where it is going, and a
+    reader never sees a half-written one:
+
+    - locally the copy goes to a sibling temp dir first and is renamed into place;
+    - an object store has no rename (:func:`_publish_remote`): the new tree is uploaded to a
+      sibling staging prefix first (an upload that fails leaves the old one untouched), then
+      swapped in by server-side copies with ``config.json``, the file readers look for first,
+      removed first and written last: during the swap (copies, no upload) a reader finds no
+      model rather than a mix, and the model loader re-checks ``config.json`` after downloading.
     """
     local_dir = Path(local_dir)
     if is_remote(uri):
-        fs, path = filesystem(uri)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-        fs.put(str(local_dir), path, recursive=True)
+        _publish_remote(local_dir, uri)
         return uri
     target = local_path(uri)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -131,3 +138,37 @@ def publish_dir(local_dir: str | Path, uri: str) -> str:
     else:
         os.replace(staging, target)
     return uri
+
+
+def _publish_remote(local_dir: Path, uri: str) -> None:
+    """``publish_dir`` on an object store: stage, then swap with the marker last (see there)."""
+    import secrets
+
+    fs, path = filesystem(uri)
+    path = path.rstrip("/")
+    parent, name = path.rsplit("/", 1)
+    staging = f"{parent}/.{name}.staging-{secrets.token_hex(4)}"
+    new_files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
+    try:
+        fs.put(str(local_dir), staging, recursive=True)
+        fs.invalidate_cache(staging)
+        staged = {f[len(staging) + 1:] for f in fs.find(staging)}
+        if missing := sorted(set(new_files) - staged):
+            raise OSError(f"publishing {local_dir} to {uri}: {missing} did not arrive at {staging}")
+        fs.invalidate_cache(path)
+        old_files = {f[len(path) + 1:] for f in fs.find(path)} if fs.exists(path) else set()
+        if MARKER_FILE in old_files:
+            fs.rm_file(f"{path}/{MARKER_FILE}")  # from here readers find no model, not a mix
+        for rel in new_files:
+            if rel != MARKER_FILE:
+                fs.copy(f"{staging}/{rel}", f"{path}/{rel}")
+        stale = sorted(old_files - set(new_files) - {MARKER_FILE})
+        if stale:
+            fs.rm([f"{path}/{rel}" for rel in stale])
+        if MARKER_FILE in new_files:
+            fs.copy(f"{staging}/{MARKER_FILE}", f"{path}/{MARKER_FILE}")
+    finally:
+        try:
+            fs.rm(staging, recursive=True)
+        except FileNotFoundError:
+            pass

@@ -104,13 +104,15 @@ class BaseStage:
     train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
     # optimiser steps between resumable checkpoints (adapter, optimiser, schedule, data position); 0: none
     checkpoint_every_steps: int = 50
+    # also a resumable checkpoint at the end of every epoch but the last (where no step's fell there)
+    checkpoint_each_epoch: bool = True
     max_failures: int = 2  # worker-group restarts, each resuming from the last checkpoint; -1: unlimited
 
     def __post_init__(self) -> None:
         if self.rag_k < 1:
             raise ConfigError(f"base.rag_k must be >= 1, got {self.rag_k}")
         if self.checkpoint_every_steps < 0:
-            raise ConfigError(f"base.checkpoint_every_steps must be >= 0 (0: only the final model), "
+            raise ConfigError(f"base.checkpoint_every_steps must be >= 0 (0: none within an epoch), "
                               f"got {self.checkpoint_every_steps}")
         if self.max_failures < -1:
             raise ConfigError(f"base.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
@@ -173,8 +175,13 @@ class UserStage:
     max_retries: int = 2  # re-runs of a batch whose actor died; then its unfinished users fail
     # variants trained at once, each its own actor pool (actors x num_gpus_per_actor GPUs each)
     parallel_variants: int = 1
+    # users of a variant that may fail before train_users fails (after writing its report); -1: any
+    # number. Also `oppu train-users --max-failed-users N`.
+    max_failed_users: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_failed_users < -1:
+            raise ConfigError(f"users.max_failed_users must be >= 0 (-1: any number), got {self.max_failed_users}")
         if self.parallel_variants < 1:
             raise ConfigError(f"users.parallel_variants must be >= 1, got {self.parallel_variants}")
         if self.users_per_batch < 1:
@@ -206,6 +213,14 @@ class EvalStage:
     num_gpus_per_actor: float = 0.0
     generation_batch_size: int = 16
     max_prompt_tokens: int = 1024
+    # queries (all methods together) that may fail to be answered (a missing or corrupt adapter, an
+    # actor that could not start) before evaluate fails, after writing metrics.json; -1: any number.
+    # 0 by default: a failed query would score as an empty answer. Also `oppu evaluate --max-failed-queries N`.
+    max_failed_queries: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_failed_queries < -1:
+            raise ConfigError(f"eval.max_failed_queries must be >= 0 (-1: any number), got {self.max_failed_queries}")
 
 
 @dataclass

@@ -10,6 +10,12 @@ installed wheel runs every stage without the repository (``run.yaml``: any run c
     oppu pipeline --config run.yaml --set run_dir=/shared/oppu-run     # the three in order
 
 ``jobs/*.py`` run the same through ``job_main``.
+
+Failures are loud: a stage whose users or queries failed beyond its threshold exits 1 with one
+line naming how many and which (``oppu.errors.StageFailed``), after writing its report or
+metrics. ``--max-failed-users N`` (``users.max_failed_users``, default 0) and
+``--max-failed-queries N`` (``eval.max_failed_queries``, default 0) raise the thresholds; -1
+allows any number.
 """
 
 from __future__ import annotations
@@ -31,13 +37,37 @@ class StageCommand:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from oppu.config import add_config_arguments
+        from oppu.pipeline import STAGE_COMMANDS
 
         add_config_arguments(parser)
+        add_threshold_arguments(parser, STAGE_COMMANDS[self.name])
 
     def run(self, args: argparse.Namespace) -> int:
         from oppu.pipeline import STAGE_COMMANDS
 
-        return run_job(STAGE_COMMANDS[self.name], args.config, args.overrides)
+        return run_job(STAGE_COMMANDS[self.name], args.config, args.overrides + threshold_overrides(args))
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser, stages: list[str]) -> None:
+    """``--max-failed-users`` where ``stages`` train users, ``--max-failed-queries`` where they evaluate."""
+    if "users" in stages:
+        parser.add_argument("--max-failed-users", type=int, metavar="N", default=None,
+                            help="users of a variant that may fail before the stage exits non-zero "
+                                 "(users.max_failed_users, default 0; -1: any number)")
+    if "evaluate" in stages:
+        parser.add_argument("--max-failed-queries", type=int, metavar="N", default=None,
+                            help="queries that may fail to be answered before evaluate exits non-zero "
+                                 "(eval.max_failed_queries, default 0; -1: any number)")
+
+
+def threshold_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides the threshold flags stand for (after the others: the flag wins)."""
+    overrides = []
+    if getattr(args, "max_failed_users", None) is not None:
+        overrides.append(f"users.max_failed_users={args.max_failed_users}")
+    if getattr(args, "max_failed_queries", None) is not None:
+        overrides.append(f"eval.max_failed_queries={args.max_failed_queries}")
+    return overrides
 
 
 def run_job(stages: list[str], config: str | None, overrides: list[str]) -> int:
@@ -68,11 +98,12 @@ def job_main(stages: list[str], description: str, argv: list[str] | None = None)
 
     parser = argparse.ArgumentParser(description=description)
     add_config_arguments(parser)
+    add_threshold_arguments(parser, stages)
     logs.add_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure_from_args(args)
     try:
-        return run_job(stages, args.config, args.overrides)
+        return run_job(stages, args.config, args.overrides + threshold_overrides(args))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,11 @@ bases once, and for a user builds every method's prompts through the task regist
 user's adapter from the store where the method has one, and decodes greedily. The driver scores
 each method with the task's LaMP metrics and writes LaMP-format predictions, ``metrics.json`` and
 a Markdown table.
+
+A query that could not be answered (a missing or corrupt adapter, an actor that could not start)
+scores as an empty answer, so it is never silent: ``metrics.json`` lists the failed queries by
+method (``failed_queries``: count, ids, the first error) and, once everything is written, more
+failed queries than ``eval.max_failed_queries`` (default 0) fail the stage (``StageFailed``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import random
 import tempfile
 
 from oppu import fsutil, logs
-from oppu.errors import ConfigError
+from oppu.errors import ConfigError, StageFailed, name_list
 from oppu.evaluation.methods import Method, resolve_method
 from oppu.run_config import RunConfig
 
@@ -179,7 +184,7 @@ def evaluate(cfg: RunConfig) -> dict:
          "random_items": pick_random_items(dataset, cfg.seed)})
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}
     raw_outputs: dict[str, dict[str, str]] = {m.name: {} for m in methods}
-    errors: dict[str, int] = {m.name: 0 for m in methods}
+    failed: dict[str, dict[str, str]] = {m.name: {} for m in methods}  # method -> query id -> error
     users_done, users_failed = set(), set()
     with logs.progress(len(test_users), "evaluate", unit="users") as bar:
         for row in answers_ds.iter_rows():  # a batch's rows come together, user by user
@@ -187,17 +192,48 @@ def evaluate(cfg: RunConfig) -> dict:
             predictions[row["method"]][row["query_id"]] = str(row["prediction"])
             raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
             if row["error"]:
-                errors[row["method"]] += 1
+                failed[row["method"]][str(row["query_id"])] = str(row["error"])
             if user not in users_done:
                 users_done.add(user)
                 bar.update(1)
             if row["error"] and user not in users_failed:
                 users_failed.add(user)
                 bar.update(0, failed=user)
-    return write_results(cfg, task, golds, predictions, raw_outputs, errors, len(test_users))
+    metrics = write_results(cfg, task, golds, predictions, raw_outputs, failed, len(test_users))
+    check_failed_queries(cfg, metrics)
+    return metrics
 
 
-def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors, n_users: int) -> dict:
+def failed_queries_summary(failed: dict[str, dict[str, str]]) -> dict[str, dict]:
+    """``metrics.json``'s ``failed_queries``: for each method with failures, their ``count``, the
+    query ``ids`` (sorted) and the ``first_error`` (of the first id)."""
+    summary = {}
+    for method, errors in failed.items():
+        if errors:
+            ids = sorted(errors)
+            summary[method] = {"count": len(ids), "ids": ids, "first_error": errors[ids[0]]}
+    return summary
+
+
+def check_failed_queries(cfg: RunConfig, metrics: dict) -> None:
+    """Raise ``StageFailed`` when more queries failed than ``eval.max_failed_queries`` allows (-1: any)."""
+    failed = metrics["failed_queries"]
+    total = sum(entry["count"] for entry in failed.values())
+    allowed = cfg.eval.max_failed_queries
+    if not total or allowed == -1 or total <= allowed:
+        return
+    by_method = "; ".join(f"{method}: {entry['count']} ({name_list(entry['ids'], 5)}; first error: "
+                          f"{entry['first_error'][:200]})" for method, entry in failed.items())
+    raise StageFailed(
+        f"evaluate: {total} queries could not be answered ({by_method}), more than "
+        f"eval.max_failed_queries={allowed} allows (--max-failed-queries N); they scored as empty answers "
+        f"in {fsutil.join(cfg.run_dir, 'metrics.json')} (failed_queries lists them all)")
+
+
+def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, failed: dict[str, dict[str, str]],
+                  n_users: int) -> dict:
+    """Score, and write predictions, ``metrics.json`` and ``metrics.md``; ``failed`` maps each method
+    to its failed query ids and their errors."""
     ids = sorted(golds)
     results = {}
     for method, preds in predictions.items():
@@ -212,13 +248,15 @@ def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, errors,
                "n_test_users": n_users, "n_queries": len(ids),
                "oppu_gap_closed": gap_closed(task, results, reference),
                "population_gap_closed": population_gap_shares(task, results, reference),
-               "errors": {m: n for m, n in errors.items() if n},
+               "errors": {m: len(e) for m, e in failed.items() if e},
+               "failed_queries": failed_queries_summary(failed),
                "predictions": {m: f"predictions/{m}.json" for m in predictions}}
     fsutil.write_json(fsutil.join(cfg.run_dir, "metrics.json"), metrics)
     table = markdown_table(task, results, reference)
     fsutil.write_text(fsutil.join(cfg.run_dir, "metrics.md"), table)
     for method, count in metrics["errors"].items():
-        log.warning("[evaluate] %s: %d queries failed (see predictions/raw)", method, count)
+        log.warning("[evaluate] %s: %d queries failed, scored as empty answers (metrics.json failed_queries)",
+                    method, count)
     return metrics
 
 

@@ -16,6 +16,7 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,7 @@ TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.jso
                       "*.model", "chat_template.*")
 SAFETENSORS_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 BIN_PATTERNS = ("*.bin", "pytorch_model.bin.index.json")
+logger = logging.getLogger(__name__)
 SOURCE_RECORD = ".oppu-source.json"  # remote name -> size of a cached download, to notice changes
 
 
@@ -95,19 +97,44 @@ def _wanted_files(names: list[str]) -> list[str]:
     return sorted(set(matching(CONFIG_FILES) + matching(TOKENIZER_PATTERNS) + weights))
 
 
-def _download_cached(uri: str) -> Path:
+def _download_cached(uri: str, attempts: int = 3) -> Path:
+    """A local copy of the model at remote ``uri`` (one per URI and machine, reused while the remote
+    files keep their sizes). ``config.json`` is checked again after the download: a model replaced
+    meanwhile (``fsutil.publish_dir`` removes it first and writes it last) is downloaded again."""
     fs, root = fsutil.filesystem(uri)
     root = root.rstrip("/")
-    try:
-        listing = fs.ls(root, detail=True)
-    except FileNotFoundError as exc:
-        raise OppuError(f"no model at {uri!r}: nothing is stored there") from exc
-    sizes = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
-             for entry in listing if entry.get("type") == "file"}
-    if "config.json" not in sizes:
-        raise OppuError(f"no model at {uri!r}: no config.json among {sorted(sizes)}")
-    wanted = {name: sizes[name] for name in _wanted_files(list(sizes))}
+    for _ in range(attempts):
+        fs.invalidate_cache(root)
+        try:
+            listing = fs.ls(root, detail=True)
+        except FileNotFoundError as exc:
+            raise OppuError(f"no model at {uri!r}: nothing is stored there") from exc
+        entries = {entry["name"].rstrip("/").rsplit("/", 1)[-1]: entry
+                   for entry in listing if entry.get("type") == "file"}
+        sizes = {name: int(entry.get("size") or 0) for name, entry in entries.items()}
+        if "config.json" not in sizes:
+            raise OppuError(f"no model at {uri!r}: no config.json among {sorted(sizes)} (being replaced? "
+                            "try again once its publish has finished)")
+        wanted = {name: sizes[name] for name in _wanted_files(list(sizes))}
+        target = _download_files(fs, root, uri, wanted)
+        fs.invalidate_cache(root)
+        try:
+            unchanged = _version_of(fs.info(f"{root}/config.json")) == _version_of(entries["config.json"])
+        except FileNotFoundError:
+            unchanged = False
+        if unchanged:
+            return target
+        logger.warning("the model at %s was replaced while it was being downloaded: downloading it again", uri)
+    raise OppuError(f"the model at {uri!r} kept changing while it was being downloaded ({attempts} attempts)")
 
+
+def _version_of(entry: dict) -> tuple:
+    """What tells two listings of one object apart: size and, where the store gives them, its ETag
+    and modification time."""
+    return tuple(str(entry.get(key)) for key in ("size", "ETag", "LastModified", "mtime"))
+
+
+def _download_files(fs, root: str, uri: str, wanted: dict[str, int]) -> Path:
     target = cache_root() / "models" / hashlib.sha256(uri.encode()).hexdigest()[:32]
     target.parent.mkdir(parents=True, exist_ok=True)
     # One download per model and machine: other processes (Ray workers) wait here, then reuse it.

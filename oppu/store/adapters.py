@@ -9,12 +9,26 @@ Layout::
 two writers of one key never pick the same folder. ``manifest.json`` (the sha256 of every other
 file) is written last: a folder without it is not a version, and a reader refuses a version whose
 files are missing or differ from their hashes.
+
+Races and damage (issue #15):
+
+- A publisher holds a lease on its folder while it uploads (``_publishing.json``: when it expires,
+  renewed as files go up, ``AdapterStore(publish_lease_s=...)``); ``gc_incomplete`` never removes
+  a folder under an unexpired lease, and checks again just before removing. Before writing the
+  manifest the publisher lists its folder: a file that vanished (a gc that ran anyway) fails the
+  publish, so no manifest ever names a file that is not there at that moment.
+- Readers skip broken versions instead of failing on them: ``latest`` is the newest version whose
+  manifest parses and names its folder and whose files all exist; ``read_files``/``fetch`` without
+  a version fall back to the newest version whose files match their hashes; ``find`` (the
+  skip-existing check of training) treats a corrupt, incomplete or tampered version as absent, so
+  the next run retrains and republishes the user. Each skip is a warning naming the manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import secrets
 import tempfile
@@ -30,7 +44,11 @@ from oppu.ids import validate_user_id
 from oppu.store.objects import canonical_json, list_files, open_root, sha256_hex, write_atomic
 
 MANIFEST_NAME = "manifest.json"
+LEASE_NAME = "_publishing.json"  # a publisher's claim on its version folder while it uploads
 FORMAT_VERSION = 1
+DEFAULT_PUBLISH_LEASE_S = 900.0
+
+logger = logging.getLogger(__name__)
 
 # A path component that can never be "." / "..", hidden, or the token store's "_auth".
 TASK_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -139,7 +157,7 @@ class Manifest:
             raise AdapterIntegrityError(f"{where}: manifest 'files' must map file names to sha256")
         for name, digest in files.items():
             # Names become local paths in fetch(): a forged "../x" must never get that far.
-            if not _is_safe_file_name(name) or name == MANIFEST_NAME:
+            if not _is_safe_file_name(name) or name in (MANIFEST_NAME, LEASE_NAME):
                 raise AdapterIntegrityError(f"{where}: manifest lists an unsafe file name {name!r}")
             if not isinstance(digest, str) or not SHA256_PATTERN.fullmatch(digest):
                 raise AdapterIntegrityError(f"{where}: manifest sha256 of {name!r} is {digest!r}")
@@ -177,11 +195,21 @@ class AdapterStore:
 
     ``root_uri`` is a local path, ``file://...`` or ``s3://bucket/prefix`` (endpoint and
     credentials from ``storage_options`` or the ``AWS_*`` environment). Calls block on I/O.
+
+    ``publish_lease_s``: how long a publisher's lease on its version folder lasts (renewed after
+    each file that took a quarter of it); ``gc_incomplete`` leaves a leased folder alone. It must
+    exceed the longest single file upload plus the clock skew between writer and collector.
     """
 
-    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None, *,
+                 publish_lease_s: float = DEFAULT_PUBLISH_LEASE_S):
+        if publish_lease_s <= 0:
+            raise ConfigError(f"publish_lease_s must be > 0, got {publish_lease_s}")
         self.root_uri = root_uri
+        self.publish_lease_s = publish_lease_s
         self._fs, self._root = open_root(root_uri, storage_options)
+        # (key path, version) whose files failed their hashes in this process: latest() skips them
+        self._broken: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"AdapterStore({self.root_uri!r})"
@@ -191,29 +219,48 @@ class AdapterStore:
     def publish(self, key: AdapterKey, adapter_dir: str | Path, *, data_hash: str,
                 config: dict[str, Any], peft_method: str, data_span: dict[str, Any],
                 metrics: dict[str, float]) -> Manifest:
-        """Upload every file of the PEFT directory ``adapter_dir`` as a new version of ``key``."""
+        """Upload every file of the PEFT directory ``adapter_dir`` as a new version of ``key``.
+
+        The folder is leased while files go up (``gc_incomplete`` leaves it alone); the manifest
+        is written only once a fresh listing shows every uploaded file, else ``AdapterError``.
+        """
         adapter_dir = Path(adapter_dir)
         peft_config_path = adapter_dir / "adapter_config.json"
         if not peft_config_path.is_file():
             raise AdapterError(f"cannot publish {adapter_dir} as adapter {key}: it is not a PEFT "
                                f"adapter directory (no adapter_config.json)")
         train_config_hash = config_hash(config)
-        version = new_version_id()
-        version_path = f"{self._key_path(key)}/{version}"
-        file_hashes: dict[str, str] = {}
+        local_files = []
         for local_file in sorted(p for p in adapter_dir.rglob("*") if p.is_file()):
             name = local_file.relative_to(adapter_dir).as_posix()
-            if name == MANIFEST_NAME:
+            if name in (MANIFEST_NAME, LEASE_NAME):
                 continue
             if not _is_safe_file_name(name):
                 raise AdapterError(f"{adapter_dir}: cannot publish file {name!r} of adapter {key}: "
                                    f"names must match {FILE_NAME_PATTERN.pattern}")
+            local_files.append((name, local_file))
+        version = new_version_id()
+        version_path = f"{self._key_path(key)}/{version}"
+        lease_path = f"{version_path}/{LEASE_NAME}"
+        renewed_at = self._renew_lease(lease_path)
+        file_hashes: dict[str, str] = {}
+        for name, local_file in local_files:
             # Hash the very bytes uploaded, so a file changing under us cannot desync the two.
             data = local_file.read_bytes()
             if name.endswith(".safetensors"):
                 _refuse_nonfinite(key, adapter_dir, name, data)
             file_hashes[name] = sha256_hex(data)
             self._fs.pipe_file(f"{version_path}/{name}", data)
+            if _now_s() - renewed_at > self.publish_lease_s / 4:
+                renewed_at = self._renew_lease(lease_path)
+        present = {path[len(version_path) + 1:] for path in list_files(self._fs, version_path)}
+        vanished = sorted(set(file_hashes) - present)
+        if vanished or LEASE_NAME not in present:
+            raise AdapterError(
+                f"adapter {key} version {version}: {vanished or [LEASE_NAME]} vanished while it was being "
+                f"published (a gc_incomplete ran over the folder: is the publish lease of "
+                f"{self.publish_lease_s:.0f}s shorter than the upload?); no manifest was written, "
+                f"publish again")
         manifest = Manifest(
             user=key.user, task=key.task, variant=key.variant, base_fingerprint=key.base_fingerprint,
             peft_method=peft_method, peft_config=json.loads(peft_config_path.read_text()),
@@ -221,7 +268,18 @@ class AdapterStore:
             data_span=data_span, metrics=metrics, files=file_hashes,
             created=datetime.now(UTC).isoformat(), version=version)
         write_atomic(self._fs, f"{version_path}/{MANIFEST_NAME}", manifest.to_json())
+        try:
+            self._fs.rm_file(lease_path)
+        except FileNotFoundError:
+            pass
         return manifest
+
+    def _renew_lease(self, lease_path: str) -> float:
+        """(Re)write the lease of a folder being published; returns when (``_now_s``)."""
+        now = _now_s()
+        expires = datetime.fromtimestamp(now + self.publish_lease_s, UTC).isoformat()
+        write_atomic(self._fs, lease_path, canonical_json({"expires": expires}))
+        return now
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -239,52 +297,124 @@ class AdapterStore:
             data = self._fs.cat_file(path)
         except FileNotFoundError as exc:
             raise AdapterNotFound(f"{key}: no complete version {version}") from exc
-        manifest = Manifest.from_json(data, where=f"adapter {key} version {version}")
+        manifest = Manifest.from_json(data, where=f"adapter {key} version {version} ({path})")
         recorded = (manifest.task, manifest.base_fingerprint, manifest.variant, manifest.user,
                     manifest.version)
         expected = (key.task, key.base_fingerprint, key.variant, key.user, version)
         if recorded != expected:
             raise AdapterIntegrityError(
                 f"adapter {key} version {version}: manifest describes "
-                f"{'/'.join(recorded)}, not the folder it is in")
+                f"{'/'.join(recorded)}, not the folder it is in ({path})")
         return manifest
 
     def latest(self, key: AdapterKey) -> Manifest | None:
-        """The manifest of the newest complete version, or None when there is none."""
-        versions = self.versions(key)
-        return self.manifest(key, versions[-1]) if versions else None
+        """The manifest of the newest usable version, or None when there is none.
 
-    def find(self, key: AdapterKey, data_hash: str, config_hash: str) -> Manifest | None:
-        """The newest complete version trained on the same data and config (a rerun may skip it)."""
-        for version in reversed(self.versions(key)):
-            manifest = self.manifest(key, version)
-            if manifest.data_hash == data_hash and manifest.config_hash == config_hash:
-                return manifest
+        Usable: its manifest parses and describes its folder, and every file it lists exists
+        (hashes are checked when the files are read; a version whose hashes failed in this
+        process is skipped too). Older versions stand in for broken newer ones, with a warning.
+        """
+        for manifest in self._usable_manifests(key):
+            return manifest
+        return None
+
+    def find(self, key: AdapterKey, data_hash: str, config_hash: str, *,
+             verify: bool = True) -> Manifest | None:
+        """The newest usable version trained on the same data and config (a rerun may skip it).
+
+        A corrupt or incomplete version counts as absent (a warning names it), so the user is
+        trained and published again. ``verify`` also reads the candidate's files and checks
+        their sha256 (adapters are small), so a tampered one is retrained too.
+        """
+        for manifest in self._usable_manifests(key):
+            if manifest.data_hash != data_hash or manifest.config_hash != config_hash:
+                continue
+            if verify:
+                try:
+                    self._verified_files(key, manifest)
+                except AdapterIntegrityError as exc:
+                    logger.warning("treating adapter %s version %s as absent: %s", key, manifest.version, exc)
+                    continue
+            return manifest
         return None
 
     def read_files(self, key: AdapterKey, version: str | None = None
                    ) -> tuple[Manifest, dict[str, bytes]]:
-        """The manifest and the verified bytes of every file of a version (default: the newest)."""
-        manifest = self._resolve(key, version)
-        version_path = f"{self._key_path(key)}/{manifest.version}"
+        """The manifest and the verified bytes of every file of a version.
+
+        Default: the newest version that verifies; a broken newer one is skipped with a warning,
+        and when none verifies the newest one's error is raised. A named ``version`` is strict.
+        """
+        if version is not None:
+            manifest = self.manifest(key, version)
+            return manifest, self._verified_files(key, manifest)
+        first_error: AdapterIntegrityError | None = None
+        for candidate in reversed(self.versions(key)):
+            try:
+                manifest = self.manifest(key, candidate)
+                return manifest, self._verified_files(key, manifest)
+            except AdapterNotFound:
+                continue  # deleted meanwhile
+            except AdapterIntegrityError as exc:
+                logger.warning("skipping adapter %s version %s: %s", key, candidate, exc)
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        raise AdapterNotFound(f"no complete adapter version for {key} in {self.root_uri}")
+
+    def _verified_files(self, key: AdapterKey, manifest: Manifest) -> dict[str, bytes]:
+        """Every file of ``manifest``'s version, each checked against its sha256."""
+        key_path = self._key_path(key)
+        version_path = f"{key_path}/{manifest.version}"
         paths = {name: f"{version_path}/{name}" for name in manifest.files}
         fetched = self._fs.cat(list(paths.values()), on_error="return")
         files: dict[str, bytes] = {}
-        for name, expected_sha in manifest.files.items():
-            data = fetched.get(paths[name], FileNotFoundError(paths[name]))
-            if isinstance(data, FileNotFoundError):
-                raise AdapterIntegrityError(
-                    f"adapter {key} version {manifest.version}: file {name!r} listed in the "
-                    f"manifest is missing")
-            if isinstance(data, Exception):
-                raise data
-            actual_sha = sha256_hex(data)
-            if actual_sha != expected_sha:
-                raise AdapterIntegrityError(
-                    f"adapter {key} version {manifest.version}: file {name!r} has sha256 "
-                    f"{actual_sha}, the manifest says {expected_sha}")
-            files[name] = data
-        return manifest, files
+        try:
+            for name, expected_sha in manifest.files.items():
+                data = fetched.get(paths[name], FileNotFoundError(paths[name]))
+                if isinstance(data, FileNotFoundError):
+                    raise AdapterIntegrityError(
+                        f"adapter {key} version {manifest.version}: file {name!r} listed in the "
+                        f"manifest is missing ({paths[name]})")
+                if isinstance(data, Exception):
+                    raise data
+                actual_sha = sha256_hex(data)
+                if actual_sha != expected_sha:
+                    raise AdapterIntegrityError(
+                        f"adapter {key} version {manifest.version}: file {name!r} has sha256 "
+                        f"{actual_sha}, the manifest says {expected_sha} ({paths[name]})")
+                files[name] = data
+        except AdapterIntegrityError:
+            self._broken.add((key_path, manifest.version))
+            raise
+        return files
+
+    def _usable_manifests(self, key: AdapterKey):
+        """Manifests of ``key``'s versions, newest first, skipping (with a warning) any version
+        whose manifest is corrupt or names another folder, whose listed files are not all there,
+        or whose hashes failed in this process. One listing of the key's folder."""
+        key_path = self._key_path(key)
+        listing: dict[str, set[str]] = {}
+        for file_path in list_files(self._fs, key_path):
+            parts = file_path[len(key_path) + 1:].split("/", 1)
+            if len(parts) == 2 and VERSION_PATTERN.fullmatch(parts[0]):
+                listing.setdefault(parts[0], set()).add(parts[1])
+        for version in sorted((v for v, names in listing.items() if MANIFEST_NAME in names), reverse=True):
+            if (key_path, version) in self._broken:
+                continue
+            try:
+                manifest = self.manifest(key, version)
+            except AdapterNotFound:
+                continue  # deleted since the listing
+            except AdapterIntegrityError as exc:
+                logger.warning("skipping adapter %s version %s: %s", key, version, exc)
+                continue
+            missing = sorted(set(manifest.files) - listing[version])
+            if missing:
+                logger.warning("skipping adapter %s version %s: files %s listed in its manifest are "
+                               "missing (%s/%s)", key, version, missing, key_path, version)
+                continue
+            yield manifest
 
     def fetch(self, key: AdapterKey, dest_dir: str | Path | None = None,
               version: str | None = None) -> Path:
@@ -335,10 +465,13 @@ class AdapterStore:
         return deleted_versions
 
     def gc_incomplete(self, older_than_s: float) -> int:
-        """Remove version folders without a manifest whose version time is over ``older_than_s`` ago.
+        """Remove version folders without a manifest that a publisher can no longer be writing.
 
-        These are the leftovers of writers that crashed mid-publish; younger ones may still be
-        uploading and are kept. Returns how many folders were removed.
+        A folder goes when its version time is over ``older_than_s`` ago (the grace period) and
+        it holds no unexpired publish lease (``LEASE_NAME``; an unreadable lease counts as
+        none); just before removing, the folder is listed again and kept if a manifest or a
+        fresh lease appeared meanwhile. These are the leftovers of writers that crashed
+        mid-publish. Returns how many folders were removed.
         """
         now = datetime.now(UTC)
         self._fs.invalidate_cache(self._root)
@@ -356,23 +489,34 @@ class AdapterStore:
         removed = 0
         for version_dir, names in sorted(version_files.items()):
             age_s = (now - version_time(version_dir.rsplit("/", 1)[1])).total_seconds()
-            if MANIFEST_NAME not in names and age_s > older_than_s:
-                self._fs.rm(version_dir, recursive=True)
-                removed += 1
+            if MANIFEST_NAME in names or age_s <= older_than_s:
+                continue
+            if LEASE_NAME in names and self._lease_live(version_dir):
+                continue
+            fresh = {path[len(version_dir) + 1:] for path in list_files(self._fs, version_dir)}
+            if MANIFEST_NAME in fresh or (LEASE_NAME in fresh and self._lease_live(version_dir)):
+                continue
+            self._fs.rm(version_dir, recursive=True)
+            removed += 1
         return removed
+
+    def _lease_live(self, version_dir: str) -> bool:
+        """Whether the publish lease in ``version_dir`` has not expired (unreadable: expired)."""
+        try:
+            expires = datetime.fromisoformat(json.loads(self._fs.cat_file(f"{version_dir}/{LEASE_NAME}"))["expires"])
+        except FileNotFoundError:
+            return False
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring the unreadable publish lease %s/%s: %s", version_dir, LEASE_NAME, exc)
+            return False
+        if expires.tzinfo is None:
+            expires = expires.replace(tzinfo=UTC)
+        return expires > datetime.now(UTC)
 
     # -- helpers ---------------------------------------------------------------------------
 
     def _key_path(self, key: AdapterKey) -> str:
         return f"{self._root}/{key.relative_path()}"
-
-    def _resolve(self, key: AdapterKey, version: str | None) -> Manifest:
-        if version is not None:
-            return self.manifest(key, version)
-        manifest = self.latest(key)
-        if manifest is None:
-            raise AdapterNotFound(f"no complete adapter version for {key} in {self.root_uri}")
-        return manifest
 
     def _variant_paths(self, task: str | None) -> list[str]:
         """Every ``{root}/{task}/{fingerprint}/{variant}`` folder (of one task, or all of them)."""
@@ -391,6 +535,10 @@ class AdapterStore:
                              if pattern.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])]
             paths = children
         return paths
+
+
+def _now_s() -> float:
+    return datetime.now(UTC).timestamp()
 
 
 def _complete_versions(fs: AbstractFileSystem, path: str, depth: int) -> list[tuple[str, str]]:

@@ -5,8 +5,9 @@
 ``TorchTrainer`` (DDP on CPU, DeepSpeed ZeRO when a DeepSpeed config is given on GPU), and
 publishes the merged model of rank 0's final checkpoint as ``run_dir/base[-flavour]``.
 
-Checkpoints come in two kinds: resumable ones every ``base.checkpoint_every_steps`` steps (marked
-by ``TRAIN_STATE``), and the final one, the merged model (marked by ``BASE_PROVENANCE``).
+Checkpoints come in two kinds: resumable ones every ``base.checkpoint_every_steps`` steps and at the
+end of every epoch but the last (``base.checkpoint_each_epoch``; marked by ``TRAIN_STATE``), and
+the final one, the merged model (marked by ``BASE_PROVENANCE``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def train_base_loop(config: dict) -> None:
     train_model.train()
     step, resumed_from = position.step, position.step
     every = config["checkpoint_every_steps"]  # the final step reports the merged model instead
+    checkpointed_at = step  # the step of the last resumable checkpoint (or of the one resumed from)
     for epoch in range(position.epoch, config["epochs"]):
         started, tokens, losses = time.perf_counter(), 0, []
         skip = position.batches_done if epoch == position.epoch else 0
@@ -141,6 +143,7 @@ def train_base_loop(config: dict) -> None:
             if every and step % every == 0 and step < total_steps:
                 _report_train_state(TrainPosition(epoch, batches_done, step), rank, model, optimizer,
                                     scheduler, engine, resumed_from)
+                checkpointed_at = step
                 mark = time.perf_counter()
                 seconds["checkpoint"] += mark - stepped
         elapsed = time.perf_counter() - started
@@ -149,7 +152,13 @@ def train_base_loop(config: dict) -> None:
                    "step": step, "resumed_from_step": resumed_from,
                    **{f"{part}_s": round(value, 2) for part, value in seconds.items()}}
         if epoch + 1 < config["epochs"]:
-            ray.train.report(metrics)
+            if config.get("checkpoint_each_epoch", True) and checkpointed_at != step:
+                # A resumable checkpoint at the epoch's end: a failure later loses at most an epoch.
+                _report_train_state(TrainPosition(epoch + 1, 0, step), rank, model, optimizer, scheduler, engine,
+                                    resumed_from, metrics)
+                checkpointed_at = step
+            else:
+                ray.train.report(metrics)
             continue
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -191,10 +200,11 @@ def _full_parameters(model, partitioned: bool):
 
 
 def _report_train_state(position: TrainPosition, rank: int, model, optimizer, scheduler, engine,
-                        resumed_from: int) -> None:
+                        resumed_from: int, metrics: dict | None = None) -> None:
     """Report a resumable checkpoint from every rank (Ray Train merges their directories):
     DeepSpeed's own (each rank its optimiser partition; frozen weights left out), else rank 0's
-    trainable weights, optimiser and schedule; each rank's RNG state; ``TRAIN_STATE``."""
+    trainable weights, optimiser and schedule; each rank's RNG state; ``TRAIN_STATE``. ``metrics``
+    (an epoch's, at its end) replace the position's own."""
     import ray.train
     import torch
 
@@ -211,7 +221,8 @@ def _report_train_state(position: TrainPosition, rank: int, model, optimizer, sc
         torch.save(rng, Path(tmp, f"rng-rank{rank}.pt"))
         if rank == 0:
             Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(position)))
-        ray.train.report({"epoch": position.epoch + 1, "step": position.step, "resumed_from_step": resumed_from},
+        ray.train.report(metrics or {"epoch": position.epoch + 1, "step": position.step,
+                                     "resumed_from_step": resumed_from},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -309,6 +320,7 @@ def adapt_base(cfg: RunConfig, flavour: str, log=logger.info) -> str:
         "model": cfg.pretrained_uri, "optim": asdict(cfg.base.optim), "peft": asdict(cfg.base.peft),
         "epochs": epochs, "n_samples": len(samples), "seed": cfg.seed, "use_gpu": cfg.base.use_gpu,
         "prompt_format": cfg.prompt_format, "checkpoint_every_steps": cfg.base.checkpoint_every_steps,
+        "checkpoint_each_epoch": cfg.base.checkpoint_each_epoch,
         "deepspeed": _deepspeed_config(cfg), "provenance": provenance,
     }
     trainer = TorchTrainer(
@@ -342,7 +354,7 @@ def _run_name(lamp_name: str, flavour: str, train_config: dict, num_workers: int
     """Ray Train's name for a base run: Ray Train hands a run the latest checkpoint stored under
     its name, so the name carries a digest of everything a checkpoint depends on: a rerun of an
     interrupted run resumes it, a run with other settings starts afresh."""
-    identity = {k: v for k, v in train_config.items() if k != "checkpoint_every_steps"}
+    identity = {k: v for k, v in train_config.items() if k not in ("checkpoint_every_steps", "checkpoint_each_epoch")}
     digest = hashlib.sha256(json.dumps([identity, num_workers], sort_keys=True).encode()).hexdigest()
     return f"oppu-base-{lamp_name}-{flavour}-{digest[:12]}"
 

@@ -16,7 +16,9 @@ The store is the job's memory: a user whose adapter for the same data and config
 skipped, so a re-run, or Ray re-executing the batch of an actor that died (actors restart, a
 batch is retried ``users.max_retries`` times), never trains or publishes a user twice; a batch
 that still fails leaves its unfinished users reported as failed, not the job. A user whose data
-or training fails is reported as failed; the others go on.
+or training fails is reported as failed; the others go on. Once every user is done and the report
+written, more failed users than ``users.max_failed_users`` (default 0) fail the stage
+(``StageFailed``: one line naming how many and which), so the command exits non-zero.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import logging
 import time
 
 from oppu import fsutil, logs
+from oppu.errors import StageFailed, name_list
 from oppu.run_config import RunConfig
-from oppu.training.users_report import UserResult, result_of_row, write_report
+from oppu.training.users_report import UserResult, report_path, result_of_row, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -81,4 +84,20 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
         f"skipped {sum(r.status == 'skipped' for r in results)}, failed {len(failed)}")
     for result in failed:
         log(f"[train_users {variant}] FAILED user {result.user_id}: {result.error}")
+    check_failed_users(cfg, variant, results)
     return results
+
+
+def check_failed_users(cfg: RunConfig, variant: str, results: list[UserResult]) -> None:
+    """Raise ``StageFailed`` when more users failed than ``users.max_failed_users`` allows (-1: any)."""
+    failed = sorted(r.user_id for r in results if r.status == "failed")
+    allowed = cfg.users.max_failed_users
+    if not failed or allowed == -1 or len(failed) <= allowed:
+        if failed:
+            logger.warning("[train_users %s] %d of %d users failed, within users.max_failed_users=%s",
+                           variant, len(failed), len(results), allowed)
+        return
+    raise StageFailed(
+        f"train_users {variant}: {len(failed)} of {len(results)} users failed ({name_list(failed)}), "
+        f"more than users.max_failed_users={allowed} allows (--max-failed-users N); their errors are "
+        f"in {report_path(cfg.run_dir, variant)}")

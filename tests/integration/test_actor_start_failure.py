@@ -5,6 +5,7 @@ which would have stopped a missing base before the pool started."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -57,28 +58,41 @@ def _config(run_dir: Path, *overrides: str):
 
 
 def test_train_users_actor_that_cannot_start_fails_its_batches_by_name(broken_run, local_ray):
+    from oppu.errors import StageFailed
     from oppu.training.users import train_personal_adapters
     from oppu.training.users_report import load_report
 
     lines: list[str] = []
     started = time.monotonic()
-    results = train_personal_adapters(_config(broken_run), "oppu", log=lines.append)
+    # Every user failed: the stage fails (issue #15), after its report, naming them all.
+    with pytest.raises(StageFailed, match=rf"train_users oppu: {N_TEST} of {N_TEST} users failed \(") as raised:
+        train_personal_adapters(_config(broken_run), "oppu", log=lines.append)
     seconds = time.monotonic() - started
-    assert len(results) == N_TEST and all(r.status == "failed" for r in results), results
+    report = load_report(str(broken_run), "oppu")
+    results = report["users"]
+    assert len(results) == N_TEST and all(r["status"] == "failed" for r in results), results
+    assert all(r["user_id"] in str(raised.value) for r in results)
     for result in results:
-        assert result.error.startswith("PersonalTrainer could not start: ") and "\n" not in result.error
+        assert result["error"].startswith("PersonalTrainer could not start: ") and "\n" not in result["error"]
     assert "failed 4" in lines[-N_TEST - 1]  # the summary, then one FAILED line per user
     assert sum("FAILED user" in line for line in lines) == N_TEST
-    report = load_report(str(broken_run), "oppu")
     assert report["failed"] == N_TEST and report["trained"] == 0
     assert seconds < 120, seconds
 
 
 def test_evaluate_actor_that_cannot_start_fails_its_queries(broken_run, local_ray, caplog):
+    from oppu.errors import StageFailed
     from oppu.evaluation.runner import evaluate
 
     caplog.set_level("INFO", logger="oppu")
-    metrics = evaluate(_config(broken_run))
+    with pytest.raises(StageFailed, match=r"evaluate: \d+ queries could not be answered \(non-personalized: "):
+        evaluate(_config(broken_run))
+    metrics = json.loads((broken_run / "metrics.json").read_text())
+    assert metrics["errors"] == {"non-personalized": metrics["n_queries"], "oppu": metrics["n_queries"]}
+    assert {m: e["count"] for m, e in metrics["failed_queries"].items()} == metrics["errors"]
+    caplog.clear()
+    # With the threshold lifted the stage passes, and still reports them.
+    metrics = evaluate(_config(broken_run, "eval.max_failed_queries=-1"))
     assert metrics["errors"] == {"non-personalized": metrics["n_queries"], "oppu": metrics["n_queries"]}
     failed = [r.getMessage() for r in caplog.records if "users failed: " in r.getMessage()]
     assert len(failed) == 1 and failed[0].startswith(f"[evaluate] {N_TEST} of {N_TEST} users failed: "), failed

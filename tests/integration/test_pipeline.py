@@ -144,6 +144,7 @@ def test_bad_user_fails_alone(run_dir, tmp_path):
 
     from oppu.data.dataset import read_dataset, write_dataset
     from oppu.data.records import HistoryItem
+    from oppu.errors import StageFailed
     from oppu.pipeline import run_stages
     from oppu.training.users_report import load_report
 
@@ -154,8 +155,9 @@ def test_bad_user_fails_alone(run_dir, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, "LaMP-2M", users, {})
     try:
-        run_stages(_config(run_dir, f"data={data}", f"store={tmp_path / 'store'}",
-                           "users.variants=[oppu]"), ["users"])
+        with pytest.raises(StageFailed, match=rf"1 of \d+ users failed \({broken.user_id}\)"):
+            run_stages(_config(run_dir, f"data={data}", f"store={tmp_path / 'store'}",
+                               "users.variants=[oppu]"), ["users"])
     finally:
         ray.shutdown()
     report = load_report(str(run_dir), "oppu")

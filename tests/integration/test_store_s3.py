@@ -61,10 +61,13 @@ def test_versions_integrity_and_deletion_on_s3(s3_server, s3_uri, tmp_path):
 
     s3.pipe_file(f"{key_prefix}/{second.version}/adapter_model.safetensors", b"evil")
     with pytest.raises(AdapterIntegrityError, match="adapter_model.safetensors"):
-        store.read_files(KEY)
+        store.read_files(KEY, second.version)
+    # Without a version, readers fall back to the newest version that verifies.
+    assert store.read_files(KEY)[1]["adapter_model.safetensors"] == b"first"
     s3.rm_file(f"{key_prefix}/{second.version}/adapter_model.safetensors")
     with pytest.raises(AdapterIntegrityError, match="missing"):
-        store.read_files(KEY)
+        store.read_files(KEY, second.version)
+    assert AdapterStore(s3_uri).latest(KEY) == first
     assert store.read_files(KEY, first.version)[1]["adapter_model.safetensors"] == b"first"
 
     assert store.gc_incomplete(older_than_s=-1) == 1

@@ -50,6 +50,7 @@ def test_a_lost_worker_resumes_from_the_last_checkpoint(prepared, watch, uninter
     first_life, second_life = reports[:died + 1], reports[died + 1:]
     assert len({r["pid"] for r in first_life}) == 1 and second_life[0]["pid"] != first_life[0]["pid"]
     assert [r["step"] for r in first_life] == [3, 4, 6]  # checkpoint, end of epoch 1, checkpoint
+    assert all(r["checkpoint"] for r in first_life)  # the end of an epoch is a checkpoint too
     # The restarted worker went on from step 6, in epoch 2, and ran only the two batches left.
     assert second_life == [{**second_life[0], "epoch": 2, "step": 8, "steps": 2, "resumed_from_step": 6}]
     assert second_life[0]["checkpoint"]
@@ -62,6 +63,23 @@ def test_a_lost_worker_resumes_from_the_last_checkpoint(prepared, watch, uninter
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(expected[n], pretrained[n]) for n in expected), "training changed nothing"
+
+
+def test_a_worker_lost_after_an_epoch_resumes_from_its_end(prepared, watch, uninterrupted, tmp_path):
+    """The checkpoint at the end of epoch 1 (step 4, no step checkpoint there) is a resumable one."""
+    import torch
+
+    data, model = prepared
+    cfg = base_runs.base_config(tmp_path, data, model, *SETTINGS)
+    reports = base_runs.run_base(cfg, watch, fail_at_step=4)
+    died = next(i for i, r in enumerate(reports) if r["checkpoint"] and r["step"] == 4)
+    second_life = reports[died + 1:]
+    assert second_life[0]["pid"] != reports[died]["pid"]
+    assert [(r["step"], r["resumed_from_step"]) for r in second_life] == [(6, 4), (8, 4)]
+    resumed, expected = base_runs.published_weights(tmp_path / "base"), base_runs.published_weights(
+        uninterrupted[0] / "base")
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=1e-5, atol=1e-6)
 
 
 def test_the_published_base_is_the_merged_model(uninterrupted):

@@ -26,6 +26,7 @@ import ast
 import contextlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -97,16 +98,20 @@ def _check_oppu(argv: list[str]) -> None:
 
 def _check_job(script: str, argv: list[str]) -> None:
     from oppu import logs
+    from oppu.commands.stages import add_threshold_arguments, threshold_overrides
     from oppu.config import add_config_arguments, load_config
+    from oppu.pipeline import STAGE_COMMANDS
     from oppu.run_config import RunConfig
 
     assert (ROOT / script).is_file(), script
     parser = argparse.ArgumentParser(prog=script)
     add_config_arguments(parser)
+    add_threshold_arguments(parser, STAGE_COMMANDS.get(Path(script).stem.replace("_", "-"), []))
     logs.add_arguments(parser)
     args = _parse(parser, argv)
     assert args.config, f"{script} without --config"
-    load_config(RunConfig, ROOT / args.config, args.overrides)  # raises on a bad key or value
+    # raises on a bad key or value
+    load_config(RunConfig, ROOT / args.config, args.overrides + threshold_overrides(args))
 
 
 def _check_python(argv: list[str]) -> None:

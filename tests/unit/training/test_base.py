@@ -15,7 +15,7 @@ TRAIN_CONFIG = {"model": "m", "optim": {"lr": 1e-4}, "epochs": 2, "seed": 0, "ch
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
-    ("checkpoint_every_steps", -1, "base.checkpoint_every_steps must be >= 0 (0: only the final model), got -1"),
+    ("checkpoint_every_steps", -1, "base.checkpoint_every_steps must be >= 0 (0: none within an epoch), got -1"),
     ("max_failures", -2, "base.max_failures must be >= -1 (-1: unlimited), got -2"),
 ])
 def test_checkpoint_keys_are_checked(key, value, message):
@@ -35,6 +35,7 @@ def test_a_run_is_named_by_what_its_checkpoints_depend_on():
     name = _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 2)
     assert name.startswith("oppu-base-LaMP_2M-plain-")
     assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
+    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "checkpoint_each_epoch": False}, 2) == name
     assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
     assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "provenance": {"samples": 11}}, 2) != name
     assert _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 1) != name
