@@ -159,6 +159,7 @@ def evaluate(cfg: RunConfig) -> dict:
 
     from oppu.actor_pools import map_users
     from oppu.data.dataset import read_dataset, users_parquet_path
+    from oppu.erasure import tombstone_check
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
     missing = {m.base_flavour(cfg) for m in methods} - set(cfg.base.flavours)
@@ -167,7 +168,8 @@ def evaluate(cfg: RunConfig) -> dict:
                           f"{cfg.base.flavours} does not train")
     dataset = read_dataset(cfg.data_uri)
     task = dataset.task
-    test_users = dataset.test_users()
+    erased = tombstone_check(cfg.store_uri)  # erased users (oppu users delete) are not answered for
+    test_users = [u for u in dataset.test_users() if not erased(u.user_id)]
     golds = {q.id: q.gold for u in test_users for q in u.queries if q.gold is not None}
     if any(m.profile for m in methods):
         from oppu.profiles import stored_profiles
@@ -178,7 +180,7 @@ def evaluate(cfg: RunConfig) -> dict:
     users_path = users_parquet_path(cfg.data_uri)
     _, answers_ds = map_users(
         ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path)).filter(
-            lambda r: r["role"] == "test"),
+            lambda r: r["role"] == "test" and not erased(r["user_id"])),
         QueryAnswerer, _start_failed, cfg.eval,
         {"cfg": cfg, "methods": [m.name for m in methods],
          "random_items": pick_random_items(dataset, cfg.seed)})
