@@ -466,3 +466,90 @@ def test_a_diverging_user_in_a_batched_pass_fails_alone():
     fault.adapters_lost += changed
     fault.record(failed == ["bad"] and "bad" not in together and changed == 0, f"failed {failed}, changed {changed}")
     assert failed == ["bad"] and "bad" not in together and changed == 0
+
+
+def test_gc_during_a_slow_publish_and_a_corrupt_newest_manifest(app, tmp_path):
+    """A gc with no grace period runs in the middle of a publish; then the newest version's
+    manifest is corrupted. The served answer is the complete version each time: the new one after
+    the publish, the one before it once the newest manifest is broken."""
+    from oppu.store import AdapterStore
+    from oppu.store.adapters import MANIFEST_NAME
+
+    store_uri, fingerprint = app["store"].root_uri, app["fingerprint"]
+    user = "good05"
+    publisher, collector = AdapterStore(store_uri), AdapterStore(store_uri)
+    removed: list[int] = []
+    real = publisher._fs.pipe_file
+
+    def pipe_file(path, data, **kwargs):
+        real(path, data, **kwargs)
+        if path.endswith("/adapter_config.json"):  # half-way through the publish
+            removed.append(collector.gc_incomplete(older_than_s=-1))
+
+    publisher._fs.pipe_file = pipe_file
+    newer = reseeded_adapter(app["template"], tmp_path / "newer", seed=500)
+    manifest = publish_adapter(publisher, TASK, fingerprint, user, newer)
+    expected_new = peft_greedy(app["base"], newer, [PROMPT], 6)[0]
+    time.sleep(0.6)  # the app's adapter_check_ttl_s
+    request = [("POST", "/v1/completions", _completion(user), _auth(app["tokens"][user]))]
+    served = asyncio.run(_send(app["url"], request))[0]
+    gc_fault = row("gc during a publish")
+    ok = removed == [0] and served.status_code == 200 and served.json()["choices"][0]["text"] == expected_new
+    gc_fault.record(ok, f"gc removed {removed}; served {served.status_code} {served.text[:120]}")
+    gc_fault.adapters_lost += _good_answers_hold(app)
+
+    version_dir = Path(store_uri) / TASK / fingerprint / "oppu" / user / manifest.version
+    (version_dir / MANIFEST_NAME).write_text("{oops")
+    time.sleep(0.6)
+    served = asyncio.run(_send(app["url"], request))[0]
+    corrupt = row("corrupt newest manifest")
+    ok_corrupt = served.status_code == 200 and served.json()["choices"][0]["text"] == app["expected"][user]
+    corrupt.record(ok_corrupt, f"served {served.status_code} {served.text[:120]}")
+    corrupt.adapters_lost += _good_answers_hold(app)
+    assert ok and ok_corrupt and gc_fault.adapters_lost == corrupt.adapters_lost == 0
+
+
+KILLED_PUBLISHER = """
+import sys, time
+from pathlib import Path
+from oppu.store import AdapterStore
+from tests.unit.serving.tiny_setup import publish_adapter
+store = AdapterStore(sys.argv[1])
+real = store._fs.pipe_file
+def pipe_file(path, data, **kwargs):
+    real(path, data, **kwargs)
+    if path.endswith("/adapter_config.json"):
+        print("half-way", flush=True)
+        time.sleep(60)  # killed here, its version half written
+store._fs.pipe_file = pipe_file
+publish_adapter(store, sys.argv[2], sys.argv[3], sys.argv[4], Path(sys.argv[5]))
+"""
+
+
+def test_a_trainer_killed_mid_publish(app, tmp_path):
+    """The process publishing a user's new version is killed half-way: the served version stays
+    the last complete one, and the next publish goes through."""
+    import subprocess
+    import sys
+
+    store_uri, fingerprint, user = app["store"].root_uri, app["fingerprint"], "good06"
+    newer = reseeded_adapter(app["template"], tmp_path / "newer", seed=600)
+    process = subprocess.Popen([sys.executable, "-c", KILLED_PUBLISHER, store_uri, TASK, fingerprint, user,
+                                str(newer)], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parents[2])
+    assert process.stdout.readline().strip() == "half-way"
+    process.kill()
+    process.wait()
+    time.sleep(0.6)  # the app's adapter_check_ttl_s
+    request = [("POST", "/v1/completions", _completion(user), _auth(app["tokens"][user]))]
+    served = asyncio.run(_send(app["url"], request))[0]
+    fault = row("trainer killed mid-publish")
+    kept = served.status_code == 200 and served.json()["choices"][0]["text"] == app["expected"][user]
+    publish_adapter(app["store"], TASK, fingerprint, user, newer)  # the retried publish
+    time.sleep(0.6)
+    served = asyncio.run(_send(app["url"], request))[0]
+    republished = served.status_code == 200 and served.json()["choices"][0]["text"] == peft_greedy(
+        app["base"], newer, [PROMPT], 6)[0]
+    fault.record(kept and republished, f"kept {kept}, republished {republished}")
+    fault.adapters_lost += _good_answers_hold(app)
+    assert kept and republished and fault.adapters_lost == 0
