@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -178,13 +179,17 @@ def test_ray_job_submit_train_users_then_evaluate(run_dir, tmp_path):
                    check=True, env=env, capture_output=True)
     store = tmp_path / "adapters"
     try:
-        submit = subprocess.run(
-            [*ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--working-dir", str(ROOT), "--", "python", "jobs/train_users.py",
-             "--config", "oppu/configs/quickstart.yaml", "--set", "task=LaMP-2M",
-             "--set", f"run_dir={run_dir}", "--set", f"store={store}",
-             *[arg for item in TINY for arg in ("--set", item)]],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(6):  # the head's job agent can come up after `ray start` returns (a loaded machine)
+            submit = subprocess.run(
+                [*ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                 "--working-dir", str(ROOT), "--", "python", "jobs/train_users.py",
+                 "--config", "oppu/configs/quickstart.yaml", "--set", "task=LaMP-2M",
+                 "--set", f"run_dir={run_dir}", "--set", f"store={store}",
+                 *[arg for item in TINY for arg in ("--set", item)]],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(10)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
     finally:
