@@ -103,7 +103,8 @@ def test_add_train_serve_then_more_history_and_a_new_version_without_restart(run
         serve.run(build({"model": str(run_dir / "base"), "store": str(run_dir / "adapters"),
                          "data": str(run_dir / "data"), "gpu_slots": "8", "max_batch_size": "8",
                          "adapter_check_ttl_s": "0.5", "history_check_ttl_s": "0.5",
-                         "max_tokens_limit": "16", "num_cpus_per_replica": "1"}), name="life", route_prefix="/")
+                         "max_tokens_limit": "16", "default_max_tokens": "6",
+                         "num_cpus_per_replica": "1"}), name="life", route_prefix="/")
         url, token = f"http://127.0.0.1:{port}", TokenStore(str(run_dir / "adapters")).create("newbie")
         user_auth = {"Authorization": f"Bearer {token}"}
 
