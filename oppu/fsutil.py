@@ -81,6 +81,21 @@ def write_text(uri: str, text: str) -> None:
     os.replace(fh.name, path)
 
 
+def write_bytes(uri: str, data: bytes) -> None:
+    """Replace the file at ``uri`` whole: locally a temp file renamed into place, remotely one
+    object PUT (a reader sees the old object or the new one, never part of either)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        with fs.open(path, "wb") as fh:
+            fh.write(data)
+        return
+    path = local_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("wb", dir=path.parent, delete=False, suffix=".tmp") as fh:
+        fh.write(data)
+    os.replace(fh.name, path)
+
+
 def read_text(uri: str) -> str:
     if is_remote(uri):
         fs, path = filesystem(uri)

@@ -1,7 +1,18 @@
-"""``oppu users``: erase a user from a run and its store, or let an erased user back in.
+"""``oppu users``: onboard a user's history, train just them, erase them, or let them back in.
 
+    oppu users add --run DIR --user U --history FILE [--data URI] [--store URI]
+    oppu users train --run DIR --user U [--user U2 ...] [--config FILE] [--set KEY=VALUE ...]
     oppu users delete --run DIR --user U [--store URI] [--tokens URI] [--data URI]
     oppu users restore --run DIR --user U [--store URI]
+
+``add`` validates FILE, a JSON list of the task's LaMP profile items (a LaMP question's
+``"profile"``; queries are not accepted), as ``oppu prepare`` does (exit status 2 listing every
+bad item by file, item id and field), and adds them to the user's history in the run's data set;
+a new user joins as a test user. An erased (tombstoned) user is refused with exit status 2.
+``train`` trains the named users' adapters for every variant of the run config (``--config``,
+else ``DIR/config.yaml``; ``--set`` overrides as the stage commands take them) through
+``train_users``'s actor pool and publishes a new version each; nobody else is trained. Exit
+status 1 when a user failed (see ``DIR/reports/train_users-<variant>.json``).
 
 ``delete`` writes the user's tombstone, deletes every adapter version and token of theirs, drops
 their records from every data file of the run (``oppu.erasure``), then scans the run directory,
@@ -21,11 +32,31 @@ from oppu import fsutil
 from oppu.errors import ConfigError, UserIdError
 from oppu.ids import validate_user_id
 
-HELP = "Erase a user from a run dir and its adapter store (delete), or lift the erasure (restore)."
+HELP = ("Add a user's history (add), train just them (train), erase them from a run dir and its "
+        "adapter store (delete), or lift the erasure (restore).")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from oppu.config import add_config_arguments
+
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add_help = "add history items to a user of the run's data set (a new user joins as a test user)"
+    add = actions.add_parser("add", help=add_help, description=add_help)
+    add.add_argument("--run", required=True, help="the run directory (a path or s3://...)")
+    add.add_argument("--user", required=True, help="user id: 1-128 letters, digits, '.', '_', '-'")
+    add.add_argument("--history", required=True,
+                     help="JSON list of the task's LaMP profile items, as in a LaMP question's "
+                          "\"profile\" ({\"id\", the task's fields, \"date\"?}); history only, "
+                          "queries are not accepted; items the user already has (same id) are skipped")
+    add.add_argument("--data", help="prepared data (default: the run config's data, else RUN/data)")
+    add.add_argument("--store", help="adapter store root, for the erasure check (default: the run "
+                                     "config's store, else RUN/adapters)")
+    train_help = "train the named users' adapters for every variant of the run config and publish them"
+    train = actions.add_parser("train", help=train_help, description=train_help)
+    train.add_argument("--run", required=True, help="the run directory (a path or s3://...)")
+    train.add_argument("--user", dest="users", action="append", required=True,
+                       help="a test user to train (repeatable); nobody else is trained")
+    add_config_arguments(train)
     for action, help_text in (("delete", "erase the user: adapters, tokens, records; tombstone them"),
                               ("restore", "remove the user's tombstone, so they may be trained again")):
         sub = actions.add_parser(action, help=help_text, description=help_text)
@@ -40,6 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from oppu.erasure import erase_user, remove_tombstone
 
+    if args.action == "train":
+        return _train(args)
     try:
         user = validate_user_id(args.user)
     except UserIdError as exc:
@@ -48,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--run: no run directory at {args.run!r}")
     configured = _run_config_paths(args.run)
     store = args.store or configured.get("store") or fsutil.join(args.run, "adapters")
+    if args.action == "add":
+        return _add(args, user, args.data or configured.get("data") or fsutil.join(args.run, "data"), store)
     if args.action == "restore":
         lifted = remove_tombstone(store, user)
         print(f"user {user!r}: {'tombstone removed' if lifted else 'had no tombstone'} in {store}",
@@ -80,3 +115,60 @@ def _run_config_paths(run_dir: str) -> dict[str, str]:
         return {}
     config = yaml.safe_load(fsutil.read_text(uri)) or {}
     return {key: config[key] for key in ("store", "data") if isinstance(config.get(key), str)}
+
+
+def _add(args: argparse.Namespace, user: str, data: str, store: str) -> int:
+    from oppu.errors import UserErasedError
+    from oppu.onboarding import HistoryErrors, add_user_history
+
+    try:
+        update = add_user_history(data, store, user, args.history)
+    except UserErasedError as exc:
+        raise ConfigError(str(exc)) from None
+    except HistoryErrors as exc:
+        for error in exc.errors:
+            print(f"oppu users add: error: {error}", file=sys.stderr)
+        print(f"oppu users add: {len(exc.errors)} bad history item(s); nothing written", file=sys.stderr)
+        return 2
+    what = "new test user" if update.created else f"{update.user.role} user"
+    print(f"user {user!r} ({what}): {update.added} history item(s) added, {update.already_there} already "
+          f"there; {len(update.user.history)} in all in {data}")
+    if update.user.role != "test":
+        print(f"note: {user!r} is a base user: base users get no personal adapter", file=sys.stderr)
+    elif update.added:
+        print(f"train their adapter: oppu users train --run {args.run} --user {user}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from oppu.config import load_config
+    from oppu.errors import UserErasedError
+    from oppu.onboarding import train_named_users
+    from oppu.run_config import RunConfig
+
+    if not fsutil.exists(args.run):
+        raise ConfigError(f"--run: no run directory at {args.run!r}")
+    run_config = None
+    if args.config is None:
+        uri = fsutil.join(args.run, "config.yaml")
+        if not fsutil.exists(uri):
+            raise ConfigError(f"--config: {args.run} has no config.yaml (oppu quickstart writes one); "
+                              "give the run config with --config FILE")
+        run_config = yaml.safe_load(fsutil.read_text(uri)) or {}
+        if not isinstance(run_config, dict):
+            raise ConfigError(f"{uri} must hold a mapping at the top level")
+    # run_dir first, so a --set of the caller's wins; a copied run dir trains where it now is
+    cfg = load_config(RunConfig, args.config, [f"run_dir={args.run}", *args.overrides], base=run_config)
+    try:
+        results = train_named_users(cfg, args.users)
+    except UserErasedError as exc:
+        raise ConfigError(str(exc)) from None
+    failed = 0
+    for variant, variant_results in results.items():
+        for result in variant_results:
+            detail = result.version if result.status != "failed" else result.error
+            print(f"{variant}\t{result.user_id}\t{result.status}\t{detail}")
+            failed += result.status == "failed"
+    return 1 if failed else 0

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oppu import fsutil
-from oppu.data.records import UserData
+from oppu.data.records import HistoryItem, UserData
 from oppu.errors import ConfigError, DataError
 from oppu.ids import validate_user_id
 
@@ -115,8 +115,6 @@ def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
     name and the creation time are computed here and take precedence. Returns ``out_dir`` as a
     ``Path`` when it is local, else the URI as given.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from oppu.tasks import get_task
 
@@ -131,26 +129,16 @@ def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
                             user=user.user_id, field="role")
         seen.add(user.user_id)
 
-    rows = [user.to_row() for user in users]
-    schema = pa.schema([("user_id", pa.string()), ("role", pa.string()), ("n_history", pa.int64()),
-                        ("n_queries", pa.int64()), ("history", pa.large_string()),
-                        ("queries", pa.large_string())])
-    table = pa.Table.from_pylist(rows, schema=schema)
-
     record = {
         "sources": {},
         **meta,
         "task": task.name,
-        "n_users": len(users),
-        "n_test_users": sum(user.role == "test" for user in users),
-        "n_history_items": sum(len(user.history) for user in users),
-        "n_queries": sum(len(user.queries) for user in users),
+        **_counts(users),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "format_version": FORMAT_VERSION,
     }
 
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
+    buffer = _users_parquet(users)
     fs, root = fsutil.filesystem(str(out_dir))
     fs.makedirs(root, exist_ok=True)
     if fs.exists(fsutil.join(root, META_FILE)):  # readers must never pair old metadata with new rows
@@ -161,23 +149,84 @@ def write_dataset(out_dir: str | Path, task_name: str, users: list[UserData],
     return str(out_dir) if fsutil.is_remote(str(out_dir)) else fsutil.local_path(str(out_dir))
 
 
-def read_dataset(directory: str | Path) -> PreparedDataset:
-    """Read the data set ``write_dataset`` wrote in ``directory`` (a path or fsspec URI)."""
+def _counts(users: list[UserData]) -> dict[str, int]:
+    """The counts ``dataset.json`` keeps."""
+    return {"n_users": len(users), "n_test_users": sum(user.role == "test" for user in users),
+            "n_history_items": sum(len(user.history) for user in users),
+            "n_queries": sum(len(user.queries) for user in users)}
+
+
+def _users_parquet(users: list[UserData]) -> io.BytesIO:
+    """``users.parquet``'s bytes for ``users``: one row each, the schema every task shares."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from oppu.tasks import get_task
+    schema = pa.schema([("user_id", pa.string()), ("role", pa.string()), ("n_history", pa.int64()),
+                        ("n_queries", pa.int64()), ("history", pa.large_string()),
+                        ("queries", pa.large_string())])
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([user.to_row() for user in users], schema=schema), buffer)
+    return buffer
 
+
+@dataclass(frozen=True)
+class HistoryUpdate:
+    """What ``add_history`` did to one user."""
+
+    user: UserData  # the user's row as written
+    created: bool  # a new user (role "test"), not one the data set had
+    added: int  # items appended
+    already_there: int  # items the user's history already held (same id and content)
+
+
+def add_history(directory: str | Path, user_id: str, items: list[HistoryItem], *,
+                source: str = "<history>") -> HistoryUpdate:
+    """Add ``items`` to the user's history in the data set at ``directory``; a new user joins as a
+    ``test`` user (so ``train_users`` gives them an adapter).
+
+    Items already in the user's history (same id) are skipped when their content is the same and
+    refused (``DataError`` naming ``source``, the item and the user) when it differs; the others
+    are appended after the known history (they are the newest: every query's ``visible_history``
+    keeps pointing at the items it saw). ``users.parquet`` is replaced whole (a temp file renamed
+    into place; on S3 one new object), then ``dataset.json``'s counts. Writers are not locked
+    against each other: one writer a data set at a time.
+    """
+    user_id = validate_user_id(user_id)
+    if not items:
+        raise DataError("no history items to add", file=source, user=user_id)
     meta_path, users_path = dataset_json_path(directory), users_parquet_path(directory)
-    if not fsutil.exists(meta_path):
-        raise DataError("not a prepared data set: dataset.json is missing (run `oppu prepare`)",
-                        file=meta_path)
-    try:
-        meta = fsutil.read_json(meta_path)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc}", file=meta_path) from None
-    if not isinstance(meta, dict) or "task" not in meta:
-        raise DataError("dataset.json must be an object with a 'task'", file=meta_path, field="task")
-    task = get_task(meta["task"])
+    meta = _read_meta(meta_path)
+    users = read_users(users_path)
+    index = next((i for i, user in enumerate(users) if user.user_id == user_id), None)
+    current = users[index] if index is not None else UserData(user_id=user_id, role="test")
+    known = {item.id: item for item in current.history}
+    new, already = [], 0
+    for item in items:
+        if item.id not in known:
+            known[item.id] = item
+            new.append(item)
+        elif known[item.id] == item:
+            already += 1
+        else:
+            raise DataError("the user's history already has an item with this id and other content "
+                            "(give the new item another id)", file=source, record=item.id,
+                            field="id", user=user_id)
+    updated = replace(current, history=[*current.history, *new])
+    if index is None:
+        users.append(updated)
+    else:
+        users[index] = updated
+    if new:
+        fsutil.write_bytes(users_path, _users_parquet(users).getvalue())
+        fsutil.write_json(meta_path, {**meta, **_counts(users),
+                                      "updated": datetime.now(UTC).isoformat(timespec="seconds")})
+    return HistoryUpdate(user=updated, created=index is None, added=len(new), already_there=already)
+
+
+def read_users(users_path: str, only: str | None = None) -> list[UserData]:
+    """Every user row of ``users.parquet`` at ``users_path`` (only the user ``only``, if given)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     if not fsutil.exists(users_path):
         raise DataError("users.parquet is missing", file=users_path)
@@ -187,7 +236,8 @@ def read_dataset(directory: str | Path) -> PreparedDataset:
     missing = [name for name in USER_COLUMNS if name not in table.column_names]
     if missing:
         raise DataError(f"users.parquet lacks columns {missing}", file=users_path)
-
+    if only is not None:
+        table = table.filter(pc.equal(table["user_id"], only))
     users = []
     for row in table.to_pylist():
         try:
@@ -195,7 +245,32 @@ def read_dataset(directory: str | Path) -> PreparedDataset:
         except (TypeError, ValueError, KeyError) as exc:
             raise DataError(f"unreadable user row: {exc}", file=users_path,
                             user=str(row.get("user_id"))) from None
+    return users
+
+
+def read_dataset(directory: str | Path) -> PreparedDataset:
+    """Read the data set ``write_dataset`` wrote in ``directory`` (a path or fsspec URI)."""
+    from oppu.tasks import get_task
+
+    meta_path, users_path = dataset_json_path(directory), users_parquet_path(directory)
+    meta = _read_meta(meta_path)
+    task = get_task(meta["task"])
+
+    users = read_users(users_path)
     if meta.get("n_users") is not None and meta["n_users"] != len(users):
         raise DataError(f"dataset.json says {meta['n_users']} users but users.parquet holds "
                         f"{len(users)}", file=meta_path, field="n_users")
     return PreparedDataset(task=task, users=users, meta=meta, location=str(directory))
+
+
+def _read_meta(meta_path: str) -> dict[str, Any]:
+    if not fsutil.exists(meta_path):
+        raise DataError("not a prepared data set: dataset.json is missing (run `oppu prepare`)",
+                        file=meta_path)
+    try:
+        meta = fsutil.read_json(meta_path)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc}", file=meta_path) from None
+    if not isinstance(meta, dict) or "task" not in meta:
+        raise DataError("dataset.json must be an object with a 'task'", file=meta_path, field="task")
+    return meta

@@ -419,3 +419,42 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
             users.append(UserData(user_id=key, role="base", history=history, queries=queries))
     users = [user for user in users if user.user_id not in errors.bad_users]
     return (users, errors.errors) if collect_errors else users
+
+
+def read_history(task: Task, source: str | Path | list, *, user: str, file: str | None = None,
+                 collect_errors: bool = False) -> list[HistoryItem] | tuple[list[HistoryItem], list[DataError]]:
+    """One user's new history items: a JSON list of profile items, as in a LaMP question's
+    ``"profile"`` (``[{"id", <the task's item fields>, "date"?}, ...]``).
+
+    ``source`` is the file (path or URI) or the already-parsed list (an HTTP body's ``history``;
+    ``file`` then names it in errors). Each item is validated as ``oppu prepare`` validates a
+    profile item; an error names the file, the item (its id, else ``#index``) and the field
+    (``profile[i].<field>``). Items repeated with the same id and content count once; the same id
+    with other content is an error. Dated items are sorted by date when every item has one.
+    Queries are not history: an entry with an ``input`` (a LaMP question) is refused.
+    """
+    errors = _Collector(strict=not collect_errors)
+    where_file = file or ("<request>" if isinstance(source, list) else str(source))
+    raw = _load_json(source) if not isinstance(source, list) else source
+    if isinstance(raw, dict) and "profile" in raw:
+        raise DataError("expected a JSON list of profile items, got an object with a 'profile' (pass "
+                        "that list itself)", file=where_file)
+    if not isinstance(raw, list):
+        raise DataError(f"history must be a JSON list of profile items, got {type(raw).__name__}",
+                        file=where_file)
+    items: list[HistoryItem] = []
+    for index, entry in enumerate(raw):
+        record = (_record_id(entry.get("id")) if isinstance(entry, dict) else None) or f"#{index}"
+        where = _Where(where_file, record, user, user)
+        if isinstance(entry, dict) and "input" in entry:
+            errors.at(where, "a query (it has 'input'), not a history item: queries are not accepted "
+                      "here", f"profile[{index}].input")
+            continue
+        item = _read_item(task, entry, f"profile[{index}]", where, errors)
+        if item is not None:
+            items.append(item)
+    history = None
+    if not errors.errors:
+        history = _merge_history([(item.id, [item]) for item in items], where_file, user, errors)
+    history = history or []
+    return (history, errors.errors) if collect_errors else history

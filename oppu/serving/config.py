@@ -44,6 +44,8 @@ class ServeConfig(BaseModel):
         description="modules that carry LoRA slots (a superset of the adapters' targets)")
     adapter_check_ttl_s: float = Field(5.0, ge=0, description="how long a cached adapter is trusted "
                                        "before the store is asked for a newer version")
+    history_check_ttl_s: float = Field(5.0, ge=0, description="how often /v1/predict's copy of the users' "
+                                       "histories (data) is checked for additions made elsewhere")
     max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one forward pass (the running "
                                 "batch; requests join and leave it at step boundaries)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps "

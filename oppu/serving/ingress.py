@@ -123,11 +123,11 @@ class OppuIngress:
         self.store = AdapterStore(self.config.store)
         self.events = DeletionEvents(serve.get_replica_context().app_name)
         self.metrics = ServingMetrics()
-        self.dataset = None
+        self.histories = None
         if self.config.data:
-            from oppu.data.dataset import read_dataset
+            from oppu.serving.histories import UserHistories
 
-            self.dataset = read_dataset(self.config.data)
+            self.histories = UserHistories(self.config.data, self.config.history_check_ttl_s)
         self._info: dict | None = None
         self._tokenizer_cache = None
 
@@ -263,7 +263,7 @@ class OppuIngress:
         query = self.task.parse_query(body.input)  # DataError(field="input") -> 400 naming "input"
         retrieved = []
         if body.k > 0:
-            history = self._history(user)
+            history = await asyncio.to_thread(self._history, user)
             retrieved = [item.fields for item in BM25Retriever(self.task, history).top_k(query, body.k)]
         prompt = self.task.build_prompt(query, retrieved=retrieved)
         max_tokens = min(self.task.max_new_tokens, self.config.max_tokens_limit)
@@ -273,6 +273,44 @@ class OppuIngress:
                 "raw": result.text, "k": body.k, "retrieved": len(retrieved),
                 "adapter_version": result.adapter_version,
                 "usage": usage(result.prompt_tokens, result.completion_tokens)}
+
+    @app.put("/v1/users/{user}/history")
+    async def put_history(self, user: str, request: Request) -> dict:
+        """Add history items (``{"history": [LaMP profile items]}``) to the user's row of the data
+        set, validated as ``oppu users add`` validates them; a new user joins as a test user.
+        ``/v1/predict`` retrieves from them at once on this replica (``history_check_ttl_s`` on
+        others); ``oppu users train`` trains the user's adapter on them."""
+        from oppu.errors import UserErasedError
+        from oppu.onboarding import HistoryErrors
+
+        self.metrics.request("put_history")
+        caller = await self._caller(request.headers.get("authorization"))
+        try:
+            user = validate_user_id(user)
+        except UserIdError as exc:
+            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
+        caller.require(user)
+        if self.histories is None:
+            raise ApiError(400, "invalid_request", "this app has no data set: start it with the 'data' "
+                           "argument (the prepared data set) to add history")
+        try:
+            body = json.loads(await self._read_body(request) or b"null")
+        except ValueError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict) or not isinstance(body.get("history"), list) or set(body) != {"history"}:
+            raise ApiError(400, "invalid_value", 'the body must be {"history": [profile items]} and nothing '
+                           "else", "history")
+        try:
+            update = await asyncio.to_thread(self.histories.add, self.store.root_uri, user, body["history"])
+        except UserErasedError as exc:
+            raise ApiError(409, "user_erased", str(exc), "user") from None
+        except HistoryErrors as exc:
+            shown = "; ".join(str(error) for error in exc.errors[:20])
+            more = f" (and {len(exc.errors) - 20} more)" if len(exc.errors) > 20 else ""
+            raise ApiError(400, "invalid_history", f"{len(exc.errors)} bad history item(s): {shown}{more}",
+                           exc.field) from None
+        return {"user": user, "created": update.created, "role": update.user.role, "added": update.added,
+                "already_there": update.already_there, "n_history": len(update.user.history)}
 
     @app.delete("/v1/users/{user}/adapter")
     async def delete_adapter(self, user: str, authorization: str | None = Header(None)) -> dict:
@@ -477,11 +515,11 @@ class OppuIngress:
     def _history(self, user: str):
         from oppu.erasure import is_tombstoned
 
-        if self.dataset is None:
+        if self.histories is None:
             raise ConfigError("k > 0 needs the app's 'data' argument (the prepared data set)")
         if is_tombstoned(self.store.root_uri, user):  # erased since the app read the data set
             raise UnknownHistory(f"user {user!r} has no history in the data set")
         try:
-            return self.dataset.user(user).history
+            return self.histories.history(user)
         except KeyError:
             raise UnknownHistory(f"user {user!r} has no history in the data set") from None
