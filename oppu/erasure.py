@@ -175,6 +175,10 @@ def erase_user(run_dir: str, user: str, store_uri: str | None = None, token_uri:
     for root in roots:
         for uri in _record_files(root, skip=[store_uri]):
             _erase_records(uri, user, owned, mention, report)
+    if any(uri.startswith(data_uri) and uri.endswith("users.parquet") for uri in report.records_removed):
+        from oppu.data.dataset import recount
+
+        recount(data_uri)  # dataset.json's user counts must match the table, or reading it fails
     for root in dict.fromkeys([run_dir, data_uri, store_uri, token_uri]):
         report.remaining += [uri for uri in scan(root, mention, report) if uri not in report.remaining]
     return report

@@ -119,7 +119,7 @@ def _run_config_paths(run_dir: str) -> dict[str, str]:
 
 def _add(args: argparse.Namespace, user: str, data: str, store: str) -> int:
     from oppu.errors import UserErasedError
-    from oppu.onboarding import HistoryErrors, add_user_history
+    from oppu.user_history import HistoryErrors, add_user_history
 
     try:
         update = add_user_history(data, store, user, args.history)

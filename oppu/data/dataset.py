@@ -223,6 +223,14 @@ def add_history(directory: str | Path, user_id: str, items: list[HistoryItem], *
     return HistoryUpdate(user=updated, created=index is None, added=len(new), already_there=already)
 
 
+def recount(directory: str | Path) -> None:
+    """Set ``dataset.json``'s counts to what ``users.parquet`` holds (after users were removed)."""
+    meta_path = dataset_json_path(directory)
+    users = read_users(users_parquet_path(directory))
+    fsutil.write_json(meta_path, {**_read_meta(meta_path), **_counts(users),
+                                  "updated": datetime.now(UTC).isoformat(timespec="seconds")})
+
+
 def read_users(users_path: str, only: str | None = None) -> list[UserData]:
     """Every user row of ``users.parquet`` at ``users_path`` (only the user ``only``, if given)."""
     import pyarrow.compute as pc

@@ -39,7 +39,7 @@ class UserHistories:
 
     def add(self, store_uri: str, user: str, items: list | str | Path) -> HistoryUpdate:
         """``oppu.onboarding.add_user_history`` on this data set, seen by this replica at once."""
-        from oppu.onboarding import add_user_history
+        from oppu.user_history import add_user_history
 
         with self._lock:  # one writer a replica (writers elsewhere are not locked out)
             changed_elsewhere = self._stat() != self._stamp

@@ -281,7 +281,7 @@ class OppuIngress:
         ``/v1/predict`` retrieves from them at once on this replica (``history_check_ttl_s`` on
         others); ``oppu users train`` trains the user's adapter on them."""
         from oppu.errors import UserErasedError
-        from oppu.onboarding import HistoryErrors
+        from oppu.user_history import HistoryErrors
 
         self.metrics.request("put_history")
         caller = await self._caller(request.headers.get("authorization"))

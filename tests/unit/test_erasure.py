@@ -106,6 +106,9 @@ def test_delete_leaves_no_file_mentioning_the_user_and_others_intact(run_dir, ca
         assert not mention.search(data), f"{name} still mentions {victim}"
         for text in history:
             assert text.encode() not in data, f"{name} still holds a history text of {victim}"
+    from oppu.data.dataset import read_dataset
+
+    assert len(read_dataset(run_dir / "data").users) == len(users_before) - 1  # the counts follow
     users_after = pd.read_parquet(run_dir / "data" / "users.parquet")
     expected = users_before[users_before.user_id != victim].reset_index(drop=True)
     pd.testing.assert_frame_equal(users_after.reset_index(drop=True), expected)
@@ -117,7 +120,8 @@ def test_delete_leaves_no_file_mentioning_the_user_and_others_intact(run_dir, ca
     assert tokens.verify(kept_token) == others[0]
     report = json.loads(after["reports/train_users-oppu.json"])
     assert [u["user_id"] for u in report["users"]] == others
-    untouched = [n for n in before if not mention.search(n.encode() + before[n]) and "_tombstones" not in n]
+    untouched = [n for n in before if not mention.search(n.encode() + before[n]) and "_tombstones" not in n
+                 and n != "data/dataset.json"]  # (its user counts follow the table)
     assert untouched and all(after[n] == before[n] for n in untouched)  # files without the user: as they were
 
 

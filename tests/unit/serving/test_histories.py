@@ -8,8 +8,8 @@ import pytest
 
 from oppu.erasure import add_tombstone
 from oppu.errors import UserErasedError
-from oppu.onboarding import HistoryErrors, add_user_history
 from oppu.serving.histories import UserHistories
+from oppu.user_history import HistoryErrors, add_user_history
 from tests.unit.data.fixtures.lamp_files import item, write_movies
 
 NEW = item("n1", "2022-01-01", description="a heist", tag="action")
