@@ -7,12 +7,14 @@ through ``ray job submit`` to a locally started head node), and evaluate.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +27,27 @@ TINY = ["tiny.hidden_size=64", "tiny.num_layers=2", "tiny.num_heads=4", "tiny.nu
         "tiny.intermediate_size=128", "tiny.vocab_size=800", "tiny.pretrain_steps=60",
         "base.optim.epochs=1", "base.max_samples=300", "users.optim.epochs=1",
         "users.actors=2", "users.users_per_batch=1", "eval.actors=1", "ray.num_cpus=2"]
+
+
+def _stop_processes_under(temp_dir: Path) -> None:
+    """SIGTERM, then SIGKILL, every process whose command line names ``temp_dir`` (one Ray head's)."""
+    import psutil  # Ray's own dependency; the local cluster helper uses it the same way
+
+    def head_processes() -> list:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(str(temp_dir) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        return found
+
+    procs = head_processes()
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive + head_processes():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 def _free_port() -> int:
@@ -173,8 +196,11 @@ def test_ray_job_submit_train_users_then_evaluate(run_dir, tmp_path):
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = [sys.executable, "-m", "ray.scripts.scripts"]
+    # Its own temp dir: no other process's ray.init() finds this head (/tmp/ray/ray_current_cluster),
+    # and stopping it signals this head's processes only, never other Ray instances on the machine.
+    temp_dir = Path(tempfile.mkdtemp(prefix="oppu-head-", dir="/tmp"))
     subprocess.run([*ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), f"--temp-dir={temp_dir}",
                     "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
                    check=True, env=env, capture_output=True)
     store = tmp_path / "adapters"
@@ -193,7 +219,7 @@ def test_ray_job_submit_train_users_then_evaluate(run_dir, tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
     finally:
-        subprocess.run([*ray_bin, "stop", "--force"], env=env, capture_output=True)
+        _stop_processes_under(temp_dir)
     from oppu.data.dataset import read_dataset
 
     test_users = sorted(u.user_id for u in read_dataset(run_dir / "data").test_users())
