@@ -386,10 +386,10 @@ class LocalCluster:
 
 
 def _terminate_in_order(tree: list[psutil.Process], deadline: float) -> list[psutil.Process]:
-    """SIGTERM a node's processes in the order ``ray stop`` uses, each group given until the
-    previous has exited (all of them until ``deadline``): the launcher (``ray start --block``,
-    which would otherwise watch its children die) and the raylet, then the agents, dashboard and
-    workers, the GCS last. Returns those still alive at the deadline.
+    """SIGTERM a node's processes group by group in the order ``ray stop`` uses, each group once
+    the one before has exited (waiting until ``deadline`` at most): the launcher (``ray start
+    --block``, which would otherwise watch its children die) and the raylet, then the agents,
+    dashboard and workers, the GCS last. Returns those still alive at the deadline.
 
     A SIGTERM to the launcher alone ends the launcher only: the raylet and the GCS it started
     ran on until the SIGKILL, and ``local-down.sh`` took a minute (30 s a node).
