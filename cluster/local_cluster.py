@@ -56,8 +56,9 @@ class LocalClusterConfig:
     """Shape of the local cluster. The defaults fit a head and two workers in 24 GB on 2 cores."""
 
     state_dir: str = DEFAULT_STATE_DIR
-    """Holds cluster.json, the address file, node logs and Ray's temp dir (keep it short: Ray's
-    socket paths live under it and must stay under 108 characters)."""
+    """Holds cluster.json, the address file, node logs and Ray's temp dir of each node (``ray``
+    for the head, ``ray-<worker>``; keep it short: Ray's socket paths live under it and must stay
+    under 108 characters)."""
     gcs_port: int = 6390
     """The head's GCS port; the cluster address is ``<node ip>:<gcs_port>``."""
     dashboard_port: int = 8265
@@ -216,7 +217,8 @@ class LocalCluster:
         return self.address
 
     def stop(self) -> dict[str, str]:
-        """SIGTERM each node (workers first, head last), SIGKILL what outlives stop_timeout_s.
+        """SIGTERM each node (workers first, head last; in a node, its processes in ``ray stop``'s
+        order), SIGKILL what outlives stop_timeout_s.
 
         Returns how each node ended, e.g. ``{"node_a": "exited in 1.2s", "head": "exited in 4.0s;
         killed after 30s: ['raylet']"}``.
@@ -265,8 +267,13 @@ class LocalCluster:
         raise ClusterError(f"no node named {name!r} in the local cluster; nodes: "
                            f"{[n.name for n in self.nodes]}")
 
-    def _ray_temp_dir(self) -> Path:
-        return self.state_dir / "ray"
+    def _ray_temp_dir(self, node: str = "head") -> Path:
+        """Ray's temp dir of ``node`` (sessions, sockets, logs, runtime envs): the head's ``ray``,
+        each worker's ``ray-<name>``. One per node: nodes sharing one would share the unpacked
+        working dirs of jobs too, and a worker setting up an actor's runtime env removes and
+        unpacks again the directory a job driver on the head is running from (seen: the driver's
+        ``import oppu.training.users_actor`` failed, the file gone for that moment)."""
+        return self.state_dir / ("ray" if node == "head" else f"ray-{node}")
 
     def _node_ports(self, index: int) -> list[str]:
         first = self.config.port_base + _PORTS_PER_NODE * index
@@ -301,6 +308,7 @@ class LocalCluster:
             f"--address={self.address}",
             f"--num-cpus={self.config.worker_num_cpus}",
             f"--resources={json.dumps({name: 1})}",
+            f"--temp-dir={self._ray_temp_dir(name)}",
             *self._node_ports(index), *self._common_args(),
         ]
 
@@ -345,8 +353,7 @@ class LocalCluster:
             return "already gone"
         started = time.monotonic()
         if graceful:
-            tree[0].send_signal(signal.SIGTERM)
-            _, alive = psutil.wait_procs(tree, timeout=self.config.stop_timeout_s)
+            alive = _terminate_in_order(tree, started + self.config.stop_timeout_s)
         else:
             alive = tree
         names = []
@@ -376,6 +383,36 @@ class LocalCluster:
         tmp_path = self.state_path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(state, indent=2) + "\n")
         os.replace(tmp_path, self.state_path)
+
+
+def _terminate_in_order(tree: list[psutil.Process], deadline: float) -> list[psutil.Process]:
+    """SIGTERM a node's processes group by group in the order ``ray stop`` uses, each group once
+    the one before has exited (waiting until ``deadline`` at most): the launcher (``ray start
+    --block``, which would otherwise watch its children die) and the raylet, then the agents,
+    dashboard and workers, the GCS last. Returns those still alive at the deadline.
+
+    A SIGTERM to the launcher alone ends the launcher only: the raylet and the GCS it started
+    ran on until the SIGKILL, and ``local-down.sh`` took a minute (30 s a node).
+    """
+    def name(proc: psutil.Process) -> str:
+        try:
+            return proc.name()
+        except psutil.NoSuchProcess:
+            return ""
+
+    launcher, rest = tree[0], tree[1:]
+    groups = [[launcher, *[p for p in rest if name(p) == "raylet"]],
+              [p for p in rest if name(p) not in ("raylet", "gcs_server")],
+              [p for p in rest if name(p) == "gcs_server"]]
+    for group in groups:
+        for proc in group:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(group, timeout=max(0.0, deadline - time.monotonic()))
+    _, alive = psutil.wait_procs(tree, timeout=0)
+    return alive
 
 
 def _set_priority(proc: psutil.Process, niceness: int) -> None:

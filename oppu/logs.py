@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -170,6 +171,70 @@ def quiet_ray_terminal() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):  # the console; the session file keeps all
             handler.setLevel(logging.ERROR)
+
+
+# Lines that Ray's C++ core worker writes to the driver's stderr (fd 2) and that ask nothing of the
+# user, as regular expressions over one line:
+NATIVE_STDERR_NOISE = (
+    # Ray Data (2.60) hands each pool actor its DataContext and map transformer as object refs, and
+    # pool actors restart (max_restarts=-1), so the driver's first pool actor always draws Ray's
+    # notice (ray-project/ray#53727) that a restart fails if those refs are lost; the driver holds
+    # both for the pool's whole life, so a restarted actor finds them (the lost-worker drill).
+    r"core_worker\.cc:\d+: Actor .*has constructor arguments in the object store and max_restarts > 0",
+)
+# The filter process: fd 2's lines, less the noise, to the real stderr; it ignores the terminal's
+# signals and ends at end of input (when the driver and whatever inherited its fd 2 have exited),
+# so nothing written before a crash is lost.
+_FILTER_PROGRAM = """
+import re, sys
+noise = re.compile("|".join(sys.argv[1:]).encode())
+out = sys.stdout.buffer
+for line in sys.stdin.buffer:
+    if not noise.search(line):
+        out.write(line)
+        out.flush()
+"""
+_native_filter: subprocess.Popen | None = None
+
+
+def filter_native_stderr() -> bool:
+    """Keep ``NATIVE_STDERR_NOISE`` lines of native code (Ray's core worker) off this process's
+    stderr, unless verbose; call before ``ray.init``. Returns whether the filter is on.
+
+    Native code writes to file descriptor 2, below Python's ``sys.stderr``: fd 2 becomes a pipe
+    into a small filter process that passes every other line on to the original stderr, and
+    ``sys.stderr`` writes to the original stderr directly (logging, progress bars and tracebacks
+    keep their terminal and order). The lines stay in Ray's own log of the driver
+    (``python-core-driver-*.log``). Only where an entry point configured logging here and
+    ``sys.stderr`` is still the process's own (not pytest's capture, not an application's).
+    """
+    global _native_filter
+    if _native_filter is not None:
+        return True
+    if configured_level() in (None, "DEBUG") or sys.stderr is not sys.__stderr__:
+        return False
+    try:
+        if sys.stderr.fileno() != 2:
+            return False
+    except (OSError, ValueError, AttributeError):
+        return False
+    sys.stderr.flush()
+    original = os.dup(2)
+    read_end, write_end = os.pipe()
+    try:
+        _native_filter = subprocess.Popen(
+            [sys.executable, "-c", _FILTER_PROGRAM, *NATIVE_STDERR_NOISE], stdin=read_end,
+            stdout=original, stderr=original, start_new_session=True)  # no Ctrl-C: it drains to the end
+    except OSError:
+        for fd in (original, read_end, write_end):
+            os.close(fd)
+        return False
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    sys.stderr = open(original, "w", buffering=1, encoding=sys.__stderr__.encoding,  # noqa: SIM115
+                      errors="backslashreplace")
+    return True
 
 
 def follow_serve_logging(level: str) -> None:

@@ -30,7 +30,8 @@ def init_ray(cfg: RunConfig) -> None:
 
     Workers get this process's log level (``oppu.logs.worker_env``: inherited by a local instance's
     workers, a runtime_env on a cluster). Their own output (Ray's and the libraries' warnings,
-    transformers' bars) stays in Ray's logs unless verbose: the terminal shows the driver's progress.
+    transformers' bars) stays in Ray's logs unless verbose: the terminal shows the driver's progress,
+    without the notices of the driver's own core worker (``oppu.logs.filter_native_stderr``).
     """
     import ray
     import ray.data
@@ -41,6 +42,7 @@ def init_ray(cfg: RunConfig) -> None:
     os.environ.update(env)  # a local instance's workers inherit the driver's environment
     verbose = logs.verbose()
     logs.quiet_ray_terminal()
+    logs.filter_native_stderr()  # Ray Data's notice on pool actors' constructor arguments
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=logs.ray_logging_level(),

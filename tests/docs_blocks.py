@@ -1,7 +1,8 @@
 """The shell blocks of the project's Markdown docs, split into the commands a reader would run.
 
 Used by tests/unit/test_doc_commands.py (every command parses, every file it names exists) and
-tests/integration/test_doc_walkthrough.py (a marked block runs as written).
+tests/integration/test_doc_walkthrough.py (docs/cluster.md §1, every block in order, runs as
+written).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ What each kind of command gets (tests/docs_blocks.py splits the blocks into comm
 
 Not checked here: commands of other tools (pip, git, moto_server, curl, docker, kubectl) beyond the
 files they name, and whether a command succeeds — tests/integration/test_doc_walkthrough.py runs
-the block of docs/cluster.md §1 that makes and publishes the data and bases.
+docs/cluster.md §1 whole, block by block, and README's blocks run in test_readme_blocks.py.
 """
 
 from __future__ import annotations

@@ -131,3 +131,38 @@ def test_a_process_that_imports_oppu_with_the_level_set_logs_at_it():
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), logs.LEVEL_ENV: "INFO"})
     assert run.returncode == 0, run.stderr
     assert "from a worker" in run.stderr and "too fine" not in run.stderr
+
+
+NOTICE = ("[2026-01-01 10:00:00,000 E 7 7] core_worker.cc:2465: Actor with class name: "
+          "'MapWorker(MapBatches(PersonalTrainer))' and ID: 'ab12' has constructor arguments in the object "
+          "store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
+          "the actor restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
+NATIVE = f"""
+import os, sys
+from oppu import logs
+logs.configure(sys.argv[1])
+print(logs.filter_native_stderr())
+os.write(2, b"native before\\n{NOTICE}\\nnative after\\n")  # as Ray's core worker writes: to fd 2
+print("python's own", file=sys.stderr)
+logs.logger.info("a record")
+"""
+
+
+@pytest.mark.parametrize("level, filtered", [("INFO", True), ("WARNING", True), ("DEBUG", False)])
+def test_native_notices_of_rays_core_worker_stay_off_stderr_unless_verbose(level, filtered):
+    """Ray Data's pool actors draw the core worker's 'constructor arguments in the object store'
+    notice on the driver's fd 2 (issue 20, item 4); every other line, native or Python, stays."""
+    run = subprocess.run([sys.executable, "-c", NATIVE, level], capture_output=True, text=True, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(filtered)
+    assert ("constructor arguments in the object store" in run.stderr) is not filtered
+    for line in ("native before", "native after", "python's own"):
+        assert line in run.stderr
+    assert ("a record" in run.stderr) is (level != "WARNING")
+
+
+def test_the_native_filter_leaves_a_redirected_sys_stderr_alone(capsys):
+    """Under pytest's capture (or an application's own stderr) nothing is rewired."""
+    logs.configure("INFO")
+    assert logs.filter_native_stderr() is False
