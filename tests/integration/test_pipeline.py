@@ -166,18 +166,26 @@ def test_bad_user_fails_alone(run_dir, tmp_path):
 
 
 def test_ray_job_submit_train_users_then_evaluate(run_dir, tmp_path):
-    """`ray job submit` of jobs/train_users.py to a locally started head node writes adapters."""
-    port, dashboard = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    """`ray job submit` of jobs/train_users.py to a locally started head node writes adapters.
+
+    The head is one ``ray start --block`` of its own, stopped by its own process tree (not ``ray
+    stop --force``, which ended every Ray instance on the machine, other tests' clusters too)."""
+    import tempfile
+
+    from cluster.local_cluster import LocalCluster, LocalClusterConfig
+    from tests.integration.test_cluster_local import _free_port_range
+
+    state_dir = tempfile.mkdtemp(prefix="oppu-lc-", dir="/tmp")  # short: Ray's socket paths
+    head = LocalCluster(LocalClusterConfig(
+        state_dir=state_dir, gcs_port=_free_port(), dashboard_port=_free_port(),
+        port_base=_free_port_range(200), head_num_cpus=2, workers=[], auth="disabled", stop_timeout_s=10))
+    head.start()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **head.client_env()}
     ray_bin = [sys.executable, "-m", "ray.scripts.scripts"]
-    subprocess.run([*ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                    "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats"],
-                   check=True, env=env, capture_output=True)
     store = tmp_path / "adapters"
     try:
         submit = subprocess.run(
-            [*ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+            [*ray_bin, "job", "submit", "--address", head.dashboard_url,
              "--working-dir", str(ROOT), "--", "python", "jobs/train_users.py",
              "--config", "oppu/configs/quickstart.yaml", "--set", "task=LaMP-2M",
              "--set", f"run_dir={run_dir}", "--set", f"store={store}",
@@ -186,7 +194,8 @@ def test_ray_job_submit_train_users_then_evaluate(run_dir, tmp_path):
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
     finally:
-        subprocess.run([*ray_bin, "stop", "--force"], env=env, capture_output=True)
+        head.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
     from oppu.data.dataset import read_dataset
 
     test_users = sorted(u.user_id for u in read_dataset(run_dir / "data").test_users())
