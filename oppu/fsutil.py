@@ -68,17 +68,8 @@ def ray_filesystem(uri: str):
 
 
 def write_text(uri: str, text: str) -> None:
-    """Write text atomically where the filesystem allows (local: temp file then rename)."""
-    if is_remote(uri):
-        fs, path = filesystem(uri)
-        with fs.open(path, "w") as fh:
-            fh.write(text)
-        return
-    path = local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as fh:
-        fh.write(text)
-    os.replace(fh.name, path)
+    """Write text atomically where the filesystem allows (see ``write_bytes``)."""
+    write_bytes(uri, text.encode())
 
 
 def write_bytes(uri: str, data: bytes) -> None:

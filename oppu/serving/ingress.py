@@ -284,12 +284,7 @@ class OppuIngress:
         from oppu.user_history import HistoryErrors
 
         self.metrics.request("put_history")
-        caller = await self._caller(request.headers.get("authorization"))
-        try:
-            user = validate_user_id(user)
-        except UserIdError as exc:
-            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
-        caller.require(user)
+        user = await self._caller_for_user(request.headers.get("authorization"), user)
         if self.histories is None:
             raise ApiError(400, "invalid_request", "this app has no data set: start it with the 'data' "
                            "argument (the prepared data set) to add history")
@@ -316,12 +311,7 @@ class OppuIngress:
     async def delete_adapter(self, user: str, authorization: str | None = Header(None)) -> dict:
         """Delete every version of the user's adapter from the store and from every replica."""
         self.metrics.request("delete_adapter")
-        caller = await self._caller(authorization)
-        try:
-            user = validate_user_id(user)
-        except UserIdError as exc:
-            raise ApiError(400, "invalid_user_id", str(exc), "user") from None
-        caller.require(user)
+        user = await self._caller_for_user(authorization, user)
         deleted = await asyncio.to_thread(self.store.delete_user, user, self.config.task)
         await self.events.record(user)
         if not deleted:
@@ -334,17 +324,22 @@ class OppuIngress:
         again), every adapter version of every task and variant, their tokens, and every replica's
         caches. Their records in a run directory go with ``oppu users delete`` (docs/erasure.md)."""
         self.metrics.request("erase_user")
+        user = await self._caller_for_user(authorization, user)
+        deleted, revoked = await asyncio.to_thread(self._erase, user)
+        await self.events.record(user)
+        return {"user": user, "erased": True, "deleted_versions": deleted, "tokens_revoked": revoked}
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    async def _caller_for_user(self, authorization: str | None, user: str) -> str:
+        """The validated ``user`` of a per-user route, once the caller may act for them."""
         caller = await self._caller(authorization)
         try:
             user = validate_user_id(user)
         except UserIdError as exc:
             raise ApiError(400, "invalid_user_id", str(exc), "user") from None
         caller.require(user)
-        deleted, revoked = await asyncio.to_thread(self._erase, user)
-        await self.events.record(user)
-        return {"user": user, "erased": True, "deleted_versions": deleted, "tokens_revoked": revoked}
-
-    # -- helpers -------------------------------------------------------------------------------------
+        return user
 
     async def _caller(self, authorization: str | None) -> Caller:
         try:
