@@ -1,8 +1,9 @@
 """Batch inference over the test users' queries for every method, then LaMP scoring.
 
 A Ray Data actor pool answers users in batches: each ``QueryAnswerer`` loads the task-adapted
-bases once, and for a user builds every method's prompts through the task registry, plugs in the
-user's adapter from the store where the method has one, and decodes greedily. The driver scores
+bases once, builds every method's prompts through the task registry, and decodes greedily: a
+method without an adapter answers all the batch's users' queries in one generation, one with an
+adapter answers user by user with that user's adapter from the store plugged in. The driver scores
 each method with the task's LaMP metrics and writes LaMP-format predictions, ``metrics.json`` and
 a Markdown table.
 
@@ -61,11 +62,14 @@ class QueryAnswerer:
         from oppu.data.records import UserData
 
         rows = [dict(zip(batch.keys(), values, strict=True)) for values in zip(*batch.values(), strict=True)]
+        users = [UserData.from_row(row) for row in rows]
         answers = []
-        for row in rows:
-            user = UserData.from_row(row)
-            for method in self.methods:
-                answers.extend(self._answer(user, method))
+        for method in self.methods:
+            if method.adapter_variant:  # each user's own adapter: one user at a time
+                for user in users:
+                    answers.extend(self._answer([user], method))
+            else:  # the shared base: every user's queries of the batch in one generation
+                answers.extend(self._answer(users, method))
         return {name: [a[name] for a in answers] for name in ANSWER_FIELDS}
 
     def _prompts(self, user, method: Method) -> list[str]:
@@ -86,13 +90,16 @@ class QueryAnswerer:
             prompts.append(self.task.build_prompt(fields, retrieved=retrieved, profile=profile))
         return prompts
 
-    def _answer(self, user, method: Method) -> list[dict]:
+    def _answer(self, users: list, method: Method) -> list[dict]:
+        """``method``'s answers to the queries of ``users`` (one user where it has an adapter)."""
         from oppu.models import generate_greedy
 
         model, tokenizer, fingerprint, prompt_format = self.bases[method.base_flavour(self.cfg)]
-        prompts = self._prompts(user, method)
+        prompts = [prompt for user in users for prompt in self._prompts(user, method)]
+        queries = [(user, query) for user in users for query in user.queries]
         try:
             if method.adapter_variant:
+                (user,) = users
                 raws = self._generate_with_adapter(user, method, model, tokenizer, fingerprint, prompts)
             else:
                 raws = generate_greedy(model, tokenizer, prompts, self.task.max_new_tokens,
@@ -101,12 +108,12 @@ class QueryAnswerer:
                                        prompt_format=prompt_format)
             error = ""
         except Exception as exc:  # a missing or corrupt adapter fails this user's method only
-            log.warning("user %s, method %s: no answers (%s: %s)", user.user_id, method.name,
-                           type(exc).__name__, exc)
+            log.warning("user(s) %s, method %s: no answers (%s: %s)", ", ".join(u.user_id for u in users),
+                        method.name, type(exc).__name__, exc)
             raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
         return [{"user_id": user.user_id, "method": method.name, "query_id": q.id,
                  "prediction": self.task.parse_output(raw) if not error else "", "raw": raw,
-                 "error": error} for q, raw in zip(user.queries, raws, strict=True)]
+                 "error": error} for (user, q), raw in zip(queries, raws, strict=True)]
 
     def _generate_with_adapter(self, user, method, model, tokenizer, fingerprint, prompts):
         from peft import PeftModel
