@@ -82,6 +82,11 @@ FULL = HttpShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=320
 TINY = HttpShape(hidden=64, intermediate=128, layers=2, heads=4, vocab=512, n_adapters=24, rank=8, gpu_slots=8,
                  host_cache_adapters=8, max_batch_size=8, concurrencies=(1, 4), poisson_fractions=(0.5, 1.0),
                  phase_s=3.0, prompt_words=(12, 4, 32), max_tokens=(4, 16), prefill_chunk_tokens=64)
+# CPU-sized, but with the full run's batch and concurrency: where the HTTP path's own costs show up
+# against the engine's without a GPU (a decode step of a few milliseconds, 32 streams).
+CPU32 = HttpShape(hidden=128, intermediate=256, layers=2, heads=4, vocab=2000, n_adapters=200, rank=8, gpu_slots=32,
+                  host_cache_adapters=64, max_batch_size=32, concurrencies=(1, 32), poisson_fractions=(0.5,),
+                  phase_s=8.0, prompt_words=(24, 8, 64), max_tokens=(16, 64), prefill_chunk_tokens=512)
 
 _STARTED = time.perf_counter()
 _LOG = None
@@ -99,11 +104,13 @@ def main() -> int:
     global _LOG
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy sizes on any device: a smoke test of this script")
+    parser.add_argument("--cpu32", action="store_true",
+                        help="a CPU-sized model at the full run's batch and concurrency (32 streams)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_http.json"))
     parser.add_argument("--phase-s", type=float, help="seconds per load phase (default: the shape's)")
     args = parser.parse_args()
-    shape = TINY if args.tiny else FULL
-    if args.tiny:
+    shape = TINY if args.tiny else CPU32 if args.cpu32 else FULL
+    if args.tiny or args.cpu32:
         import torch
 
         torch.set_num_threads(1)  # the smoke test's engine phase shares a few CPU cores with Ray

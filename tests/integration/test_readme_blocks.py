@@ -145,3 +145,34 @@ def test_serving_block_answers_a_completion_for_a_quickstart_user(quickstart):
     assert len(answer["choices"]) == 1 and 0 < answer["usage"]["completion_tokens"] <= 8, answer
     assert _port_free(PORT), "serve run is still serving after `kill %1`"
     print(f"README serving block: {seconds:.0f}s, answer {answer['choices'][0]['text']!r}")
+
+
+def _block_with(command: str):
+    return next(b for b in bash_blocks(README) if command in b.text)
+
+
+def test_users_block_onboards_and_trains_a_new_user(quickstart):
+    """'A user's model over its life': the reader's ``newbie.json`` (the history file the block names) is
+    the one thing the test writes; the block adds the user and trains every variant of the run."""
+    import pandas as pd
+
+    from oppu.store import AdapterStore
+
+    directory, bin_dir, _, _ = quickstart
+    block = _block_with("oppu users add")
+    tags = ["sci-fi", "comedy", "sci-fi", "action", "sci-fi", "sci-fi"]
+    history = [{"id": f"newbie-h{i}", "description": f"A crew flies the quiet ship past the planet, take {i}.",
+                "tag": tag, "date": f"2021-03-{i + 1:02d}"} for i, tag in enumerate(tags)]
+    (directory / "newbie.json").write_text(json.dumps(history))
+    run = _bash(block.text, directory, _env(bin_dir), timeout_s=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    users = pd.read_parquet(directory / "oppu-run" / "data" / "users.parquet")
+    newbie = users[users.user_id == "newbie"]
+    assert len(newbie) == 1 and newbie.iloc[0].role == "test" and newbie.iloc[0].n_history == len(tags)
+    from oppu.models import base_fingerprint
+
+    run_dir = directory / "oppu-run"
+    store = AdapterStore(str(run_dir / "adapters"))
+    fingerprint = base_fingerprint(str(run_dir / "base"))
+    assert "newbie" in store.users("LaMP-2M", fingerprint, "oppu")  # the smoke run's one variant
+    assert "newbie" in run.stdout + run.stderr
