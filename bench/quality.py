@@ -84,8 +84,23 @@ def main() -> int:
             rows.append({"task": task, "seed": seed, "tuning_seed": seed in TUNING_SEEDS,
                          "seconds": round(time.perf_counter() - started), **bars(metrics)})
             print(json.dumps(rows[-1]), flush=True)
-    Path(args.results).write_text(json.dumps({"command": " ".join(sys.argv), "runs": rows}, indent=2) + "\n")
+    write_results(Path(args.results), " ".join(sys.argv), rows)
     return 0
+
+
+def write_results(path: Path, command: str, rows: list[dict]) -> None:
+    """Add ``rows`` to the results file, replacing earlier rows of the same (task, seed): runs of
+    other seeds, made by earlier commands, stay, and ``commands`` lists every command that wrote one."""
+    earlier = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {(row["task"], row["seed"]) for row in rows}
+    kept = [row for row in earlier.get("runs", []) if (row["task"], row["seed"]) not in fresh]
+    commands = [c for c in [*earlier.get("commands", [earlier.get("command")] if earlier.get("command") else []),
+                            command] if c]
+    runs = sorted([*kept, *rows], key=lambda row: (row["task"], row["seed"]))
+    out = {"command": command, "commands": list(dict.fromkeys(commands)), "tuning_seeds": list(TUNING_SEEDS),
+           **{k: v for k, v in earlier.items() if k not in ("command", "commands", "runs", "tuning_seeds")},
+           "runs": runs}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
