@@ -178,8 +178,13 @@ class UserStage:
     # users of a variant that may fail before train_users fails (after writing its report); -1: any
     # number. Also `oppu train-users --max-failed-users N`.
     max_failed_users: int = 0
+    # versions of a user's adapter kept per variant: after each publish (training, `oppu adapters
+    # import`) older ones are deleted, never the current one (which a rollback may have made an old one)
+    keep_versions: int = 5
 
     def __post_init__(self) -> None:
+        if self.keep_versions < 1:
+            raise ConfigError(f"users.keep_versions must be >= 1, got {self.keep_versions}")
         if self.max_failed_users < -1:
             raise ConfigError(f"users.max_failed_users must be >= 0 (-1: any number), got {self.max_failed_users}")
         if self.parallel_variants < 1:

@@ -22,6 +22,18 @@ Races and damage (issue #15):
   a version fall back to the newest version whose files match their hashes; ``find`` (the
   skip-existing check of training) treats a corrupt, incomplete or tampered version as absent, so
   the next run retrains and republishes the user. Each skip is a warning naming the manifest.
+
+Which version is served, and how many are kept (issue #17):
+
+- The *current* version of a key is its newest usable one, unless a rollback said otherwise:
+  ``rollback(key, version)`` writes ``_rollback.json`` in the key's folder (atomically, like a
+  manifest), naming the version made current and the newest version at that moment; versions
+  after the first and up to the second are passed over by ``latest`` and ``read_files`` from then
+  on. A version published later is newer than both, so it is current again; and a broken current
+  version falls back to older ones, never to the versions rolled back from.
+- ``AdapterStore(keep_versions=K)`` keeps the newest K complete versions of a key: after each
+  successful publish the older ones go (manifest first), except the current one. ``prune`` does
+  it on demand. Without ``keep_versions`` every version is kept.
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from oppu.store.objects import canonical_json, list_files, open_root, sha256_hex
 
 MANIFEST_NAME = "manifest.json"
 LEASE_NAME = "_publishing.json"  # a publisher's claim on its version folder while it uploads
+ROLLBACK_NAME = "_rollback.json"  # in a key's folder: the version a rollback made current
 FORMAT_VERSION = 1
 DEFAULT_PUBLISH_LEASE_S = 900.0
 
@@ -123,6 +136,12 @@ class Manifest:
         return AdapterKey(self.task, self.base_fingerprint, self.variant, self.user)
 
     @property
+    def trainer(self) -> str:
+        """What made the version: ``per-user`` (the default trainer), ``batched``, ``import``, ...
+        (recorded in ``train_config`` where it is not ``per-user``)."""
+        return str(self.train_config.get("trainer", "per-user"))
+
+    @property
     def prompt_format(self) -> str:
         """How the adapter's training prompts were rendered (``oppu.models.prompting``): serve it so.
 
@@ -199,14 +218,20 @@ class AdapterStore:
     ``publish_lease_s``: how long a publisher's lease on its version folder lasts (renewed after
     each file that took a quarter of it); ``gc_incomplete`` leaves a leased folder alone. It must
     exceed the longest single file upload plus the clock skew between writer and collector.
+
+    ``keep_versions``: after each successful publish, delete all but the newest ``keep_versions``
+    complete versions of the key, never the current one (``prune``); None keeps every version.
     """
 
     def __init__(self, root_uri: str, storage_options: dict[str, Any] | None = None, *,
-                 publish_lease_s: float = DEFAULT_PUBLISH_LEASE_S):
+                 publish_lease_s: float = DEFAULT_PUBLISH_LEASE_S, keep_versions: int | None = None):
         if publish_lease_s <= 0:
             raise ConfigError(f"publish_lease_s must be > 0, got {publish_lease_s}")
+        if keep_versions is not None and keep_versions < 1:
+            raise ConfigError(f"keep_versions must be >= 1 (or None: keep all), got {keep_versions}")
         self.root_uri = root_uri
         self.publish_lease_s = publish_lease_s
+        self.keep_versions = keep_versions
         self._fs, self._root = open_root(root_uri, storage_options)
         # (key path, version) whose files failed their hashes in this process: latest() skips them
         self._broken: set[tuple[str, str]] = set()
@@ -223,6 +248,8 @@ class AdapterStore:
 
         The folder is leased while files go up (``gc_incomplete`` leaves it alone); the manifest
         is written only once a fresh listing shows every uploaded file, else ``AdapterError``.
+        The new version is current (newer than any rollback's); with ``keep_versions`` the key's
+        oldest versions beyond it are deleted afterwards (a failure there is a warning only).
         """
         adapter_dir = Path(adapter_dir)
         peft_config_path = adapter_dir / "adapter_config.json"
@@ -272,6 +299,12 @@ class AdapterStore:
             self._fs.rm_file(lease_path)
         except FileNotFoundError:
             pass
+        if self.keep_versions is not None:
+            try:
+                self.prune(key, self.keep_versions)
+            except OSError as exc:  # the version is published; the old ones go after the next publish
+                logger.warning("adapter %s: published %s, but deleting versions beyond the newest %d "
+                               "failed: %s", key, version, self.keep_versions, exc)
         return manifest
 
     def _renew_lease(self, lease_path: str) -> float:
@@ -313,9 +346,12 @@ class AdapterStore:
         Usable: its manifest parses and describes its folder, and every file it lists exists
         (hashes are checked when the files are read; a version whose hashes failed in this
         process is skipped too). Older versions stand in for broken newer ones, with a warning.
+        This is the *current* version, the one served: versions a rollback passed over are skipped.
         """
-        for manifest in self._usable_manifests(key):
-            return manifest
+        listing, rolled_back = self._listing(key)
+        for manifest in self._usable_manifests(key, listing):
+            if rolled_back is None or not rolled_back.passes_over(manifest.version):
+                return manifest
         return None
 
     def find(self, key: AdapterKey, data_hash: str, config_hash: str, *,
@@ -326,7 +362,7 @@ class AdapterStore:
         trained and published again. ``verify`` also reads the candidate's files and checks
         their sha256 (adapters are small), so a tampered one is retrained too.
         """
-        for manifest in self._usable_manifests(key):
+        for manifest in self._usable_manifests(key, self._listing(key)[0]):
             if manifest.data_hash != data_hash or manifest.config_hash != config_hash:
                 continue
             if verify:
@@ -342,14 +378,18 @@ class AdapterStore:
                    ) -> tuple[Manifest, dict[str, bytes]]:
         """The manifest and the verified bytes of every file of a version.
 
-        Default: the newest version that verifies; a broken newer one is skipped with a warning,
-        and when none verifies the newest one's error is raised. A named ``version`` is strict.
+        Default: the current version (``latest``'s) when it verifies, else the newest older one
+        that does (a warning names each one skipped); when none verifies, the first one's error is
+        raised. A named ``version`` is strict.
         """
         if version is not None:
             manifest = self.manifest(key, version)
             return manifest, self._verified_files(key, manifest)
         first_error: AdapterIntegrityError | None = None
-        for candidate in reversed(self.versions(key)):
+        listing, rolled_back = self._listing(key)
+        for candidate in sorted((v for v, names in listing.items() if MANIFEST_NAME in names), reverse=True):
+            if rolled_back is not None and rolled_back.passes_over(candidate):
+                continue
             try:
                 manifest = self.manifest(key, candidate)
                 return manifest, self._verified_files(key, manifest)
@@ -389,16 +429,24 @@ class AdapterStore:
             raise
         return files
 
-    def _usable_manifests(self, key: AdapterKey):
-        """Manifests of ``key``'s versions, newest first, skipping (with a warning) any version
-        whose manifest is corrupt or names another folder, whose listed files are not all there,
-        or whose hashes failed in this process. One listing of the key's folder."""
+    def _listing(self, key: AdapterKey) -> tuple[dict[str, set[str]], _RolledBack | None]:
+        """One fresh listing of ``key``'s folder: the file names of each version folder, and the
+        key's rollback record (read only where the listing shows one)."""
         key_path = self._key_path(key)
         listing: dict[str, set[str]] = {}
+        has_rollback = False
         for file_path in list_files(self._fs, key_path):
             parts = file_path[len(key_path) + 1:].split("/", 1)
             if len(parts) == 2 and VERSION_PATTERN.fullmatch(parts[0]):
                 listing.setdefault(parts[0], set()).add(parts[1])
+            has_rollback = has_rollback or parts == [ROLLBACK_NAME]
+        return listing, self._rolled_back(key) if has_rollback else None
+
+    def _usable_manifests(self, key: AdapterKey, listing: dict[str, set[str]]):
+        """Manifests of ``key``'s versions in ``listing`` (``_listing``'s), newest first, skipping
+        (with a warning) any version whose manifest is corrupt or names another folder, whose
+        listed files are not all there, or whose hashes failed in this process."""
+        key_path = self._key_path(key)
         for version in sorted((v for v, names in listing.items() if MANIFEST_NAME in names), reverse=True):
             if (key_path, version) in self._broken:
                 continue
@@ -415,6 +463,68 @@ class AdapterStore:
                                "missing (%s/%s)", key, version, missing, key_path, version)
                 continue
             yield manifest
+
+    def rollback(self, key: AdapterKey, version: str) -> Manifest:
+        """Make ``version`` (complete, its files matching their hashes) the current version of ``key``.
+
+        Writes ``_rollback.json`` (the version, and the newest version now) in one atomic write;
+        versions after ``version`` up to that newest one are passed over from then on, by every
+        reader of the store. A later publish is current again. Raises ``AdapterNotFound`` for a
+        version that is not there, ``AdapterIntegrityError`` for one whose files do not verify, and
+        ``AdapterError`` when a newer version was published meanwhile (that one is current).
+        """
+        manifest = self.manifest(key, version)
+        self._verified_files(key, manifest)
+        newest = self.versions(key)[-1]
+        record = {"version": version, "passes_over_through": newest, "at": datetime.now(UTC).isoformat()}
+        write_atomic(self._fs, f"{self._key_path(key)}/{ROLLBACK_NAME}", canonical_json(record))
+        current = self.latest(key)
+        if current is None or current.version != version:
+            raise AdapterError(f"adapter {key}: rolled back to {version}, but "
+                               f"{current.version if current else 'no version'} is current: a newer "
+                               f"version was published meanwhile (roll back again to undo it)")
+        return manifest
+
+    def prune(self, key: AdapterKey, keep: int) -> list[str]:
+        """Delete all but the newest ``keep`` complete versions of ``key``, never the current one;
+        returns the versions deleted. Each goes manifest first, so readers stop seeing it before
+        its files disappear. Folders without a manifest are ``gc_incomplete``'s."""
+        if keep < 1:
+            raise ConfigError(f"keep must be >= 1, got {keep}")
+        versions = self.versions(key)
+        if len(versions) <= keep:
+            return []
+        current = self.latest(key)
+        kept = set(versions[-keep:]) | ({current.version} if current is not None else set())
+        doomed = [version for version in versions if version not in kept]
+        key_path = self._key_path(key)
+        for version in doomed:
+            try:
+                self._fs.rm_file(f"{key_path}/{version}/{MANIFEST_NAME}")
+                self._fs.rm(f"{key_path}/{version}", recursive=True)
+            except FileNotFoundError:
+                pass  # another pruner got there first
+        if doomed:
+            logger.info("adapter %s: deleted %d version(s) beyond the newest %d", key, len(doomed), keep)
+        return doomed
+
+    def _rolled_back(self, key: AdapterKey) -> _RolledBack | None:
+        """What ``key``'s ``_rollback.json`` says (None without one; an unreadable one is ignored
+        with a warning, so the newest version is current)."""
+        path = f"{self._key_path(key)}/{ROLLBACK_NAME}"
+        try:
+            raw = json.loads(self._fs.cat_file(path))
+            rolled_back = _RolledBack(raw["version"], raw["passes_over_through"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("ignoring the unreadable rollback record %s: %s", path, exc)
+            return None
+        if not (VERSION_PATTERN.fullmatch(str(rolled_back.version))
+                and VERSION_PATTERN.fullmatch(str(rolled_back.through))):
+            logger.warning("ignoring the rollback record %s: it names no version ids", path)
+            return None
+        return rolled_back
 
     def fetch(self, key: AdapterKey, dest_dir: str | Path | None = None,
               version: str | None = None) -> Path:
@@ -459,7 +569,8 @@ class AdapterStore:
             manifests = [path for path in files if path.endswith(f"/{MANIFEST_NAME}")]
             if manifests:
                 self._fs.rm(manifests)
-            versions = {path[len(variant_path) + 1:].split("/")[1] for path in files}
+            versions = {part for path in files
+                        if VERSION_PATTERN.fullmatch(part := path[len(variant_path) + 1:].split("/")[1])}
             self._fs.rm(f"{variant_path}/{user}", recursive=True)
             deleted_versions += len(versions)
         return deleted_versions
@@ -535,6 +646,17 @@ class AdapterStore:
                              if pattern.fullmatch(name.rstrip("/").rsplit("/", 1)[-1])]
             paths = children
         return paths
+
+
+@dataclass(frozen=True)
+class _RolledBack:
+    """A key's rollback: ``version`` is current, the versions after it through ``through`` are not."""
+
+    version: str
+    through: str
+
+    def passes_over(self, version: str) -> bool:
+        return self.version < version <= self.through
 
 
 def _now_s() -> float:

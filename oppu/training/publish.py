@@ -85,8 +85,9 @@ class AdapterPublisher:
         task = get_task(cfg.task)
         epochs = cfg.users.optim.epochs or task.default_epochs
         train_config = {**adapter_train_config(cfg, variant, epochs, trainer, prompt_format), **(extra_config or {})}
-        return cls(cfg, AdapterStore(cfg.store_uri), task.name, base_fingerprint, variant, epochs, prompt_format,
-                   train_config, cfg.users.peft.to_peft_config())
+        store = AdapterStore(cfg.store_uri, keep_versions=cfg.users.keep_versions)
+        return cls(cfg, store, task.name, base_fingerprint, variant, epochs, prompt_format, train_config,
+                   cfg.users.peft.to_peft_config())
 
     def key(self, user_id: str) -> AdapterKey:
         from oppu.store import AdapterKey
