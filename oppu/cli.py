@@ -21,6 +21,7 @@ COMMANDS = {
     "score": "oppu.commands.score",
     "token": "oppu.commands.token",
     "users": "oppu.commands.users",
+    "adapters": "oppu.commands.adapters",
     "analyze": "oppu.commands.analyze",
     "profiles": "oppu.commands.profiles",
     "publish": "oppu.commands.publish",

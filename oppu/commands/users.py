@@ -140,27 +140,34 @@ def _add(args: argparse.Namespace, user: str, data: str, store: str) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+def load_run_config(run: str, config: str | None, overrides: list[str]):
+    """The ``RunConfig`` of the run directory ``run``: ``config`` (a YAML file) where given, else
+    ``RUN/config.yaml``; ``run_dir`` set to ``run``, then ``overrides`` (``--set``) on top."""
     import yaml
 
     from oppu.config import load_config
-    from oppu.errors import UserErasedError
-    from oppu.onboarding import train_named_users
     from oppu.run_config import RunConfig
 
-    if not fsutil.exists(args.run):
-        raise ConfigError(f"--run: no run directory at {args.run!r}")
+    if not fsutil.exists(run):
+        raise ConfigError(f"--run: no run directory at {run!r}")
     run_config = None
-    if args.config is None:
-        uri = fsutil.join(args.run, "config.yaml")
+    if config is None:
+        uri = fsutil.join(run, "config.yaml")
         if not fsutil.exists(uri):
-            raise ConfigError(f"--config: {args.run} has no config.yaml (oppu quickstart writes one); "
+            raise ConfigError(f"--config: {run} has no config.yaml (oppu quickstart writes one); "
                               "give the run config with --config FILE")
         run_config = yaml.safe_load(fsutil.read_text(uri)) or {}
         if not isinstance(run_config, dict):
             raise ConfigError(f"{uri} must hold a mapping at the top level")
     # run_dir first, so a --set of the caller's wins; a copied run dir trains where it now is
-    cfg = load_config(RunConfig, args.config, [f"run_dir={args.run}", *args.overrides], base=run_config)
+    return load_config(RunConfig, config, [f"run_dir={run}", *overrides], base=run_config)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from oppu.errors import UserErasedError
+    from oppu.onboarding import train_named_users
+
+    cfg = load_run_config(args.run, args.config, args.overrides)
     try:
         results = train_named_users(cfg, args.users)
     except UserErasedError as exc:

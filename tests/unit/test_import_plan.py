@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("retrieval", "profiles", "run_config", "actor_pools", "erasure"),
     ("user_history",),  # a user's history items in (oppu users add, PUT .../history)
     ("training", "evaluation", "serving"),  # siblings: none imports another
+    ("user_adapters",),  # a user's adapter versions: list, rollback, export, import (checked as serving would)
     ("preflight",),
     ("pipeline",),  # runs the training and evaluation stages
     ("onboarding",),  # one user's history in and their adapters trained (runs the users stage)
