@@ -1,10 +1,12 @@
-"""Adapter deletions broadcast to every model replica through one named Ray actor.
+"""Adapter deletions (and rollbacks) broadcast to every model replica through one named Ray actor.
 
 ``DELETE /v1/users/{user}/adapter`` removes the files from the store, then records the user
 here; each model replica asks for the deletions it has not seen before it serves a request and
 evicts those users from its caches, so the request after a deletion gets 404 on every replica.
-(Deletions made outside the app, e.g. from the command line, are noticed within the adapter
-cache's ``adapter_check_ttl_s``.)
+``POST /v1/users/{user}/adapter/rollback`` records the user the same way once the store names the
+older version current: the eviction makes every replica read the current version again at the
+user's next request. (Deletions and rollbacks made outside the app, e.g. from the command line,
+are noticed within the adapter cache's ``adapter_check_ttl_s``.)
 
 The actor is a fast path, not a dependency: ``DeletionEvents`` gives up on it after a short
 timeout or when it is dead, lets the request go on, and looks it up (re-creating it) next time.

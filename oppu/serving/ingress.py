@@ -1,4 +1,5 @@
-"""The HTTP ingress: OpenAI-compatible completions, ``/v1/predict``, models, health, adapter deletion.
+"""The HTTP ingress: OpenAI-compatible completions, ``/v1/predict``, models, health, a user's adapter
+and history (add, roll back, delete, erase).
 
 Every route works in this order: the bearer token (401, or 403 later for another user's
 adapter), the body's size (413), the body's fields (400 naming the field; unknown and
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from oppu import logs
 from oppu.errors import AdapterNotFound, ConfigError, OppuError, UserIdError
 from oppu.ids import validate_user_id
-from oppu.serving.auth import ADMIN_TOKEN_ENV, Authenticator, Caller
+from oppu.serving.auth import ADMIN_TOKEN_ENV, Authenticator, Caller, ForbiddenError
 from oppu.serving.config import ServeConfig
 from oppu.serving.http_errors import ModelNotFound, UnknownHistory, as_api_error, error_response
 from oppu.serving.openai_api import (
@@ -318,6 +319,39 @@ class OppuIngress:
             raise AdapterNotFound(f"user {user!r} has no adapter for task {self.config.task}")
         return {"user": user, "deleted_versions": deleted}
 
+    @app.post("/v1/users/{user}/adapter/rollback")
+    async def rollback_adapter(self, user: str, request: Request) -> dict:
+        """Make an older version of the user's adapter (this app's task, base and variant) current:
+        ``{"version": "v..."}``, the admin token only. Answers the now-current version; every
+        replica drops its cached copy at its next request (the event log of deletions), or within
+        ``adapter_check_ttl_s`` where the log is unreachable. A later publish is current again."""
+        from oppu.errors import AdapterError, AdapterIntegrityError
+        from oppu.store import AdapterKey
+
+        self.metrics.request("rollback_adapter")
+        user = await self._caller_for_user(request.headers.get("authorization"), user,
+                                           admin_only="roll back an adapter")
+        try:
+            body = json.loads(await self._read_body(request) or b"null")
+        except ValueError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict) or set(body) != {"version"} or not isinstance(body["version"], str):
+            raise ApiError(400, "invalid_value", 'the body must be {"version": "<version id>"} and nothing else',
+                           "version")
+        info = await self._model_info()
+        key = AdapterKey(self.config.task, info["base_fingerprint"], self.config.variant, user)
+        try:
+            manifest = await asyncio.to_thread(self.store.rollback, key, body["version"])
+        except AdapterNotFound as exc:
+            raise ApiError(404, "version_not_found", str(exc), "version") from None
+        except AdapterIntegrityError as exc:
+            raise ApiError(422, "adapter_unusable", str(exc), "version") from None
+        except AdapterError as exc:  # a newer version was published meanwhile
+            raise ApiError(409, "conflict", str(exc), "version") from None
+        await self.events.record(user)
+        return {"user": user, "variant": self.config.variant, "version": manifest.version,
+                "created": manifest.created, "trainer": manifest.trainer, "current": True}
+
     @app.delete("/v1/users/{user}")
     async def erase_user(self, user: str, authorization: str | None = Header(None)) -> dict:
         """Erase the user from serving: a tombstone (nothing of theirs is trained or published
@@ -331,13 +365,16 @@ class OppuIngress:
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    async def _caller_for_user(self, authorization: str | None, user: str) -> str:
-        """The validated ``user`` of a per-user route, once the caller may act for them."""
+    async def _caller_for_user(self, authorization: str | None, user: str, admin_only: str | None = None) -> str:
+        """The validated ``user`` of a per-user route, once the caller may act for them (the admin
+        only, where ``admin_only`` names what the route does)."""
         caller = await self._caller(authorization)
         try:
             user = validate_user_id(user)
         except UserIdError as exc:
             raise ApiError(400, "invalid_user_id", str(exc), "user") from None
+        if admin_only and not caller.is_admin:
+            raise ForbiddenError(f"only the admin token may {admin_only}")
         caller.require(user)
         return user
 
