@@ -13,7 +13,10 @@ watched by ``tests.integration.base_runs.watch_base_workers``. Training runs in 
   and decay (not the JSON's constant 1e-4 and 0.01), in the resumed run too (schedule restored);
 - resume: the restarted worker went on from the checkpoint's step, and its published base equals the
   uninterrupted run's within the same tolerance (DeepSpeed restores the float32 master weights and
-  the Adam moments, so only kernel nondeterminism is left).
+  the Adam moments, so only kernel nondeterminism is left);
+- flavours in one run: rag-k1 then plain in one Ray Train run (a DeepSpeed engine per flavour, the
+  first destroyed before the second starts from the pristine weights): plain's base equals the
+  one of plain's run alone within the same tolerance.
 
 ``OPPU_TEST_DEVICE=cpu`` runs the same checks on the CPU without DeepSpeed (the DDP path, float32).
 """
@@ -58,12 +61,13 @@ def watch(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=[None] if ON_CPU else [2, 3], ids=["ddp"] if ON_CPU else ["zero2", "zero3"])
 def runs(request, prepared, watch, tmp_path_factory) -> dict:
-    """The stage's uninterrupted and resumed runs: their run dirs, rank 0's reports, AdamW steps
-    and the adapter merged at the end."""
+    """The stage's uninterrupted, resumed and two-flavour runs: their run dirs, rank 0's reports,
+    AdamW steps and the adapter merged last."""
     data, model = prepared
     stage = request.param
     runs = {}
-    for kind, fail_at in (("clean", None), ("resumed", FAIL_AT_STEP)):
+    for kind, fail_at, flavours in (("clean", [], ["plain"]), ("resumed", [str(FAIL_AT_STEP)], ["plain"]),
+                                    ("two", [], ["rag-k1", "plain"])):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}-{kind}")
         settings = SETTINGS
         if stage is not None:
@@ -73,7 +77,7 @@ def runs(request, prepared, watch, tmp_path_factory) -> dict:
             (run_dir / "ds.json").write_text(json.dumps(ds_config))
             settings = [*SETTINGS, f"base.deepspeed={run_dir / 'ds.json'}"]
         cfg = base_runs.base_config(run_dir, data, model, *settings)
-        reports = base_runs.run_base(cfg, watch, fail_at_step=fail_at)
+        reports = base_runs.run_bases(cfg, watch, flavours, fail_at)
         shutil.copy(watch / "merged-adapter.pt", run_dir / "merged-adapter.pt")
         runs[kind] = {"dir": run_dir, "reports": reports,
                       "steps": [s for s in base_runs.read_jsonl(watch / "steps.jsonl") if s["rank"] == 0]}
@@ -131,3 +135,13 @@ def test_a_lost_worker_resumes_from_the_checkpoint_with_the_same_result(runs):
     assert resumed.keys() == clean.keys()
     for name, weight in clean.items():
         torch.testing.assert_close(resumed[name].float(), weight.float(), rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_a_flavour_after_another_in_one_run_equals_its_run_alone(runs):
+    reports = runs["two"]["reports"]
+    assert len({r["pid"] for r in reports}) == 1
+    assert [r["flavour"] for r in reports if r.get("published")] == ["rag-k1", "plain"]
+    after, alone = (base_runs.published_weights(runs[kind]["dir"] / "base") for kind in ("two", "clean"))
+    assert after.keys() == alone.keys()
+    for name, weight in alone.items():
+        torch.testing.assert_close(after[name].float(), weight.float(), rtol=RTOL, atol=ATOL, msg=name)

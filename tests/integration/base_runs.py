@@ -1,11 +1,13 @@
-"""Base-adaptation runs through ``adapt_base`` on a local Ray, watched from inside the workers.
+"""Base-adaptation runs through ``adapt_bases`` on a local Ray, watched from inside the workers.
 
 Shared by tests/integration/test_train_base_resume.py (CPU) and tests/gpu/test_base_gpu.py.
 ``watch_base_workers`` is a Ray worker setup hook; in the Ray Train workers it
 - appends every ``ray.train.report`` to ``$OPPU_TEST_BASE_DIR/reports.jsonl`` (rank, pid, metrics,
   whether a checkpoint came with it);
-- makes rank 0 die once (``os._exit``, a lost worker) right after the checkpoint of the step
-  named in ``$OPPU_TEST_BASE_DIR/fail-at-step``, which it then deletes;
+- makes rank 0 die (``os._exit``, a lost worker) right after a report at a step named in
+  ``$OPPU_TEST_BASE_DIR/fail-at-step``: one line per death, ``STEP`` (any flavour's) or
+  ``FLAVOUR STEP``, matched by a checkpoint's report or by the report that follows a flavour's
+  publication (its final step); the first line is taken, each line once;
 - appends the learning rate and weight decay each ``torch.optim.AdamW`` step used to ``steps.jsonl``;
 - saves the LoRA weights that rank 0 merges into the base to ``merged-adapter.pt``.
 """
@@ -51,9 +53,15 @@ def watch_base_workers() -> None:
         report(metrics, checkpoint=checkpoint, **kwargs)
         append("reports.jsonl", {"checkpoint": checkpoint is not None, **metrics})
         fail_at = watch / FAIL_AT
-        if (rank() == 0 and checkpoint is not None and fail_at.exists()
-                and metrics.get("step") == int(fail_at.read_text())):
-            fail_at.unlink()
+        if rank() != 0 or not (checkpoint is not None or metrics.get("published")) or not fail_at.exists():
+            return
+        first, *rest = fail_at.read_text().splitlines()
+        *flavour, step = first.split()
+        if metrics.get("step") == int(step) and flavour in ([], [metrics.get("flavour")]):
+            if rest:
+                fail_at.write_text("\n".join(rest))
+            else:
+                fail_at.unlink()
             time.sleep(3)  # Ray Train's controller collects the report before it sees the worker die
             os._exit(1)
 
@@ -128,14 +136,20 @@ def base_config(run_dir: Path, data: Path, model: Path, *overrides: str):
 
 def run_base(cfg, watch: Path, fail_at_step: int | None = None) -> list[dict]:
     """``adapt_base`` for the plain flavour; returns rank 0's reports (``reports.jsonl``)."""
-    from oppu.training.base import adapt_base
+    return run_bases(cfg, watch, ["plain"], [] if fail_at_step is None else [str(fail_at_step)])
+
+
+def run_bases(cfg, watch: Path, flavours: list[str], fail_at: list[str] = (), log=None) -> list[dict]:
+    """``adapt_bases`` for ``flavours`` in one run, rank 0 dying at each of ``fail_at`` (lines of
+    ``fail-at-step``, in order); returns rank 0's reports (``reports.jsonl``)."""
+    from oppu.training.base import adapt_bases
 
     for name in ("reports.jsonl", "steps.jsonl", "merged-adapter.pt", FAIL_AT):
         (watch / name).unlink(missing_ok=True)
-    if fail_at_step is not None:
-        (watch / FAIL_AT).write_text(str(fail_at_step))
-    adapt_base(cfg, "plain", log=lambda line: None)
-    assert not (watch / FAIL_AT).exists(), f"no checkpoint was reported at step {fail_at_step}"
+    if fail_at:
+        (watch / FAIL_AT).write_text("\n".join(fail_at))
+    adapt_bases(cfg, flavours, log=log or (lambda line: None))
+    assert not (watch / FAIL_AT).exists(), f"rank 0 did not die at all of {fail_at}"
     return [r for r in read_jsonl(watch / "reports.jsonl") if r["rank"] == 0]
 
 

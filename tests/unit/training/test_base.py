@@ -10,8 +10,14 @@ from oppu.errors import ConfigError
 from oppu.run_config import BaseStage
 from oppu.training.base import _run_name
 
-TRAIN_CONFIG = {"model": "m", "optim": {"lr": 1e-4}, "epochs": 2, "seed": 0, "checkpoint_every_steps": 50,
-                "deepspeed": None, "provenance": {"samples": 10}}
+
+def flavour(name: str, samples: int = 10, target: str = "/runs/a") -> dict:
+    return {"flavour": name, "n_samples": samples, "epochs": 2, "provenance": {"flavour": name, "samples": samples},
+            "target": f"{target}/base-{name}", "dataset": f"train-{name}"}
+
+
+TRAIN_CONFIG = {"model": "m", "optim": {"lr": 1e-4}, "seed": 0, "checkpoint_every_steps": 50,
+                "deepspeed": None, "flavours": [flavour("plain")]}
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
@@ -31,11 +37,22 @@ def test_checkpoint_defaults():
 
 def test_a_run_is_named_by_what_its_checkpoints_depend_on():
     """Ray Train resumes a run from the latest checkpoint stored under its name: a run with other
-    settings or another worker count must get another name, the checkpoint interval must not."""
-    name = _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 2)
+    settings, other flavours or another worker count must get another name; the checkpoint
+    interval, where the bases go and which were published already when it started must not."""
+    name = _run_name("LaMP_2M", TRAIN_CONFIG, 2)
     assert name.startswith("oppu-base-LaMP_2M-plain-")
-    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
-    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "checkpoint_each_epoch": False}, 2) == name
-    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
-    assert _run_name("LaMP_2M", "plain", {**TRAIN_CONFIG, "provenance": {"samples": 11}}, 2) != name
-    assert _run_name("LaMP_2M", "plain", TRAIN_CONFIG, 1) != name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_each_epoch": False}, 2) == name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", target="/elsewhere")]}, 2) == name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [{**flavour("plain"), "dataset": None}]}, 2) == name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
+    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", samples=11)]}, 2) != name
+    assert _run_name("LaMP_2M", TRAIN_CONFIG, 1) != name
+
+
+def test_a_run_of_several_flavours_is_named_by_every_one():
+    both = {**TRAIN_CONFIG, "flavours": [flavour("plain"), flavour("rag-k1")]}
+    name = _run_name("LaMP_2M", both, 1)
+    assert name.startswith("oppu-base-LaMP_2M-2-flavours-")
+    assert _run_name("LaMP_2M", {**both, "flavours": [flavour("plain"), flavour("rag-k1", samples=9)]}, 1) != name
+    assert _run_name("LaMP_2M", {**both, "flavours": [flavour("rag-k1"), flavour("plain")]}, 1) != name
