@@ -1,7 +1,7 @@
 """The stages of a run, in order, shared by the jobs and ``oppu quickstart``.
 
-    prepare ─► pretrained (tiny default only) ─► train_base (per flavour) ─► train_users (per
-    variant) ─► evaluate
+    prepare ─► pretrained (tiny default only) ─► train_base (every flavour in one Ray Train run)
+    ─► train_users (per variant) ─► evaluate
 
 Each stage reads and writes the run directory only, so any stage can be re-run alone
 (``oppu train-base|train-users|evaluate --config ...``, or ``jobs/<stage>.py`` under ``ray job
@@ -95,26 +95,31 @@ def ensure_pretrained(cfg: RunConfig) -> str:
 def run_stages(cfg: RunConfig, stages: list[str], log_line=None) -> dict | None:
     """Run ``stages`` (any of ``base``, ``users``, ``evaluate``) in order; returns the metrics.
 
-    Base flavours are adapted ``base.parallel_flavours`` at a time and personal variants trained
-    ``users.parallel_variants`` at a time (each its own Ray Train run or actor pool, sharing the
-    cluster's resources); stages still run one after another. Progress goes to the ``oppu``
-    logger, one step per base flavour, variant and evaluation (``log_line`` is not used: callers
-    written before logging pass one).
+    Base flavours are adapted in one Ray Train run, one after another (``adapt_bases``: the run's
+    start and the model load are paid once), or with ``base.parallel_flavours`` > 1 that many at a
+    time, each its own run; personal variants are trained ``users.parallel_variants`` at a time
+    (each its own actor pool). Runs at once share the cluster's resources; stages still run one
+    after another. Progress goes to the ``oppu`` logger: a line per base flavour as it is published,
+    a step per base stage (per flavour where they run apart), variant and evaluation (``log_line``
+    is not used: callers written before logging pass one).
     """
     from oppu.evaluation.runner import evaluate
     from oppu.preflight import check_inputs
-    from oppu.training.base import adapt_base
+    from oppu.training.base import adapt_base, adapt_bases
     from oppu.training.users import train_personal_adapters
 
     check_inputs(cfg, stages)  # a missing input fails here, in one line, before Ray starts
     groups: list[tuple[list[tuple[str, object]], int]] = []  # (named steps, how many run at once)
     if "base" in stages:
         groups.append(([("pretrained", lambda: ensure_pretrained(cfg))], 1))
-        if cfg.base.parallel_flavours > 1 and any(parse_flavour(f, cfg.base.rag_k)[0] for f in cfg.base.flavours):
-            # Written once before the flavours start: two profile flavours at once would both write them.
-            groups.append(([("profiles", lambda: _write_profiles(cfg))], 1))
-        groups.append(([(f"base {f}", lambda f=f: adapt_base(cfg, f, log=log.info)) for f in cfg.base.flavours],
-                       cfg.base.parallel_flavours))
+        if cfg.base.parallel_flavours > 1:
+            if any(parse_flavour(f, cfg.base.rag_k)[0] for f in cfg.base.flavours):
+                # Written once before the flavours start: two profile flavours at once would both write them.
+                groups.append(([("profiles", lambda: _write_profiles(cfg))], 1))
+            groups.append(([(f"base {f}", lambda f=f: adapt_base(cfg, f, log=log.info)) for f in cfg.base.flavours],
+                           cfg.base.parallel_flavours))
+        else:
+            groups.append(([("base", lambda: adapt_bases(cfg, cfg.base.flavours, log=log.info))], 1))
     if "users" in stages:
         groups.append(([(f"users {v}", lambda v=v: train_personal_adapters(cfg, v, log=log.info))
                         for v in cfg.users.variants], cfg.users.parallel_variants))

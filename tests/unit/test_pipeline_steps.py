@@ -67,3 +67,28 @@ def test_progress_counts_only_finished_steps():
     with pytest.raises(ValueError):
         _run_steps([("ok", lambda: 1), ("bad", broken)], at_once=2, bar=bar)
     assert bar.done == 1
+
+
+@pytest.mark.parametrize(("parallel", "expected"), [
+    (1, [("adapt_bases", ("plain", "rag-k1", "profile"))]),
+    (2, [("profiles",), ("adapt_base", "plain"), ("adapt_base", "rag-k1"), ("adapt_base", "profile")]),
+])
+def test_base_flavours_train_in_one_run_unless_parallel(monkeypatch, tmp_path, parallel, expected):
+    """``base.parallel_flavours`` 1: every flavour in one ``adapt_bases`` call (one Ray Train run);
+    more: a run per flavour, the profiles written once before them."""
+    from oppu import pipeline, preflight
+    from oppu.config import load_config
+    from oppu.run_config import RunConfig
+    from oppu.training import base
+
+    calls = []
+    monkeypatch.setattr(preflight, "check_inputs", lambda cfg, stages: None)
+    monkeypatch.setattr(pipeline, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "ensure_pretrained", lambda cfg: None)
+    monkeypatch.setattr(pipeline, "_write_profiles", lambda cfg: calls.append(("profiles",)))
+    monkeypatch.setattr(base, "adapt_bases", lambda cfg, flavours, log: calls.append(("adapt_bases", tuple(flavours))))
+    monkeypatch.setattr(base, "adapt_base", lambda cfg, flavour, log: calls.append(("adapt_base", flavour)))
+    cfg = load_config(RunConfig, None, [f"run_dir={tmp_path}", "base.flavours=[plain,rag-k1,profile]",
+                                        f"base.parallel_flavours={parallel}"])
+    pipeline.run_stages(cfg, ["base"])
+    assert sorted(calls) == sorted(expected) and calls[0] == expected[0]
