@@ -14,7 +14,7 @@ No row ever computes with another slot's matrices scaled by zero: ``0 * NaN`` is
 diverged or corrupt adapter would reach every row of the pass (and, in training, every slot's
 gradient). A row of the bare base *selects* a zero update (``torch.where``) instead of scaling
 slot 0's by 0, and per-token slots (packed training) run each slot's matmuls over its own
-tokens only (:class:`_SpanLora`), so a slot's update and gradient read its own tokens and
+tokens only (``oppu.models.span_lora``), so a slot's update and gradient read its own tokens and
 matrices and nothing else. An adapter of rank ``r`` below the slot rank fills the
 first ``r`` rows of ``A`` / columns of ``B`` and leaves zeros, which add nothing.
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from oppu.errors import AdapterError, ConfigError
+from oppu.models.span_lora import SpanLora, SpanPlan
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -68,8 +69,9 @@ class MultiLoraLinear(nn.Module):
                                                    dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.slot_ids: torch.Tensor | None = None  # LongTensor[batch] or [batch, seq], set by model_adapters
-        # For per-token slot_ids: (slot, first token, end token) runs of the flattened tokens, on the host.
-        self.slot_spans: list[tuple[int, int, int]] | None = None
+        # For per-token slot_ids: the (slot, first token, end token) runs of the flattened tokens,
+        # grouped for batched matmuls by model_adapters (a SpanPlan), or a list of runs.
+        self.slot_spans: SpanPlan | list[tuple[int, int, int]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slot_ids = self.slot_ids
@@ -100,73 +102,23 @@ class MultiLoraLinear(nn.Module):
         The tokens come in runs of one slot (``slot_spans``, set by :func:`model_adapters`; packed
         training lays each user's samples side by side, so a pass has about one run per user).
         Each run gets its own slot's two matmuls over its own tokens, added in place to the base
-        output (:class:`_SpanLora`). Selecting tokens rather than masking an all-slots matmul by
-        zeros is what keeps a slot's non-finite values (weights, activations or gradients) in
-        that slot: ``0 * NaN`` is NaN. The matmuls are views of the activations, nothing is
-        copied; the cost is three kernels per run in the forward and five in the backward.
+        output, runs of similar length batched into one matmul (``oppu.models.span_lora``).
+        Selecting tokens rather than masking an all-slots matmul by zeros is what keeps a slot's
+        non-finite values (weights, activations or gradients) in that slot: ``0 * NaN`` is NaN.
         """
         if slot_ids.shape != x.shape[:-1]:
             raise ValueError(f"per-token slot_ids has shape {tuple(slot_ids.shape)}, "
                              f"the input has {tuple(x.shape[:-1])} tokens")
-        spans = self.slot_spans
-        if spans is None:
-            spans = slot_spans(slot_ids)
+        plan = self.slot_spans
+        if not isinstance(plan, SpanPlan):
+            plan = SpanPlan.build(plan if plan is not None else slot_spans(slot_ids), x.device)
         result = self.base(x)
-        return _SpanLora.apply(result, self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(result.dtype),
-                               self.scaling, tuple(spans))
+        return SpanLora.apply(result, self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(result.dtype),
+                              self.scaling, plan)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"n_slots={self.n_slots}, rank={self.rank}")
-
-
-class _SpanLora(torch.autograd.Function):
-    """``out[t] += scaling[s] * B[s] @ (A[s] @ x[t])`` for every run ``(s, start, end)`` of tokens.
-
-    Forward and backward touch slot ``s``'s matrices with the tokens of its runs only, so a
-    slot's gradient is a sum over its own tokens (a NaN loss of one user stays in that user's
-    slot). ``result`` is the base layer's fresh output, updated in place (the base's backward
-    does not need it); tokens in no run (padding, slot -1) keep the base output. ``lora_a`` /
-    ``lora_b`` are the stacked matrices already in the activations' dtype; ``A x`` is rounded
-    to that dtype, then scaled, as the PEFT layer and the all-slots path before it round.
-    """
-
-    @staticmethod
-    def forward(ctx, result, x, lora_a, lora_b, scaling, spans):
-        out = result.view(-1, result.shape[-1])
-        rows = x.reshape(-1, x.shape[-1])
-        scaling = scaling.to(x.dtype)
-        hiddens = []
-        for slot, start, end in spans:
-            hidden = torch.nn.functional.linear(rows[start:end], lora_a[slot]) * scaling[slot]
-            out[start:end].addmm_(hidden.to(out.dtype), lora_b[slot].t())
-            hiddens.append(hidden)
-        ctx.mark_dirty(result)
-        ctx.save_for_backward(x, lora_a, lora_b, scaling, *hiddens)
-        ctx.spans = spans
-        return result
-
-    @staticmethod
-    def backward(ctx, grad_result):
-        x, lora_a, lora_b, scaling, *hiddens = ctx.saved_tensors
-        needs_x, needs_a, needs_b = ctx.needs_input_grad[1:4]
-        grad_out = grad_result.reshape(-1, grad_result.shape[-1])
-        rows = x.reshape(-1, x.shape[-1])
-        grad_x = torch.zeros_like(rows) if needs_x else None
-        grad_a = torch.zeros_like(lora_a) if needs_a else None
-        grad_b = torch.zeros_like(lora_b) if needs_b else None
-        for (slot, start, end), hidden in zip(ctx.spans, hiddens, strict=True):
-            grad = grad_out[start:end].to(lora_b.dtype)
-            if grad_b is not None:
-                grad_b[slot].addmm_(grad.t(), hidden.to(lora_b.dtype))
-            grad_hidden = (grad @ lora_b[slot]).to(x.dtype) * scaling[slot]
-            if grad_a is not None:
-                grad_a[slot].addmm_(grad_hidden.t(), rows[start:end])
-            if grad_x is not None:
-                grad_x[start:end] = grad_hidden @ lora_a[slot]
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        return grad_result, grad_x, grad_a, grad_b, None, None
 
 
 def multi_lora_layers(model: nn.Module) -> dict[str, MultiLoraLinear]:
@@ -288,6 +240,8 @@ def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int],
     spans = list(spans) if slot_tensor.dim() == 2 else None
     if spans is not None and any(not 0 <= slot < n_slots for slot, _, _ in spans):
         raise ValueError(f"slot spans must name slots in [0, {n_slots - 1}], got {spans}")
+    if spans is not None:  # grouped once for every layer of the pass
+        spans = SpanPlan.build(spans, device)
     previous = [(layer.slot_ids, layer.slot_spans) for layer in layers]
     for layer in layers:
         layer.slot_ids, layer.slot_spans = slot_tensor, spans

@@ -36,6 +36,7 @@ BESIDE_THE_PATH = {
     "training/base.py": "base.peft: the base adaptation's own LoRA",
     "analysis/peft_methods.py": "swaps users.peft.method for an ablation's sub-runs, which then take the path",
     "analysis/training_cost.py": "times train_user_adapter on users.peft and stores nothing",
+    "commands/adapters.py": "oppu adapters import: the serving limits (--target-modules) an imported adapter must fit",
 }
 
 # Serving reads stored adapters' configs back into its slots: past the store, the path's far end.

@@ -1,0 +1,73 @@
+"""``SpanLora`` batches runs of similar length into one matmul: its output and gradients equal one
+pair of matmuls per run, for runs of very different lengths, a slot with several runs, tokens in
+no run, and a NaN slot that reaches nothing but its own tokens and gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from oppu.models.span_lora import MAX_PADDING, SpanLora, SpanPlan
+
+SPANS = [(2, 0, 7), (0, 7, 8), (1, 10, 40), (2, 40, 43), (3, 43, 60), (0, 60, 61), (1, 61, 95)]  # 8, 9: no run
+
+
+def _inputs(seed: int = 0, nan_slot: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 100, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(4, 3, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(4, 10, 3, generator=g, dtype=torch.float64)
+    if nan_slot is not None:
+        a[nan_slot, 0, 0] = float("nan")
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    base = torch.randn(1, 100, 10, generator=g, dtype=torch.float64)
+    return x, a, b, torch.tensor([0.5, 1.0, 2.0, 0.25], dtype=torch.float64), base
+
+
+def _loop(x, a, b, scaling, base):
+    out = base.clone().reshape(-1, base.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
+    pieces = [out]
+    for slot, start, end in SPANS:
+        update = (rows[start:end] @ a[slot].t() * scaling[slot]) @ b[slot].t()
+        pieces.append(torch.nn.functional.pad(update, (0, 0, start, out.shape[0] - end)))
+    return torch.stack(pieces).sum(0).reshape(base.shape)
+
+
+def _grouped(x, a, b, scaling, base):
+    return SpanLora.apply(base.clone(), x, a, b, scaling, SpanPlan.build(SPANS, "cpu"))
+
+
+def test_groups_bound_padding_and_cover_every_run_once():
+    plan = SpanPlan.build(SPANS, "cpu")
+    assert len(plan.groups) > 1  # lengths from 1 to 34 do not fit one group
+    covered = []
+    for group in plan.groups:
+        lengths = group.valid.squeeze(-1).sum(1)
+        assert lengths.max() <= MAX_PADDING * lengths.min()
+        covered.extend(group.targets.tolist())
+    assert sorted(covered) == [t for _, start, end in SPANS for t in range(start, end)]
+
+
+def test_output_and_gradients_equal_one_matmul_pair_per_run():
+    grads = []
+    for fn in (_loop, _grouped):
+        x, a, b, scaling, base = _inputs()
+        out = fn(x, a, b, scaling, base)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), x.grad, a.grad, b.grad))
+    for expected, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected)
+    assert torch.equal(grads[1][0][0, 8:10], _inputs()[4][0, 8:10])  # tokens in no run keep the base output
+
+
+def test_a_nan_slot_stays_in_its_own_tokens_and_gradient():
+    x, a, b, scaling, base = _inputs(nan_slot=3)
+    out = _grouped(x, a, b, scaling, base)
+    out.sum().backward()
+    nan_rows = torch.isnan(out[0]).any(-1).nonzero().squeeze(1).tolist()
+    assert nan_rows == list(range(43, 60))  # slot 3's one run
+    assert torch.isnan(b.grad[3]).any()  # B's gradient reads slot 3's NaN hidden values
+    assert not torch.isnan(a.grad[[0, 1, 2]]).any() and not torch.isnan(b.grad[[0, 1, 2]]).any()
+    clean = [t for t in range(100) if not 43 <= t < 60]
+    assert not torch.isnan(x.grad[0, clean]).any()
