@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test", type=int, default=None,
                         help="test users: the most active ones (default: a quarter of the users)")
     parser.add_argument("--queries-per-user", type=int, default=5, help="queries per user (their latest events)")
+    parser.add_argument("--shift-at", type=float, default=None, metavar="FRACTION",
+                        help="LaMP-2M, LaMP-2N: every user takes up another persona's taste from this "
+                             "fraction of their history on (and at their queries); reference.json says "
+                             "where (users.<id>.shift)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     if args.users < 2:
         raise ConfigError(f"--users: need at least 2 users (test and base), got {args.users}")
     n_test = default_n_test(args.users) if args.n_test is None else args.n_test
-    paths = generate(args.task, args.users, args.seed, args.out, n_test, queries_per_user=args.queries_per_user)
+    paths = generate(args.task, args.users, args.seed, args.out, n_test, queries_per_user=args.queries_per_user,
+                     shift_at=args.shift_at)
     reference = json.loads(paths.reference.read_text(encoding="utf-8"))
     print(f"wrote {paths.questions}, {paths.outputs}, {paths.reference}")
     print(f"{reference['task']}: {reference['n_users']} users ({reference['n_test_users']} test), "

@@ -8,10 +8,15 @@ time. The first candidate is drawn from the user's own taste (people watch and r
 like), the others uniformly, and the user picks among them by a softmax of their utilities with a
 low temperature: a per-user label bias that a personal adapter can learn and a shared model cannot
 know.
+
+A behaviour shift (``shifted``, the generator's ``shift_at``) makes a user take up another
+persona's taste at a known point of their history: from there on (and at the queries) their
+utilities are that persona's plus a fresh personal perturbation, drifting as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,25 +39,45 @@ class LabelChoiceSettings:
 
 
 @dataclass(frozen=True)
+class LabelShift:
+    """A user's taste from progress ``at`` on: another persona's, drifting to the queries."""
+
+    at: float  # progress of the first item with the new taste
+    persona: str
+    persona_labels: tuple[str, ...]
+    utility_start: np.ndarray  # per label, at the shift
+    utility_end: np.ndarray  # per label, at the user's queries
+
+
+@dataclass(frozen=True)
 class LabelPreferenceUser:
     persona: str
     persona_labels: tuple[str, ...]
     labels: tuple[str, ...]
     utility_start: np.ndarray  # per label, at the user's first history item
-    utility_end: np.ndarray  # per label, at the user's queries
+    utility_end: np.ndarray  # per label, at the user's queries (without a shift)
+    shift: LabelShift | None = None
 
     def utility(self, progress: float) -> np.ndarray:
+        if self.shift is not None and progress >= self.shift.at:
+            t = (progress - self.shift.at) / (1.0 - self.shift.at)
+            return self.shift.utility_start + t * (self.shift.utility_end - self.shift.utility_start)
         return self.utility_start + progress * (self.utility_end - self.utility_start)
 
     def reference(self) -> dict[str, Any]:
-        order = np.argsort(-self.utility_end, kind="stable")
-        return {
+        at_queries = self.utility_end if self.shift is None else self.shift.utility_end
+        order = np.argsort(-at_queries, kind="stable")
+        reference = {
             "persona": self.persona,
             "persona_labels": list(self.persona_labels),
             "top_labels": [self.labels[i] for i in order[:len(self.persona_labels)]],
-            "utility": dict(zip(self.labels, rounded(self.utility_end), strict=True)),
+            "utility": dict(zip(self.labels, rounded(at_queries), strict=True)),
             "utility_start": dict(zip(self.labels, rounded(self.utility_start), strict=True)),
         }
+        if self.shift is not None:
+            reference["shift"] = {"at": self.shift.at, "persona": self.shift.persona,
+                                  "persona_labels": list(self.shift.persona_labels)}
+        return reference
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,20 @@ class LabelChoiceWorld:
             persona=self.personas[persona],
             persona_labels=tuple(self.labels[i] for i in self.persona_label_ids[persona]),
             labels=self.labels, utility_start=start, utility_end=end)
+
+    def shifted(self, user: LabelPreferenceUser, rng: np.random.Generator, at: float) -> LabelPreferenceUser:
+        """``user`` taking up another persona's taste (with a fresh personal perturbation) at progress ``at``."""
+        s = self.settings
+        current = self.personas.index(user.persona)
+        persona = (current + 1 + int(rng.integers(s.n_personas - 1))) % s.n_personas
+        base = np.zeros(len(self.labels))
+        base[self.persona_label_ids[persona]] = s.favourite_utilities
+        start = base + rng.normal(0.0, s.personal_sd, size=len(self.labels))
+        end = start + rng.normal(0.0, s.drift_sd, size=len(self.labels))
+        shift = LabelShift(at=at, persona=self.personas[persona],
+                           persona_labels=tuple(self.labels[i] for i in self.persona_label_ids[persona]),
+                           utility_start=start, utility_end=end)
+        return dataclasses.replace(user, shift=shift)
 
     def _candidates(self, utility: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         s = self.settings

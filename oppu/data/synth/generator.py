@@ -5,6 +5,11 @@ latest events are the queries, and every query's profile is the user's whole his
 is dated before the queries). The ``n_test`` most active users, chosen with
 ``oppu.data.dataset.assign_roles`` (the rule ``oppu prepare`` applies), are the test users, and
 ``reference.json`` scores the two reference predictions on exactly their queries.
+
+With ``shift_at`` (LaMP-2M, LaMP-2N) every user's behaviour shifts: from the first history item
+at that fraction of their history on, and at their queries, they have another persona's taste;
+``reference.json`` records, per user, the new persona and ``items_before``/``first_item_id``, where
+the shifted history starts.
 """
 
 from __future__ import annotations
@@ -95,8 +100,10 @@ def history_lengths(rng: np.random.Generator, n_users: int, n_test: int,
 
 
 def _make_user(world: World, user_id: str, persona: int, n_history: int, queries_per_user: int,
-               rng: np.random.Generator, settings: ActivitySettings) -> _SynthUser:
+               rng: np.random.Generator, settings: ActivitySettings, shift_at: float | None = None) -> _SynthUser:
     planted = world.new_user(rng, persona)
+    if shift_at is not None:
+        planted = world.shifted(planted, rng, shift_at)
     date = settings.first_date + dt.timedelta(days=int(rng.integers(settings.start_spread_days)))
     history = []
     for j in range(n_history):
@@ -111,11 +118,19 @@ def _write_json(path: Path, content: Any, indent: int | None = None) -> None:
     path.write_text(json.dumps(content, ensure_ascii=False, indent=indent) + "\n", encoding="utf-8")
 
 
+def shift_index(n_history: int, shift_at: float) -> int:
+    """How many of a user's ``n_history`` items come before a shift at ``shift_at`` (item j is
+    written at progress j / n_history)."""
+    return next((j for j in range(n_history) if j / n_history >= shift_at), n_history)
+
+
 def generate(task: str, n_users: int, seed: int, out_dir: str | Path, n_test: int,
-             queries_per_user: int = 5, activity: ActivitySettings | None = None) -> SynthPaths:
+             queries_per_user: int = 5, activity: ActivitySettings | None = None,
+             shift_at: float | None = None) -> SynthPaths:
     """Write ``questions.json``, ``outputs.json`` and ``reference.json`` for ``task`` into ``out_dir``.
 
-    The same (task, n_users, seed, n_test, queries_per_user) gives the same files byte for byte.
+    The same (task, n_users, seed, n_test, queries_per_user, shift_at) gives the same files byte
+    for byte; without ``shift_at`` they are those of a generator that knew no shift.
     """
     from oppu.tasks import get_task
 
@@ -127,17 +142,22 @@ def generate(task: str, n_users: int, seed: int, out_dir: str | Path, n_test: in
         raise ConfigError(f"n_test: need 1 <= n_test < n_users ({n_users}) so base users remain, got {n_test}")
     if queries_per_user < 1:
         raise ConfigError(f"queries_per_user: must be >= 1, got {queries_per_user}")
+    if shift_at is not None and not 0 < shift_at < 1:
+        raise ConfigError(f"shift_at: the shift's place in a user's history must be in (0, 1), got {shift_at}")
 
     layout_seed, activity_seed, users_seed = np.random.SeedSequence(
         seed, spawn_key=(TASK_STREAM_CODES[lamp_task.name],)).spawn(3)
     world = build_world(lamp_task.name, np.random.default_rng(layout_seed))
+    if shift_at is not None and not hasattr(world, "shifted"):
+        raise ConfigError(f"shift_at: a behaviour shift is synthesized for LaMP-2M and LaMP-2N only, "
+                          f"not {lamp_task.name}")
     activity_rng = np.random.default_rng(activity_seed)
     lengths = history_lengths(activity_rng, n_users, n_test, activity)
     personas = persona_of_users(activity_rng, n_users, len(world.personas))
     width = len(str(n_users - 1))
     users = [
         _make_user(world, f"user{i:0{width}d}", personas[i], lengths[i], queries_per_user,
-                   np.random.default_rng(user_seed), activity)
+                   np.random.default_rng(user_seed), activity, shift_at)
         for i, user_seed in enumerate(users_seed.spawn(n_users))
     ]
     roles = {u.user_id: u.role for u in assign_roles(
@@ -171,5 +191,11 @@ def generate(task: str, n_users: int, seed: int, out_dir: str | Path, n_test: in
         "users": {u.user_id: {"role": roles[u.user_id], "n_history": len(u.history), **u.planted.reference()}
                   for u in users},
     }
+    if shift_at is not None:
+        reference["shift_at"] = shift_at
+        for user in users:
+            before = shift_index(len(user.history), shift_at)
+            reference["users"][user.user_id]["shift"].update(
+                items_before=before, first_item_id=user.history[before].id if before < len(user.history) else None)
     _write_json(paths.reference, reference, indent=1)
     return paths

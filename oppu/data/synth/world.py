@@ -45,7 +45,8 @@ class PlantedUser(Protocol):
 
 
 class World(Protocol):
-    """One task's generative process."""
+    """One task's generative process (a world that can shift a user's behaviour also has
+    ``shifted(user, rng, at) -> user``: the generator's ``shift_at``)."""
 
     personas: tuple[str, ...]
 

@@ -176,3 +176,34 @@ def test_tweet_history_is_tweets_only(small_sets):
 def test_bad_sizes_are_config_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="n_test"):
         generate("LaMP-2M", 5, 0, tmp_path, n_test=5)
+
+
+def test_behaviour_shift_changes_taste_at_the_recorded_item(tmp_path: Path):
+    """With shift_at, each user's labels before the recorded first shifted item are mostly their
+    persona's, after it (and the golds of their queries) mostly the new persona's."""
+    paths = generate("LaMP-2M", 24, 3, tmp_path / "shift", 6, queries_per_user=8, shift_at=0.6)
+    questions, outputs, reference = _load(paths)
+    gold_of = {g["id"]: g["output"] for g in outputs["golds"]}
+    assert reference["shift_at"] == 0.6
+    before_own = after_new = after_old = golds_new = n_before = n_after = n_golds = 0
+    for user_id, profile in _user_histories(questions).items():
+        planted = reference["users"][user_id]
+        shift = planted["shift"]
+        assert shift["persona"] != planted["persona"]
+        assert not set(shift["persona_labels"]) & set(planted["persona_labels"])
+        split = shift["items_before"]
+        assert split == int(np.ceil(0.6 * len(profile))) and shift["first_item_id"] == profile[split]["id"]
+        before_own += sum(item["tag"] in planted["persona_labels"] for item in profile[:split])
+        after_new += sum(item["tag"] in shift["persona_labels"] for item in profile[split:])
+        after_old += sum(item["tag"] in planted["persona_labels"] for item in profile[split:])
+        n_before, n_after = n_before + split, n_after + len(profile) - split
+        for question in questions:
+            if question["user_id"] == user_id:
+                golds_new += gold_of[question["id"]] in shift["persona_labels"]
+                n_golds += 1
+    assert before_own / n_before > 0.6 and after_new / n_after > 0.6 and after_old / n_after < 0.2
+    assert golds_new / n_golds > 0.6
+    unshifted = generate("LaMP-2M", 24, 3, tmp_path / "plain", 6, queries_per_user=8)
+    assert "shift_at" not in _load(unshifted)[2]
+    with pytest.raises(ConfigError, match="LaMP-2M and LaMP-2N only"):
+        generate("LaMP-3", 8, 0, tmp_path / "rating", 2, shift_at=0.5)
