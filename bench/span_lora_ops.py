@@ -1,0 +1,64 @@
+"""Host-side operator count of the per-token LoRA (packed batched training), before and after runs were
+batched: one LoRA layer (576 -> 576, r=16, SmolLM2-135M's q_proj), a 32k-token pass of 50 users' runs,
+forward and backward, counted with torch.profiler on the CPU (each op is a kernel launch on the GPU).
+
+    python3 bench/span_lora_ops.py          # needs the git history: the earlier layer is read from commit 5e439eb
+"""
+import importlib.util
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from oppu.models.span_lora import SpanLora, SpanPlan  # noqa: E402
+
+BEFORE = "5e439eb"  # the last commit with one matmul pair per run (multi_lora._SpanLora)
+rng = random.Random(0)
+spans, t = [], 0
+for u in range(50):
+    n = rng.randint(600, 1300)
+    spans.append((u, t, t + n))
+    t += n
+T, din, dout, r = t, 576, 576, 16
+def load_before():
+    source = subprocess.run(["git", "show", f"{BEFORE}:oppu/models/multi_lora.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "multi_lora_before.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("multi_lora_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+old = load_before()
+
+
+def run(kind):
+    torch.manual_seed(0)
+    x = torch.randn(1, T, din, requires_grad=True)
+    a = torch.randn(50, r, din, requires_grad=True)
+    b = torch.randn(50, dout, r, requires_grad=True)
+    s = torch.full((50,), 2.0)
+    base = torch.randn(1, T, dout)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        if kind == "old":
+            out = old._SpanLora.apply(base.clone(), x, a, b, s, tuple(spans))
+        else:
+            out = SpanLora.apply(base.clone(), x, a, b, s, SpanPlan.build(spans, "cpu"))
+        out.sum().backward()
+    # top-level aten ops: those not called from inside another aten op
+    ops = [e for e in p.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return len(ops), out.detach(), x.grad
+n_old, o1, g1 = run("old")
+n_new, o2, g2 = run("new")
+print(f"top-level aten ops per LoRA layer (forward+backward), {len(spans)} users' runs in a {T}-token pass: "
+      f"one matmul pair per run {n_old}, runs batched {n_new} ({n_old / n_new:.1f}x fewer)")
+print(f"largest difference: output {(o1 - o2).abs().max().item():.2e}, input gradient {(g1 - g2).abs().max().item():.2e}")
