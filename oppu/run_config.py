@@ -139,6 +139,23 @@ class BatchedSettings:
 
 
 @dataclass
+class IncrementalSettings:
+    """Knobs of ``users.update: incremental``: how a user's current adapter is continued on new history."""
+
+    # old items replayed per new item: a sample of the items the current adapter saw, seeded by
+    # (seed, user, the version continued); at most all of them. 0.25 keeps an update after a
+    # fifth of the history came new within a quarter of a full retrain's tokens (bench/lifecycle.py)
+    replay_ratio: float = 0.25
+    epochs: int | None = None  # epochs over the new and replayed items; None: those of a full retrain
+
+    def __post_init__(self) -> None:
+        if self.replay_ratio < 0:
+            raise ConfigError(f"users.incremental.replay_ratio must be >= 0, got {self.replay_ratio}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"users.incremental.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
 class UserStage:
     """One personal adapter per test user (jobs/train_users.py).
 
@@ -156,6 +173,16 @@ class UserStage:
       bit-identical to the per-user adapter. Many times faster on a GPU; LoRA only.
       Give each actor enough users to fill its slots: ``users_per_batch`` a few times
       ``batched.max_active_users``.
+
+    ``update`` picks what training starts from when a user already has an adapter:
+
+    - ``full`` (default): from scratch, on the user's whole history.
+    - ``incremental``: where the user's current adapter (the one served) was trained on a prefix
+      of their history, with the same PEFT shape and prompt format, it is loaded and trained on
+      for ``incremental.epochs`` on the items after that prefix plus a seeded replay sample of
+      older ones (``incremental.replay_ratio`` per new item); its manifest names the version it
+      continued (``data_range.update``). Anyone else (no adapter, no new items, an edited history,
+      another shape) trains from scratch, as ``full`` does. Per-user trainer only.
     """
 
     variants: list[str] = field(default_factory=lambda: ["oppu", "rag-k1+oppu"])
@@ -181,8 +208,14 @@ class UserStage:
     # versions of a user's adapter kept per variant: after each publish (training, `oppu adapters
     # import`) older ones are deleted, never the current one (which a rollback may have made an old one)
     keep_versions: int = 5
+    update: Literal["full", "incremental"] = "full"  # a user with an adapter: retrain, or continue it
+    incremental: IncrementalSettings = field(default_factory=IncrementalSettings)
 
     def __post_init__(self) -> None:
+        if self.update == "incremental" and self.trainer != "per-user":
+            raise ConfigError(f"users.update=incremental continues a user's adapter with the per-user trainer "
+                              f"only, not users.trainer={self.trainer}: set users.trainer=per-user, or "
+                              "users.update=full")
         if self.keep_versions < 1:
             raise ConfigError(f"users.keep_versions must be >= 1, got {self.keep_versions}")
         if self.max_failed_users < -1:

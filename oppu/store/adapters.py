@@ -138,8 +138,10 @@ class Manifest:
     @property
     def trainer(self) -> str:
         """What made the version: ``per-user`` (the default trainer), ``batched``, ``import``, ...
-        (recorded in ``train_config`` where it is not ``per-user``)."""
-        return str(self.train_config.get("trainer", "per-user"))
+        (recorded in ``train_config`` where it is not ``per-user``); ``per-user+incremental`` where
+        it continued an older version (``train_config["update"]``; ``data_span["update"]`` names it)."""
+        trainer = str(self.train_config.get("trainer", "per-user"))
+        return f"{trainer}+incremental" if self.train_config.get("update") == "incremental" else trainer
 
     @property
     def prompt_format(self) -> str:

@@ -54,10 +54,14 @@ def user_seed(seed: int, user_id: str) -> int:
 
 def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], peft_config: PeftConfig,
                        optim: OptimSettings, epochs: int, seed: int, user_id: str,
-                       out_dir: str | Path, prompt_format: str = "plain") -> TrainStats:
+                       out_dir: str | Path, prompt_format: str = "plain", *,
+                       init_adapter: str | Path | None = None) -> TrainStats:
     """Train a personal adapter for ``user_id`` on ``samples`` and save it (PEFT layout) to ``out_dir``.
 
     ``peft_config`` is a trainable PEFT config (``PeftSettings.to_peft_config()``), left as given.
+    With ``init_adapter`` (a PEFT adapter directory of the same shape, e.g. the user's current
+    version) training continues from its weights, loaded by PEFT (``PeftModel.from_pretrained(...,
+    is_trainable=True)``), instead of a fresh adapter; a fresh optimiser and schedule either way.
     """
     import peft
     import torch
@@ -72,7 +76,12 @@ def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], pef
     # PEFT writes into the config it is given (the base's name, at times target_modules) and keeps
     # it in the model: a shallow copy per user leaves the caller's as built, and shares its
     # target_modules set, so adapter_config.json lists them in the same order for every user.
-    peft_model = peft.get_peft_model(base_model, copy.copy(peft_config))
+    if init_adapter is None:
+        peft_model = peft.get_peft_model(base_model, copy.copy(peft_config))
+    else:
+        peft_model = peft.PeftModel.from_pretrained(base_model, str(init_adapter), is_trainable=True)
+        # named after the base it now trains over, as get_peft_model names a fresh one
+        peft_model.peft_config["default"].base_model_name_or_path = base_model.__dict__.get("name_or_path") or None
     try:
         stats = _fit(peft_model, encoded, optim, epochs, shuffler, tokenizer.pad_token_id)
         peft_model.save_pretrained(str(out_dir))
