@@ -63,9 +63,12 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
     expected = [str(row["user_id"]) for row in blocks.select_columns(["user_id"]).take_all()]
     results: list[UserResult] = []
     started = time.perf_counter()
+    first_done_s = None  # the pool's start (actors, base loads) shows as the wait for the first user
     with logs.progress(len(expected), f"train_users {variant}", unit="users") as bar:
         for row in results_ds.iter_rows():
             result = result_of_row(row)
+            if first_done_s is None:
+                first_done_s = time.perf_counter() - started
             results.append(result)
             bar.update(1, failed=result.user_id if result.status == "failed" else None)
             detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
@@ -80,8 +83,10 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
                 "logs); adapters it published survive, a re-run trains the rest")))
     write_report(cfg, variant, results, time.perf_counter() - started)
     failed = [r for r in results if r.status == "failed"]
+    elapsed = time.perf_counter() - started
     log(f"[train_users {variant}] trained {sum(r.status == 'trained' for r in results)}, "
-        f"skipped {sum(r.status == 'skipped' for r in results)}, failed {len(failed)}")
+        f"skipped {sum(r.status == 'skipped' for r in results)}, failed {len(failed)} in {elapsed:.0f}s"
+        + (f" (first user done after {first_done_s:.0f}s)" if first_done_s is not None else ""))
     for result in failed:
         log(f"[train_users {variant}] FAILED user {result.user_id}: {result.error}")
     check_failed_users(cfg, variant, results)
