@@ -130,7 +130,12 @@ def tombstone_check(store_uri: str):
     if salt is None:
         return _NoneErased()
     fs, path = fsutil.filesystem(_tombstone_dir(store_uri))
-    return _Erased(salt, frozenset(entry.rsplit("/", 1)[-1] for entry in fs.ls(path, detail=False)))
+    fs.invalidate_cache(path)  # a long-lived filesystem (the serve app's) must see new tombstones
+    try:
+        entries = fs.ls(path, detail=False)
+    except FileNotFoundError:  # every tombstone lifted (object stores keep no empty folder)
+        entries = []
+    return _Erased(salt, frozenset(entry.rsplit("/", 1)[-1] for entry in entries))
 
 
 @dataclass(frozen=True)

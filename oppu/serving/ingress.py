@@ -128,7 +128,7 @@ class OppuIngress:
         if self.config.data:
             from oppu.serving.histories import UserHistories
 
-            self.histories = UserHistories(self.config.data, self.config.history_check_ttl_s)
+            self.histories = UserHistories(self.config.data, self.config.history_check_ttl_s, self.store.root_uri)
         self._info: dict | None = None
         self._tokenizer_cache = None
 
@@ -536,6 +536,8 @@ class OppuIngress:
         from oppu.erasure import add_tombstone
 
         add_tombstone(self.store.root_uri, user)  # first: a publish racing this delete undoes itself
+        if self.histories is not None:
+            self.histories.forget(user)
         deleted = self.store.delete_user(user)
         try:
             revoked = self.auth.tokens.revoke(user)
@@ -545,13 +547,9 @@ class OppuIngress:
         return deleted, revoked
 
     def _history(self, user: str):
-        from oppu.erasure import is_tombstoned
-
         if self.histories is None:
             raise ConfigError("k > 0 needs the app's 'data' argument (the prepared data set)")
-        if is_tombstoned(self.store.root_uri, user):  # erased since the app read the data set
-            raise UnknownHistory(f"user {user!r} has no history in the data set")
-        try:
+        try:  # an erased user has none (UserHistories lists the tombstones)
             return self.histories.history(user)
         except KeyError:
             raise UnknownHistory(f"user {user!r} has no history in the data set") from None

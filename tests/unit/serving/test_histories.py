@@ -45,3 +45,23 @@ def test_own_additions_at_once_and_others_after_the_ttl(data, tmp_path):
     add_tombstone(store, "gone")
     with pytest.raises(UserErasedError, match="oppu users restore"):
         histories.add(store, "gone", [NEW])
+
+
+def test_an_erased_user_has_no_history_here_at_once_and_elsewhere_after_the_ttl(data, tmp_path):
+    from oppu.erasure import remove_tombstone
+
+    store = str(tmp_path / "adapters")
+    histories = UserHistories(data, check_ttl_s=0.3, store_uri=store)
+    here = UserHistories(data, check_ttl_s=60, store_uri=store)
+    assert histories.history("u1") and here.history("u1")
+    add_tombstone(store, "u1")  # erased through another replica (or the command line)
+    here.forget("u1")  # ... and through this one
+    with pytest.raises(KeyError):
+        here.history("u1")
+    assert histories.history("u1")  # trusted for the ttl
+    time.sleep(0.35)
+    with pytest.raises(KeyError):
+        histories.history("u1")
+    remove_tombstone(store, "u1")  # oppu users restore
+    time.sleep(0.35)
+    assert histories.history("u1")
