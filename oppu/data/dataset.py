@@ -231,9 +231,8 @@ def recount(directory: str | Path) -> None:
                                   "updated": datetime.now(UTC).isoformat(timespec="seconds")})
 
 
-def read_users(users_path: str, only: str | None = None) -> list[UserData]:
-    """Every user row of ``users.parquet`` at ``users_path`` (only the user ``only``, if given)."""
-    import pyarrow.compute as pc
+def read_users_table(users_path: str):
+    """``users.parquet`` at ``users_path`` as one Arrow table, its columns checked."""
     import pyarrow.parquet as pq
 
     if not fsutil.exists(users_path):
@@ -244,6 +243,14 @@ def read_users(users_path: str, only: str | None = None) -> list[UserData]:
     missing = [name for name in USER_COLUMNS if name not in table.column_names]
     if missing:
         raise DataError(f"users.parquet lacks columns {missing}", file=users_path)
+    return table
+
+
+def read_users(users_path: str, only: str | None = None) -> list[UserData]:
+    """Every user row of ``users.parquet`` at ``users_path`` (only the user ``only``, if given)."""
+    import pyarrow.compute as pc
+
+    table = read_users_table(users_path)
     if only is not None:
         table = table.filter(pc.equal(table["user_id"], only))
     users = []

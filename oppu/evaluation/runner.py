@@ -162,10 +162,9 @@ def pick_random_items(dataset, seed: int) -> dict[str, dict]:
 
 def evaluate(cfg: RunConfig) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
-    import ray.data
 
-    from oppu.actor_pools import map_users
-    from oppu.data.dataset import read_dataset, users_parquet_path
+    from oppu.actor_pools import map_users, read_test_users
+    from oppu.data.dataset import read_dataset
     from oppu.erasure import tombstone_check
 
     methods = [resolve_method(m) for m in cfg.eval.methods]
@@ -184,11 +183,8 @@ def evaluate(cfg: RunConfig) -> dict:
         stored_profiles(cfg, [u.user_id for u in test_users])  # fail here, not in every actor
     log.info("[evaluate] %s: %d test users, %d queries, methods %s", task.name, len(test_users), len(golds),
              ", ".join(m.name for m in methods))
-    users_path = users_parquet_path(cfg.data_uri)
     _, answers_ds = map_users(
-        ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path)).filter(
-            lambda r: r["role"] == "test" and not erased(r["user_id"])),
-        QueryAnswerer, _start_failed, cfg.eval,
+        read_test_users(cfg.data_uri, lambda user: not erased(user)), QueryAnswerer, _start_failed, cfg.eval,
         {"cfg": cfg, "methods": [m.name for m in methods],
          "random_items": pick_random_items(dataset, cfg.seed)})
     predictions: dict[str, dict[str, str]] = {m.name: {} for m in methods}

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 
-from oppu import fsutil, logs
+from oppu import logs
 from oppu.errors import StageFailed, name_list
 from oppu.run_config import RunConfig
 from oppu.training.users_report import UserResult, report_path, result_of_row, write_report
@@ -39,28 +39,22 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
 
     Progress (users done of all, ETA, failures by name) goes to ``oppu.logs.progress``; each
     user's line and the summary to ``log``."""
-    import ray.data
-
-    from oppu.actor_pools import map_users
-    from oppu.data.dataset import users_parquet_path
+    from oppu.actor_pools import map_users, read_test_users
     from oppu.erasure import tombstone_check
     from oppu.ids import validate_user_id
     from oppu.training.users_actor import PersonalTrainer, start_failed
 
     wanted = {validate_user_id(u) for u in cfg.users.users} if cfg.users.users else None
     erased = tombstone_check(cfg.store_uri)  # erased users (oppu users delete) are never trained again
-    users_path = users_parquet_path(cfg.data_uri)
-    users = ray.data.read_parquet(users_path, filesystem=fsutil.ray_filesystem(users_path))
-    users = users.filter(lambda row: row["role"] == "test" and (wanted is None or row["user_id"] in wanted)
-                         and not erased(row["user_id"]))
+    users = read_test_users(cfg.data_uri, lambda user: (wanted is None or user in wanted) and not erased(user),
+                       longest_first=True)
     # Sorted, each batch is a run of consecutive users in that order: similar history lengths on
     # one actor, the longest first. An actor that dies is restarted (it loads the base again) and
     # its batch re-run up to max_retries times; users it had published by then are skipped as
     # already present. A batch that failed every retry costs its users, not the job.
-    blocks, results_ds = map_users(users.sort("n_history", descending=True), PersonalTrainer, start_failed,
-                                   cfg.users, {"cfg": cfg, "variant": variant},
-                                   max_retries=cfg.users.max_retries)
-    expected = [str(row["user_id"]) for row in blocks.select_columns(["user_id"]).take_all()]
+    _, results_ds = map_users(users, PersonalTrainer, start_failed, cfg.users, {"cfg": cfg, "variant": variant},
+                              max_retries=cfg.users.max_retries)
+    expected = users["user_id"].to_pylist()
     results: list[UserResult] = []
     started = time.perf_counter()
     first_done_s = None  # the pool's start (actors, base loads) shows as the wait for the first user

@@ -1,6 +1,7 @@
 """The per-user actor pool hands out one batch of users at a time, spread over every actor,
-each batch a consecutive run of the sorted order (the 10,000-user stall was one task holding
-thousands of users because the sorted users sat in a few large blocks)."""
+each batch a consecutive run of the sorted order and exactly ``users_per_batch`` users (the
+10,000-user stall was one task holding thousands of users because the sorted users sat in a few
+large blocks; Ray Data's own sort then cut 100 users into batches of 47, 50 and 3)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Its own driver process, so this test never shares a Ray connection with other tests.
 DRIVER = """
 import json, os, time
+import pyarrow as pa
 import ray, ray.data
 from oppu.actor_pools import one_batch_per_actor, one_block_per_batch
 
@@ -36,9 +38,8 @@ class Recorder:
         n = len(batch["rank"])
         return {"rank": batch["rank"], "pid": [self.pid] * n, "call": [f"{self.pid}/{self.calls}"] * n}
 
-# 60 users in one block, as read_parquet of one file + sort leave them: one task on the old path
-rows = [{"rank": i, "n_history": 1000 - 7 * i} for i in range(60)]
-users = ray.data.from_items(rows[::-1], override_num_blocks=1).sort("n_history", descending=True)
+# 62 users, sorted longest first in one table (oppu.actor_pools.read_test_users)
+users = pa.table({"rank": list(range(62)), "n_history": [1000 - 7 * i for i in range(62)]})
 users = one_block_per_batch(users, 4)
 out = users.map_batches(Recorder, batch_size=4, compute=one_batch_per_actor(2), num_cpus=1).take_all()
 calls = {}
@@ -53,8 +54,9 @@ def test_batches_are_consecutive_runs_spread_over_every_actor(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["ranks"] == list(range(60))  # nobody lost or doubled
+    assert result["ranks"] == list(range(62))  # nobody lost or doubled
     calls = result["calls"]
+    assert sorted(len(call["ranks"]) for call in calls) == [2] + [4] * 15  # a batch is users_per_batch users
     for call in calls:  # similar history lengths together: a run of the sorted order
         ranks = sorted(call["ranks"])
         assert ranks == list(range(ranks[0], ranks[0] + len(ranks)))
