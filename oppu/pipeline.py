@@ -26,7 +26,8 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 def init_ray(cfg: RunConfig) -> None:
-    """Connect to ``cfg.ray.address`` / RAY_ADDRESS, or start a local Ray instance.
+    """Connect to ``cfg.ray.address`` / RAY_ADDRESS, else to the cluster ``ray start`` last started on
+    this machine (as ``ray.init()`` finds it), or start a local Ray instance.
 
     Workers get this process's log level (``oppu.logs.worker_env``: inherited by a local instance's
     workers, a runtime_env on a cluster). Their own output (Ray's and the libraries' warnings,
@@ -43,7 +44,7 @@ def init_ray(cfg: RunConfig) -> None:
     verbose = logs.verbose()
     logs.quiet_ray_terminal()
     logs.filter_native_stderr()  # Ray Data's notice on pool actors' constructor arguments
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or started_cluster()
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=logs.ray_logging_level(),
                  runtime_env=_job_runtime_env(env))
@@ -53,6 +54,19 @@ def init_ray(cfg: RunConfig) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = verbose  # else our own per-user progress says more
     log.info("[ray] connected: %s", ray.cluster_resources())
+
+
+def started_cluster() -> str | None:
+    """The address of the cluster ``ray start`` last started on this machine (what ``ray.init()``
+    without an address joins: ``ray_current_cluster`` under Ray's temp dir, ``$RAY_TMPDIR/ray``
+    or ``/tmp/ray``; ``ray stop`` removes it), or None. Joined explicitly: ``ray.init(num_cpus=...)``
+    refuses to join one."""
+    from ray._private.utils import read_ray_address
+
+    try:
+        return read_ray_address() or None
+    except OSError:
+        return None
 
 
 def _job_runtime_env(env: dict[str, str]) -> dict | None:

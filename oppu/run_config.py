@@ -277,7 +277,7 @@ class ProfileSettings:
 
 @dataclass
 class RaySettings:
-    address: str | None = None  # None: RAY_ADDRESS or a new local instance
+    address: str | None = None  # None: RAY_ADDRESS, the cluster `ray start` made here, or a new local instance
     num_cpus: int | None = None  # for a new local instance only
 
 

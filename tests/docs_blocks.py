@@ -2,7 +2,7 @@
 
 Used by tests/unit/test_doc_commands.py (every command parses, every file it names exists) and
 tests/integration/test_doc_walkthrough.py (docs/cluster.md §1, every block in order, runs as
-written).
+written), test_readme_blocks.py and test_readme_jobs.py (README's blocks, likewise).
 """
 
 from __future__ import annotations

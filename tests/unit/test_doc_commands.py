@@ -16,7 +16,8 @@ What each kind of command gets (tests/docs_blocks.py splits the blocks into comm
 
 Not checked here: commands of other tools (pip, git, moto_server, curl, docker, kubectl) beyond the
 files they name, and whether a command succeeds — tests/integration/test_doc_walkthrough.py runs
-docs/cluster.md §1 whole, block by block, and README's blocks run in test_readme_blocks.py.
+docs/cluster.md §1 whole, block by block, and README's blocks run in test_readme_blocks.py and
+test_readme_jobs.py.
 """
 
 from __future__ import annotations
@@ -187,6 +188,9 @@ def test_the_blocks_a_reader_runs_are_all_found():
                      ("README.md", "Using real LaMP files", "oppu prepare"),
                      ("README.md", "Using real LaMP files", "oppu score"),
                      ("README.md", "Serving personalized models", "serve run"),
+                     ("README.md", "Running the stages as Ray jobs", "oppu synth"),
+                     ("README.md", "Running the stages as Ray jobs", "ray job"),
+                     ("README.md", "Running the stages as Ray jobs", "oppu train-users"),
                      ("docs/cluster.md", section, "oppu synth"),
                      ("docs/cluster.md", section, "python jobs/train_base.py"),
                      ("docs/cluster.md", section, "oppu publish"),
@@ -226,3 +230,14 @@ def test_cluster_walkthrough_publishes_every_base_its_jobs_read():
     assert needed <= made, needed - made
     serve = _load_yaml(next(c.argv[2] for c in section if c.argv[:2] == ["serve", "deploy"]))
     assert serve["applications"][0]["args"]["model"] == f"{users.run_dir}/base"
+
+
+def test_readme_jobs_blocks_take_their_tests_substitutions():
+    """README "Running the stages as Ray jobs" still names the ports, temp dir and slow-machine
+    ``--set``s that tests/integration/test_readme_jobs.py puts in (it runs the blocks; this checks,
+    in a second, that the section and the test still agree)."""
+    from tests.integration.test_readme_jobs import PORT_FLAGS, script
+
+    text = script({flag: 1000 + i for i, flag in enumerate(PORT_FLAGS)})
+    assert "ray start --head --port 1000 --dashboard-port 1001" in text
+    assert text.count("--set base.flavours=[plain]") == 6

@@ -92,3 +92,38 @@ def test_base_flavours_train_in_one_run_unless_parallel(monkeypatch, tmp_path, p
                                         f"base.parallel_flavours={parallel}"])
     pipeline.run_stages(cfg, ["base"])
     assert sorted(calls) == sorted(expected) and calls[0] == expected[0]
+
+
+@pytest.mark.parametrize("recorded, expected", [
+    ("127.0.0.1:6379", {"address": "127.0.0.1:6379"}),  # the cluster `ray start` made: joined as it is
+    (None, {"num_cpus": 2, "include_dashboard": False}),  # none: a local instance of ray.num_cpus
+])
+def test_ray_joins_the_cluster_ray_start_made_else_starts_a_local_one(monkeypatch, tmp_path, recorded, expected):
+    """After ``ray start --head``, ``oppu train-base`` and the other stage commands join that cluster
+    as ``ray.init()`` finds it (``ray_current_cluster`` under ``$RAY_TMPDIR/ray``); ``ray.init``
+    refuses ``num_cpus`` when it joins one, so it is passed only to a local instance (README,
+    "Running the stages as Ray jobs")."""
+    import ray
+    import ray.data
+
+    from oppu import logs, pipeline
+    from oppu.config import load_config
+    from oppu.run_config import RunConfig
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    if recorded:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(recorded)
+    for name in ("quiet_ray_terminal", "filter_native_stderr"):
+        monkeypatch.setattr(logs, name, lambda: None)
+    monkeypatch.setattr(logs, "worker_env", lambda: {})
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray.data.DataContext, "get_current", lambda: type("Context", (), {})())
+    pipeline.init_ray(load_config(RunConfig, None, [f"run_dir={tmp_path}", "ray.num_cpus=2"]))
+    (kwargs,) = calls
+    assert {k: kwargs.get(k) for k in expected} == expected
+    assert ("num_cpus" in kwargs) == (recorded is None), kwargs
