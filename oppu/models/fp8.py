@@ -104,7 +104,10 @@ def quantize_mode() -> str:
     return "eager" if _compile_failed or _quantize_compiled is None else "compiled"
 
 
+@torch.no_grad()
 def _quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool):
+    """:func:`quantize` on the training path: outside autograd (codes never need a gradient, and an
+    autograd graph would keep a float32 copy of the activation alive), compiled on CUDA."""
     global _compile_failed
     fn = _quantize_fn(x.device)
     if fn is quantize:

@@ -182,3 +182,11 @@ def test_set_base_precision_and_where_fp8_is_refused(tiny):
         set_base_precision(tiny, "int8")
     assert len(set_base_precision(tiny, "fp8-tensor", allow_cpu=True)) == 14
     assert not tiny.model.layers[0].self_attn.q_proj.recipe.rowwise
+
+
+def test_quantizing_the_input_records_no_autograd_graph():
+    layer = Fp8BaseLinear.from_linear(torch.nn.Linear(32, 16, bias=False))
+    x = torch.randn(4, 32, requires_grad=True)
+    layer(x)
+    codes, scale = fp8._shared_input.value
+    assert codes.grad_fn is None and scale.grad_fn is None
