@@ -21,6 +21,20 @@ from oppu.models.prompting import PromptFormatSetting
 from oppu.models.tiny import TinyModelConfig
 
 PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
+# The frozen base's GEMMs: in its own dtype (bf16 on a GPU, fp32 on CPU), or FP8 on the GPU's
+# FP8 tensor cores (oppu.models.fp8): "fp8" scales per row (e4m3 throughout), "fp8-tensor" per
+# tensor (e5m2 gradients). LoRA stays in bf16/fp32 either way.
+BasePrecision = Literal["bf16", "fp8", "fp8-tensor"]
+BASE_PRECISIONS = ("bf16", "fp8", "fp8-tensor")
+
+
+def check_base_precision(key: str, value: str, on_gpu: bool, gpu_key: str) -> None:
+    """``ConfigError`` naming ``key`` when ``value`` is not a base precision, or is FP8 without a GPU."""
+    if value not in BASE_PRECISIONS:
+        raise ConfigError(f"{key} must be one of {list(BASE_PRECISIONS)}, got {value!r}")
+    if value != "bf16" and not on_gpu:
+        raise ConfigError(f"{key}={value} runs the base's GEMMs on a GPU's FP8 tensor cores (H100, L4, L40S, "
+                          f"...), and {gpu_key} trains on CPU: give it GPUs, or set {key}=bf16")
 
 
 @dataclass
@@ -107,6 +121,9 @@ class BaseStage:
     # also a resumable checkpoint at the end of every epoch but the last (where no step's fell there)
     checkpoint_each_epoch: bool = True
     max_failures: int = 2  # worker-group restarts, each resuming from the last checkpoint; -1: unlimited
+    # the frozen base's GEMMs during adaptation: bf16, or fp8 / fp8-tensor (GPU workers; not with
+    # DeepSpeed ZeRO-3, whose partitioned weights cannot be quantized once)
+    base_precision: BasePrecision = "bf16"
 
     def __post_init__(self) -> None:
         if self.rag_k < 1:
@@ -123,6 +140,7 @@ class BaseStage:
                               f"got {self.gpus_per_worker}")
         for flavour in self.flavours:
             parse_flavour(flavour, self.rag_k)
+        check_base_precision("base.base_precision", self.base_precision, self.use_gpu, "base.use_gpu=false")
 
 
 @dataclass
@@ -193,6 +211,10 @@ class UserStage:
     # nf4: QLoRA, the frozen base held in 4-bit NF4 (bitsandbytes; CUDA GPU actors only) under
     # full-precision adapters; a quarter of bf16's weight memory, for bases too large for the GPU
     quantize: Literal["none", "nf4"] = "none"
+    # the frozen base's GEMMs (forward and input gradient) in bf16, or in FP8 (fp8: per-row scales;
+    # fp8-tensor: per-tensor) on a GPU's FP8 tensor cores, weights quantized once per base load
+    # (oppu.models.fp8); either trainer; not with quantize=nf4
+    base_precision: BasePrecision = "bf16"
     actors: int = 2  # Ray Data actor pool size; each actor loads the base once
     users_per_batch: int = 4  # users handed to an actor at a time (consecutive in history length)
     num_cpus_per_actor: float = 1.0
@@ -230,6 +252,11 @@ class UserStage:
             raise ConfigError("users.quantize=nf4 needs GPU actors: bitsandbytes' 4-bit base runs on CUDA "
                               f"only, and users.num_gpus_per_actor={self.num_gpus_per_actor} trains on CPU "
                               "(set users.num_gpus_per_actor > 0, or users.quantize=none)")
+        check_base_precision("users.base_precision", self.base_precision, self.num_gpus_per_actor > 0,
+                             f"users.num_gpus_per_actor={self.num_gpus_per_actor}")
+        if self.base_precision != "bf16" and self.quantize != "none":
+            raise ConfigError(f"users.base_precision={self.base_precision} and users.quantize={self.quantize} "
+                              "both replace the base's linear layers: pick one")
         if self.trainer == "batched":
             if self.peft.method != "lora":
                 raise ConfigError(f"users.trainer=batched trains LoRA only, not users.peft.method="

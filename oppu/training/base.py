@@ -108,6 +108,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     from transformers import get_linear_schedule_with_warmup
 
     from oppu.models import encode_sample
+    from oppu.models.fp8 import restore_base_linears, set_base_precision
     from oppu.models.samples import collate, target_loss
     from oppu.tasks.base import TrainingSample
 
@@ -118,6 +119,9 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     optim = OptimSettings(**config["optim"])
     began = time.perf_counter()
     model = model.to(device)
+    # FP8 for the frozen base's GEMMs (base.base_precision): quantized here, once per flavour, and
+    # undone before the merge, which writes the LoRA into the bf16 weights.
+    set_base_precision(model, config.get("base_precision", "bf16"))
     torch.manual_seed(config["seed"])
     model = peft_lib.get_peft_model(model, PeftSettings(**config["peft"]).to_peft_config())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -221,6 +225,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     train_s = time.perf_counter() - training
 
     merging = time.perf_counter()
+    restore_base_linears(model)
     partitioned = engine is not None and engine.zero_optimization_partition_weights()
     seconds = {"engine_init_s": round(engine_init_s, 2), "train_s": round(train_s, 2)}
     if setup_s is not None:
@@ -386,6 +391,8 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
                       "profile_writer": cfg.profiles.writer if uses_profile else None,
                       "samples": len(samples), "samples_sha256": _samples_digest(samples), "epochs": epochs,
                       "peft": asdict(cfg.base.peft), "optim": asdict(cfg.base.optim), "seed": cfg.seed}
+        if cfg.base.base_precision != "bf16":  # recorded only then: bf16 bases keep their provenance
+            provenance["base_precision"] = cfg.base.base_precision
         target = cfg.base_uri(flavour)
         spec = {"flavour": flavour, "n_samples": len(samples), "epochs": epochs, "provenance": provenance,
                 "target": _absolute(target), "dataset": None}
@@ -406,7 +413,7 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
         "seed": cfg.seed, "use_gpu": cfg.base.use_gpu, "prompt_format": cfg.prompt_format,
         "checkpoint_every_steps": cfg.base.checkpoint_every_steps,
         "checkpoint_each_epoch": cfg.base.checkpoint_each_epoch,
-        "deepspeed": _deepspeed_config(cfg), "flavours": specs,
+        "deepspeed": _deepspeed_config(cfg), "flavours": specs, "base_precision": cfg.base.base_precision,
     }
     trainer = TorchTrainer(
         train_base_loop,
@@ -524,7 +531,13 @@ def _deepspeed_config(cfg: RunConfig) -> dict | None:
         return None
     if not cfg.base.use_gpu:
         raise ConfigError("base.deepspeed needs base.use_gpu=true (on CPU the trainer uses DDP)")
-    return json.loads(fsutil.read_text(cfg.base.deepspeed))
+    ds_config = json.loads(fsutil.read_text(cfg.base.deepspeed))
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if cfg.base.base_precision != "bf16" and stage == 3:
+        raise ConfigError(f"base.base_precision={cfg.base.base_precision} quantizes each linear weight once, "
+                          f"whole, and ZeRO-3 ({cfg.base.deepspeed}) partitions the weights across GPUs: "
+                          "use a ZeRO-2 config, or base.base_precision=bf16")
+    return ds_config
 
 
 def _absolute(uri: str) -> str:

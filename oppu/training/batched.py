@@ -27,6 +27,10 @@ The LoRA matrices and AdamW moments are kept in float32 while the base runs in i
 (bf16 on GPU): updates of size lr * 1 would vanish in bf16 rounding. The slots' buffers and
 optimiser are ``oppu.training.slots``; a finished user's slot goes out through
 ``oppu.models.slot_export``, the one PEFT export.
+
+The base may compute in FP8 (``users.base_precision``: ``oppu.models.fp8.set_base_precision``,
+applied by the caller once per base load): the slots wrap its FP8 layers as they wrap any
+``nn.Linear``, and stay float32 themselves.
 """
 
 from __future__ import annotations

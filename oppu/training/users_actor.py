@@ -36,6 +36,7 @@ class PersonalTrainer:
         import torch
 
         from oppu.models import base_fingerprint, load_model
+        from oppu.models.fp8 import set_base_precision
         from oppu.models.prompting import resolve_prompt_format
         from oppu.tasks import get_task
         from oppu.training.publish import AdapterPublisher
@@ -49,6 +50,8 @@ class PersonalTrainer:
         self.model, self.tokenizer = load_model(base_uri, device=device, quantize=self.cfg.users.quantize)
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
+        # Once per base load: the FP8 weights serve every user this actor trains, either trainer.
+        set_base_precision(self.model, self.cfg.users.base_precision)
         self.fingerprint = base_fingerprint(base_uri)
         self.trainer = self.cfg.users.trainer
         self.publisher = AdapterPublisher.for_run(

@@ -76,6 +76,36 @@ def test_qlora_is_a_checked_users_key():
     assert "quantize" not in adapter_train_config(load_config(RunConfig), "oppu", 3)
 
 
+def test_fp8_base_precision_is_a_checked_key_of_both_stages(tmp_path):
+    from oppu.config import load_config
+    from oppu.run_config import RunConfig
+    from oppu.training.base import _deepspeed_config
+    from oppu.training.publish import adapter_train_config
+
+    defaults = load_config(RunConfig)
+    assert defaults.users.base_precision == defaults.base.base_precision == "bf16"
+    with pytest.raises(ConfigError, match=r"users.base_precision: 'int8' is not one of"):
+        load_config(RunConfig, None, ["users.base_precision=int8"])
+    with pytest.raises(ConfigError, match="users.base_precision=fp8 runs the base's GEMMs on a GPU"):
+        load_config(RunConfig, None, ["users.base_precision=fp8"])
+    with pytest.raises(ConfigError, match="base.base_precision=fp8-tensor runs the base's GEMMs on a GPU"):
+        load_config(RunConfig, None, ["base.base_precision=fp8-tensor"])
+    with pytest.raises(ConfigError, match="pick one"):
+        load_config(RunConfig, None, ["users.base_precision=fp8", "users.quantize=nf4",
+                                      "users.num_gpus_per_actor=1"])
+    cfg = load_config(RunConfig, None, ["users.base_precision=fp8", "users.num_gpus_per_actor=0.5",
+                                        "users.trainer=batched"])
+    # another training than the bf16 base's: a re-run does not take one for the other
+    assert adapter_train_config(cfg, "oppu", 3)["base_precision"] == "fp8"
+    assert "base_precision" not in adapter_train_config(defaults, "oppu", 3)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    with pytest.raises(ConfigError, match="ZeRO-3"):
+        _deepspeed_config(load_config(RunConfig, None, ["base.base_precision=fp8", "base.use_gpu=true",
+                                                        f"base.deepspeed={zero3}"]))
+    assert _deepspeed_config(load_config(RunConfig, None, ["base.use_gpu=true", f"base.deepspeed={zero3}"]))
+
+
 def test_a_4bit_base_without_cuda_is_a_config_error(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -181,3 +181,29 @@ def test_batched_trainer_config_is_checked():
     with pytest.raises(ConfigError):
         load_config(RunConfig, None, ["users.trainer=together"])
     assert load_config(RunConfig).users.trainer == "per-user"
+
+
+def test_base_precision_fp8_swaps_the_actors_base_once_for_both_trainers(base_dir, tmp_path, monkeypatch):
+    import functools
+
+    import torch
+
+    from oppu.errors import ConfigError
+    from oppu.models import fp8
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is visible: the actor would train on it")
+    gpu_actor = ("users.base_precision=fp8", "users.num_gpus_per_actor=1")
+    with pytest.raises(ConfigError, match="CUDA GPU with FP8 tensor cores"):  # no GPU: the actor's base is on CPU
+        _trainer(base_dir, tmp_path / "store", "batched", *gpu_actor)
+    if not fp8._cpu_scaled_mm_works():
+        return
+    # This torch runs _scaled_mm on the CPU: let the actor take it, and train through the FP8 base.
+    monkeypatch.setattr(fp8, "set_base_precision", functools.partial(fp8.set_base_precision, allow_cpu=True))
+    for trainer_name in ("batched", "per-user"):
+        trainer = _trainer(base_dir, tmp_path / trainer_name, trainer_name, *gpu_actor)
+        q_proj = trainer.model.get_decoder().layers[0].self_attn.q_proj
+        assert isinstance(q_proj, fp8.Fp8BaseLinear)
+        rows = _rows(trainer(_batch([movie_user("ann", 6), movie_user("bob", 5, offset=1)])))
+        assert {u: r["status"] for u, r in rows.items()} == {"ann": "trained", "bob": "trained"}
+        assert trainer.model.get_decoder().layers[0].self_attn.q_proj is q_proj  # LoRA taken out again
