@@ -2,7 +2,8 @@
 
 ``task``, ``run_dir`` and ``model`` say what to run and where; each stage has its own section.
 A run directory (local path or ``s3://...``) holds ``data/`` (prepared Parquet), ``base/`` and
-``base-<flavour>/`` (task-adapted merged base models), ``adapters/`` (the adapter store root),
+``base-<flavour>/`` (task-adapted merged base models; a base upgrade's new ones under
+``bases/<name>/``, see ``RunConfig.bases``), ``adapters/`` (the adapter store root),
 ``predictions/``, ``metrics.json`` and ``metrics.md``.
 
 The names a run config holds (base flavours, adapter variants, evaluation methods) share one
@@ -321,6 +322,10 @@ class RunConfig:
     prompt_format: PromptFormatSetting = "auto"
     data: str | None = None  # prepared data set; default run_dir/data
     store: str | None = None  # adapter store root; default run_dir/adapters
+    # where the task-adapted bases (base/, base-<flavour>/) and, for model: tiny, the pretrained
+    # model are; default run_dir. A base upgrade adapts new bases into another folder
+    # (run_dir/bases/<name>), moves the adapters onto them (oppu users migrate) and then points here
+    bases: str | None = None
     seed: int = 0
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     base: BaseStage = field(default_factory=BaseStage)
@@ -344,9 +349,15 @@ class RunConfig:
     def store_uri(self) -> str:
         return self.store or fsutil.join(self.run_dir, "adapters")
 
+    @property
+    def bases_uri(self) -> str:
+        """The folder of the run's bases: ``bases`` where set, else ``run_dir``."""
+        return self.bases or self.run_dir
+
     def base_uri(self, flavour: str) -> str:
-        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else."""
-        return fsutil.join(self.run_dir, "base" if flavour == "plain" else f"base-{flavour}")
+        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else,
+        under ``bases_uri``."""
+        return fsutil.join(self.bases_uri, "base" if flavour == "plain" else f"base-{flavour}")
 
     def base_flavour(self, profile: bool, k: int) -> str:
         """The configured base that answers prompts with (``profile``, ``k`` retrieved items).
@@ -369,8 +380,9 @@ class RunConfig:
 
     @property
     def pretrained_uri(self) -> str:
-        """The model the base adaptation starts from (the tiny model is built into run_dir)."""
-        return fsutil.join(self.run_dir, "pretrained") if self.model == "tiny" else self.model
+        """The model the base adaptation starts from (the tiny model is built into ``bases_uri``, so a
+        new tiny base set, e.g. with other ``tiny.*`` settings, is pretrained apart from the old)."""
+        return fsutil.join(self.bases_uri, "pretrained") if self.model == "tiny" else self.model
 
 
 # The one grammar of the names a run uses, a table of three kinds. A name is up to three parts
