@@ -77,6 +77,13 @@ class ServeConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(512, ge=1, description="requests an ingress replica takes at once")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each model replica reserves")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs each model replica reserves")
+    # An in-place redeploy (a new base, any changed argument) replaces every replica: with a surge,
+    # each replacement starts and is ready before the replica it replaces stops, so requests never
+    # find none (a base upgrade's cut-over fails no request); 0 stops first, with less memory held.
+    max_surge_percent: int = Field(100, ge=0, le=100, description="extra replicas of each deployment "
+                                   "during an in-place redeploy, in percent of its replicas (Ray Serve's "
+                                   "max_surge_percent): old replicas serve until their replacements are "
+                                   "ready; 0 stops them first (on GPUs the surge needs that many free GPUs)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="level of the replicas' logs (Ray Serve's and oppu's): "
         "/tmp/ray/session_latest/logs/serve/ on each node")
