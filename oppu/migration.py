@@ -29,12 +29,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.run_config import RunConfig
+from oppu.run_config import RunConfig, read_run_config_file
 from oppu.training.users_report import UserResult
 
 log = logging.getLogger(__name__)
@@ -178,13 +179,15 @@ def cut_over(run_dir: str, new_bases: str, status: list[VariantMigration]) -> st
     if incomplete:
         raise ConfigError(f"not cut over: the migration of variant(s) {', '.join(incomplete)} is incomplete "
                           "(`oppu users migrate` trains the users still pending)")
-    uri = fsutil.join(run_dir, "config.yaml")
-    if not fsutil.exists(uri):
+    uri, config = read_run_config_file(run_dir)
+    if config is None:
         raise ConfigError(f"{run_dir} has no config.yaml to record the new bases in: set bases: {new_bases} "
                           "in the run config")
-    config = yaml.safe_load(fsutil.read_text(uri)) or {}
-    if not isinstance(config, dict):
-        raise ConfigError(f"{uri} must hold a mapping at the top level")
-    config["bases"] = new_bases if fsutil.is_remote(new_bases) else os.path.abspath(fsutil.local_path(new_bases))
-    fsutil.write_text(uri, yaml.safe_dump(config, sort_keys=False))
+    bases = new_bases if fsutil.is_remote(new_bases) else os.path.abspath(fsutil.local_path(new_bases))
+    # The one line changed or added, so the file's comments and order stay as they were.
+    text, line = fsutil.read_text(uri), yaml.safe_dump({"bases": bases}).strip()
+    edited = re.sub(r"(?m)^bases:.*$", line, text) if "bases" in config else text.rstrip("\n") + "\n" + line + "\n"
+    if yaml.safe_load(edited) != {**config, "bases": bases}:  # a multi-line value: write the mapping
+        edited = yaml.safe_dump({**config, "bases": bases}, sort_keys=False)
+    fsutil.write_text(uri, edited)
     return uri

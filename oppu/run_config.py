@@ -309,6 +309,23 @@ class RaySettings:
     num_cpus: int | None = None  # for a new local instance only
 
 
+RUN_CONFIG_FILE = "config.yaml"  # a run dir's own run config (oppu quickstart writes it)
+
+
+def read_run_config_file(run_dir: str) -> tuple[str, dict | None]:
+    """The URI of ``run_dir``'s own run config and its mapping (None where the run has none);
+    ``ConfigError`` where the file holds no mapping."""
+    import yaml
+
+    uri = fsutil.join(run_dir, RUN_CONFIG_FILE)
+    if not fsutil.exists(uri):
+        return uri, None
+    data = yaml.safe_load(fsutil.read_text(uri)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri} must hold a mapping at the top level")
+    return uri, data
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; ``oppu quickstart`` writes the one it used to ``run_dir/config.yaml``."""

@@ -153,12 +153,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_config_paths(run_dir: str) -> dict[str, str]:
     """``store`` and ``data`` from the run's ``config.yaml``, where it has them."""
-    import yaml
+    from oppu.run_config import read_run_config_file
 
-    uri = fsutil.join(run_dir, "config.yaml")
-    if not fsutil.exists(uri):
-        return {}
-    config = yaml.safe_load(fsutil.read_text(uri)) or {}
+    config = read_run_config_file(run_dir)[1] or {}
     return {key: config[key] for key in ("store", "data") if isinstance(config.get(key), str)}
 
 
@@ -188,22 +185,17 @@ def _add(args: argparse.Namespace, user: str, data: str, store: str) -> int:
 def load_run_config(run: str, config: str | None, overrides: list[str]):
     """The ``RunConfig`` of the run directory ``run``: ``config`` (a YAML file) where given, else
     ``RUN/config.yaml``; ``run_dir`` set to ``run``, then ``overrides`` (``--set``) on top."""
-    import yaml
-
     from oppu.config import load_config
-    from oppu.run_config import RunConfig
+    from oppu.run_config import RunConfig, read_run_config_file
 
     if not fsutil.exists(run):
         raise ConfigError(f"--run: no run directory at {run!r}")
     run_config = None
     if config is None:
-        uri = fsutil.join(run, "config.yaml")
-        if not fsutil.exists(uri):
+        run_config = read_run_config_file(run)[1]
+        if run_config is None:
             raise ConfigError(f"--config: {run} has no config.yaml (oppu quickstart writes one); "
                               "give the run config with --config FILE")
-        run_config = yaml.safe_load(fsutil.read_text(uri)) or {}
-        if not isinstance(run_config, dict):
-            raise ConfigError(f"{uri} must hold a mapping at the top level")
     # run_dir first, so a --set of the caller's wins; a copied run dir trains where it now is
     return load_config(RunConfig, config, [f"run_dir={run}", *overrides], base=run_config)
 
@@ -259,20 +251,14 @@ def migrate_job_main(description: str, argv: list[str] | None = None) -> int:
     ``--status`` and ``-q``/``-v``, then ``migrate``; exit status as ``oppu users migrate``'s (2 for a
     config or data error)."""
     from oppu import logs
+    from oppu.commands.stages import job_exit_status
     from oppu.config import load_config
-    from oppu.errors import DataError, OppuError
     from oppu.run_config import RunConfig
 
     args = migrate_job_parser(description).parse_args(argv)
     logs.configure_from_args(args)
-    try:
-        return migrate(load_config(RunConfig, args.config, args.overrides), args.to_bases, status_only=args.status)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OppuError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return job_exit_status(lambda: migrate(load_config(RunConfig, args.config, args.overrides), args.to_bases,
+                                           status_only=args.status))
 
 
 def migrate_job_parser(description: str | None = None) -> argparse.ArgumentParser:

@@ -179,10 +179,16 @@ def test_cut_over_only_once_complete_and_into_the_runs_config(run):
         _publish(run["store"], run["fp"]["new"]["plain"], "oppu", run["users"][user], run["tmp"])
     status = migration_status(cfg, run["new"])
     assert status[0].complete
+    config_file = run["dir"] / "config.yaml"
+    config_file.write_text("# the run's config, kept as written\n" + config_file.read_text())
     uri = cut_over(str(run["dir"]), run["new"], status)
     written = yaml.safe_load(Path(uri).read_text())
     assert written["bases"] == run["new"] and written["users"] == {"variants": VARIANTS}
+    assert Path(uri).read_text().startswith("# the run's config, kept as written\n")
     assert load_config(RunConfig, uri).base_uri("plain") == str(Path(run["new"]) / "base")
+    cut_over(str(run["dir"]), str(run["dir"] / "bases" / "v3"), status)  # the next upgrade: the line replaced
+    assert Path(uri).read_text().count("bases:") == 1
+    assert yaml.safe_load(Path(uri).read_text())["bases"] == str(run["dir"] / "bases" / "v3")
     (run["dir"] / "config.yaml").unlink()
     with pytest.raises(ConfigError, match="no config.yaml"):
         cut_over(str(run["dir"]), run["new"], status)
