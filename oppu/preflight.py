@@ -138,7 +138,8 @@ def _base(cfg: RunConfig, flavour: str, users: list[str]) -> Input:
     uri = cfg.base_uri(flavour)
     return Input(f"the {flavour!r} base (for {', '.join(users)})", uri, fsutil.join(uri, "config.json"),
                  f"`python jobs/train_base.py --config CONFIG --set run_dir={cfg.run_dir} "
-                 f"--set base.flavours=[{flavours}]`" + _publish_hint(cfg))
+                 + (f"--set bases={cfg.bases} " if cfg.bases else "")
+                 + f"--set base.flavours=[{flavours}]`" + _publish_hint(cfg))
 
 
 def _profiles(cfg: RunConfig, users: list[str]) -> Input:

@@ -2,7 +2,8 @@
 
 ``task``, ``run_dir`` and ``model`` say what to run and where; each stage has its own section.
 A run directory (local path or ``s3://...``) holds ``data/`` (prepared Parquet), ``base/`` and
-``base-<flavour>/`` (task-adapted merged base models), ``adapters/`` (the adapter store root),
+``base-<flavour>/`` (task-adapted merged base models; a base upgrade's new ones under
+``bases/<name>/``, see ``RunConfig.bases``), ``adapters/`` (the adapter store root),
 ``predictions/``, ``metrics.json`` and ``metrics.md``.
 
 The names a run config holds (base flavours, adapter variants, evaluation methods) share one
@@ -308,6 +309,23 @@ class RaySettings:
     num_cpus: int | None = None  # for a new local instance only
 
 
+RUN_CONFIG_FILE = "config.yaml"  # a run dir's own run config (oppu quickstart writes it)
+
+
+def read_run_config_file(run_dir: str) -> tuple[str, dict | None]:
+    """The URI of ``run_dir``'s own run config and its mapping (None where the run has none);
+    ``ConfigError`` where the file holds no mapping."""
+    import yaml
+
+    uri = fsutil.join(run_dir, RUN_CONFIG_FILE)
+    if not fsutil.exists(uri):
+        return uri, None
+    data = yaml.safe_load(fsutil.read_text(uri)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{uri} must hold a mapping at the top level")
+    return uri, data
+
+
 @dataclass
 class RunConfig:
     """Everything a run needs; ``oppu quickstart`` writes the one it used to ``run_dir/config.yaml``."""
@@ -321,6 +339,10 @@ class RunConfig:
     prompt_format: PromptFormatSetting = "auto"
     data: str | None = None  # prepared data set; default run_dir/data
     store: str | None = None  # adapter store root; default run_dir/adapters
+    # where the task-adapted bases (base/, base-<flavour>/) and, for model: tiny, the pretrained
+    # model are; default run_dir. A base upgrade adapts new bases into another folder
+    # (run_dir/bases/<name>), moves the adapters onto them (oppu users migrate) and then points here
+    bases: str | None = None
     seed: int = 0
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     base: BaseStage = field(default_factory=BaseStage)
@@ -344,9 +366,15 @@ class RunConfig:
     def store_uri(self) -> str:
         return self.store or fsutil.join(self.run_dir, "adapters")
 
+    @property
+    def bases_uri(self) -> str:
+        """The folder of the run's bases: ``bases`` where set, else ``run_dir``."""
+        return self.bases or self.run_dir
+
     def base_uri(self, flavour: str) -> str:
-        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else."""
-        return fsutil.join(self.run_dir, "base" if flavour == "plain" else f"base-{flavour}")
+        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else,
+        under ``bases_uri``."""
+        return fsutil.join(self.bases_uri, "base" if flavour == "plain" else f"base-{flavour}")
 
     def base_flavour(self, profile: bool, k: int) -> str:
         """The configured base that answers prompts with (``profile``, ``k`` retrieved items).
@@ -369,8 +397,9 @@ class RunConfig:
 
     @property
     def pretrained_uri(self) -> str:
-        """The model the base adaptation starts from (the tiny model is built into run_dir)."""
-        return fsutil.join(self.run_dir, "pretrained") if self.model == "tiny" else self.model
+        """The model the base adaptation starts from (the tiny model is built into ``bases_uri``, so a
+        new tiny base set, e.g. with other ``tiny.*`` settings, is pretrained apart from the old)."""
+        return fsutil.join(self.bases_uri, "pretrained") if self.model == "tiny" else self.model
 
 
 # The one grammar of the names a run uses, a table of three kinds. A name is up to three parts

@@ -32,10 +32,13 @@ def build(args: dict) -> Application:
         # handle raises BackPressureError, which the ingress answers with 429 and Retry-After.
         max_queued_requests=max(1, config.max_queued_requests),
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
-        logging_config=config.logging_config(),
+        logging_config=config.logging_config(), max_surge_percent=config.model_surge_percent,
     ).bind(config.model_dump())
+    # The ingress holds no CPU or GPU: its replacement always starts before it stops (a redeploy
+    # never leaves the proxy without one).
     ingress = OppuIngress.options(max_ongoing_requests=config.ingress_max_ongoing_requests,
-                                  ray_actor_options={"num_cpus": 0}, logging_config=config.logging_config())
+                                  ray_actor_options={"num_cpus": 0}, logging_config=config.logging_config(),
+                                  max_surge_percent=100)
     return ingress.bind(model, config.model_dump())
 
 

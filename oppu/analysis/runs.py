@@ -39,13 +39,13 @@ def sub_run(cfg: RunConfig, *parts: str, data: str | None = None, store: str | N
             **sections) -> RunConfig:
     """A copy of ``cfg`` whose run dir is ``DIR/analysis/<parts...>``.
 
-    ``data`` and ``store`` default to the sub run's own; the main run's bases named in
+    ``data``, ``store`` and the bases default to the sub run's own; the main run's bases named in
     ``link_bases`` (and the tiny pretrained model) are made visible in the sub run, so its
     adapters are keyed under the same base fingerprint. ``sections`` replace whole config
     sections (``users=..., eval=...``).
     """
     run_dir = fsutil.join(analysis_dir(cfg), *parts)
-    sub = dataclasses.replace(cfg, run_dir=run_dir, data=data, store=store, **sections)
+    sub = dataclasses.replace(cfg, run_dir=run_dir, data=data, store=store, bases=None, **sections)
     for flavour in link_bases:
         _link(cfg.base_uri(flavour), sub.base_uri(flavour))
     if cfg.model == "tiny" and link_pretrained:

@@ -6,7 +6,8 @@ Every stage a cluster job reads, as present in the local run dir (docs/cluster.m
 
 - ``data/`` — the prepared data set with every profiles file (``profiles-<writer>.parquet``);
 - ``pretrained/`` — the tiny default model (``model: tiny``), so train_base can run remotely too;
-- ``base/`` and every ``base-<flavour>/`` — each task-adapted base with a ``config.json``;
+- ``base/`` and every ``base-<flavour>/`` — each task-adapted base with a ``config.json``; the
+  same, and ``pretrained/``, of every ``bases/<name>/`` (a base upgrade's new bases, ``RunConfig.bases``);
 - ``adapters/`` — the adapter store, merged into the remote one: a complete version (one with
   a ``manifest.json``) that the remote store lacks is uploaded, its manifest last, so a reader
   never sees half an adapter; versions already there and incomplete local ones are left alone.
@@ -24,8 +25,8 @@ from pathlib import Path
 from oppu import fsutil
 from oppu.errors import DataError
 
-HELP = ("Upload a local run dir (data and profiles, pretrained model, every base flavour, "
-        "adapter store) to a run dir on object storage, e.g. s3://bucket/runs/NAME.")
+HELP = ("Upload a local run dir (data and profiles, pretrained model, every base flavour, a base "
+        "upgrade's bases/, adapter store) to a run dir on object storage, e.g. s3://bucket/runs/NAME.")
 
 _BASE_DIR = re.compile(r"base(-[a-z]+)?")
 
@@ -59,13 +60,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def plan(run_dir: Path) -> list[str]:
-    """The directories of ``run_dir`` to upload whole: data, pretrained, every complete base."""
-    names = ["data"]
-    if (run_dir / "pretrained" / "config.json").is_file():
-        names.append("pretrained")
-    names += sorted(p.name for p in run_dir.iterdir()
-                    if p.is_dir() and _BASE_DIR.fullmatch(p.name) and (p / "config.json").is_file())
+    """The directories of ``run_dir`` to upload whole: data, pretrained, every complete base, and
+    the pretrained model and bases of every ``bases/<name>/``."""
+    names = ["data", *_models(run_dir)]
+    if (run_dir / "bases").is_dir():
+        for folder in sorted(p for p in (run_dir / "bases").iterdir() if p.is_dir()):
+            names += [f"bases/{folder.name}/{name}" for name in _models(folder)]
     return names
+
+
+def _models(folder: Path) -> list[str]:
+    """``pretrained`` and the bases directly in ``folder`` that hold a ``config.json``."""
+    names = ["pretrained"] if (folder / "pretrained" / "config.json").is_file() else []
+    return names + sorted(p.name for p in folder.iterdir()
+                          if p.is_dir() and _BASE_DIR.fullmatch(p.name) and (p / "config.json").is_file())
 
 
 def publish_adapters(local_root: Path, target: str, dry_run: bool = False) -> dict[str, int]:

@@ -94,7 +94,6 @@ def job_main(stages: list[str], description: str, argv: list[str] | None = None)
     the stages (``OPPU_LOG_LEVEL`` sets the level where neither switch is given)."""
     from oppu import logs
     from oppu.config import add_config_arguments
-    from oppu.errors import ConfigError, DataError, OppuError
 
     parser = argparse.ArgumentParser(description=description)
     add_config_arguments(parser)
@@ -102,8 +101,16 @@ def job_main(stages: list[str], description: str, argv: list[str] | None = None)
     logs.add_arguments(parser)
     args = parser.parse_args(argv)
     logs.configure_from_args(args)
+    return job_exit_status(lambda: run_job(stages, args.config, args.overrides + threshold_overrides(args)))
+
+
+def job_exit_status(work) -> int:
+    """A job's exit status: ``work()``'s, or, with its one line on stderr, 2 for a config or data
+    error and 1 for any other ``OppuError``."""
+    from oppu.errors import ConfigError, DataError, OppuError
+
     try:
-        return run_job(stages, args.config, args.overrides + threshold_overrides(args))
+        return work()
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -77,6 +77,14 @@ class ServeConfig(BaseModel):
     ingress_max_ongoing_requests: int = Field(512, ge=1, description="requests an ingress replica takes at once")
     num_gpus_per_replica: float = Field(0, ge=0, description="GPUs each model replica reserves")
     num_cpus_per_replica: float = Field(1, ge=0, description="CPUs each model replica reserves")
+    # An in-place redeploy (a new base, any changed argument) replaces every replica. With a surge
+    # a replacement starts, and is ready, before the replica it replaces stops; without one Serve
+    # stops first, one replica at a time: the others answer meanwhile, but a lone replica leaves none.
+    max_surge_percent: int | None = Field(
+        None, ge=0, le=100, description="extra model replicas during an in-place redeploy, in percent of "
+        "num_replicas (Ray Serve's max_surge_percent): old replicas answer until their replacements are "
+        "ready, which needs room for the extra ones (GPUs); default: 100 with one replica, else 0 (the "
+        "others answer while one is replaced). The ingress (no CPU, no GPU) always has 100")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="level of the replicas' logs (Ray Serve's and oppu's): "
         "/tmp/ray/session_latest/logs/serve/ on each node")
@@ -100,6 +108,13 @@ class ServeConfig(BaseModel):
         if ":" in (self.model_id or ""):
             raise ValueError(f"model_id {self.model_id!r} must not contain ':' (it separates the user)")
         return self
+
+    @property
+    def model_surge_percent(self) -> int:
+        """``max_surge_percent`` of the model deployment: as given, else 100 for a lone replica, 0 for more."""
+        if self.max_surge_percent is not None:
+            return self.max_surge_percent
+        return 100 if self.num_replicas == 1 else 0
 
     @property
     def token_root(self) -> str:

@@ -272,7 +272,7 @@ class OppuIngress:
                                                       as_trained=True))
         return {"task": self.task.name, "user": user, "prediction": self.task.parse_output(result.text),
                 "raw": result.text, "k": body.k, "retrieved": len(retrieved),
-                "adapter_version": result.adapter_version,
+                "adapter_version": result.adapter_version, "base_fingerprint": result.base_fingerprint,
                 "usage": usage(result.prompt_tokens, result.completion_tokens)}
 
     @app.put("/v1/users/{user}/history")

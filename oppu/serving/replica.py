@@ -115,6 +115,7 @@ class GenerateResult:
     choices: tuple[ChoiceResult, ...]
     prompt_tokens: int
     adapter_version: str | None
+    base_fingerprint: str = ""  # the base that answered (its adapters are keyed by it)
 
     @property
     def text(self) -> str:
@@ -310,7 +311,8 @@ class ModelReplica:
         choices = tuple(ChoiceResult(i, texts[i].final_text, finish[i], generated[i],
                                      tuple(e for e in texts[i].entries[:texts[i].released_tokens])
                                      if want_logprobs else None) for i in range(request.n))
-        yield GenerateResult(choices=choices, prompt_tokens=len(prompt_ids), adapter_version=version)
+        yield GenerateResult(choices=choices, prompt_tokens=len(prompt_ids), adapter_version=version,
+                             base_fingerprint=self.fingerprint)
 
     @staticmethod
     def _refuse(request: GenerateRequest, error: OppuError) -> Refused:

@@ -34,11 +34,13 @@ from oppu.training.users_report import UserResult, report_path, result_of_row, w
 logger = logging.getLogger(__name__)
 
 
-def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> list[UserResult]:
+def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
+                            stage: str = "train_users") -> list[UserResult]:
     """Train (or skip) every selected test user's adapter for ``variant``; returns one result each.
 
     Progress (users done of all, ETA, failures by name) goes to ``oppu.logs.progress``; each
-    user's line and the summary to ``log``."""
+    user's line and the summary to ``log``. ``stage`` names the job in those lines and its report
+    (``reports/<stage>-<variant>.json``): ``migrate_users`` for a base upgrade (``oppu.migration``)."""
     from oppu.actor_pools import map_users, read_test_users
     from oppu.erasure import tombstone_check
     from oppu.ids import validate_user_id
@@ -58,7 +60,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
     results: list[UserResult] = []
     started = time.perf_counter()
     first_done_s = None  # the pool's start (actors, base loads) shows as the wait for the first user
-    with logs.progress(len(expected), f"train_users {variant}", unit="users") as bar:
+    with logs.progress(len(expected), f"{stage} {variant}", unit="users") as bar:
         for row in results_ds.iter_rows():
             result = result_of_row(row)
             if first_done_s is None:
@@ -67,7 +69,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
             bar.update(1, failed=result.user_id if result.status == "failed" else None)
             detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
                       if result.status == "trained" else result.error or result.version)
-            log(f"[train_users {variant}] {len(results)} users ({time.perf_counter() - started:.0f}s): "
+            log(f"[{stage} {variant}] {len(results)} users ({time.perf_counter() - started:.0f}s): "
                 f"{result.user_id} {result.status} — {detail}")
     seen = {r.user_id for r in results}
     for user_id in expected:
@@ -75,28 +77,28 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info) -> li
             results.append(UserResult(user_id, "failed", error=(
                 f"its batch failed {cfg.users.max_retries + 1} times (the actor died; see the Ray "
                 "logs); adapters it published survive, a re-run trains the rest")))
-    write_report(cfg, variant, results, time.perf_counter() - started)
+    write_report(cfg, variant, results, time.perf_counter() - started, stage)
     failed = [r for r in results if r.status == "failed"]
     elapsed = time.perf_counter() - started
-    log(f"[train_users {variant}] trained {sum(r.status == 'trained' for r in results)}, "
+    log(f"[{stage} {variant}] trained {sum(r.status == 'trained' for r in results)}, "
         f"skipped {sum(r.status == 'skipped' for r in results)}, failed {len(failed)} in {elapsed:.0f}s"
         + (f" (first user done after {first_done_s:.0f}s)" if first_done_s is not None else ""))
     for result in failed:
-        log(f"[train_users {variant}] FAILED user {result.user_id}: {result.error}")
-    check_failed_users(cfg, variant, results)
+        log(f"[{stage} {variant}] FAILED user {result.user_id}: {result.error}")
+    check_failed_users(cfg, variant, results, stage)
     return results
 
 
-def check_failed_users(cfg: RunConfig, variant: str, results: list[UserResult]) -> None:
+def check_failed_users(cfg: RunConfig, variant: str, results: list[UserResult], stage: str = "train_users") -> None:
     """Raise ``StageFailed`` when more users failed than ``users.max_failed_users`` allows (-1: any)."""
     failed = sorted(r.user_id for r in results if r.status == "failed")
     allowed = cfg.users.max_failed_users
     if not failed or allowed == -1 or len(failed) <= allowed:
         if failed:
-            logger.warning("[train_users %s] %d of %d users failed, within users.max_failed_users=%s",
-                           variant, len(failed), len(results), allowed)
+            logger.warning("[%s %s] %d of %d users failed, within users.max_failed_users=%s",
+                           stage, variant, len(failed), len(results), allowed)
         return
     raise StageFailed(
-        f"train_users {variant}: {len(failed)} of {len(results)} users failed ({name_list(failed)}), "
+        f"{stage} {variant}: {len(failed)} of {len(results)} users failed ({name_list(failed)}), "
         f"more than users.max_failed_users={allowed} allows (--max-failed-users N); their errors are "
-        f"in {report_path(cfg.run_dir, variant)}")
+        f"in {report_path(cfg.run_dir, variant, stage)}")

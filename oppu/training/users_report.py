@@ -1,4 +1,5 @@
-"""What the train_users job reports: one ``UserResult`` a user, and ``reports/train_users-<variant>.json``."""
+"""What the train_users job reports: one ``UserResult`` a user, and ``reports/train_users-<variant>.json``
+(``reports/migrate_users-<variant>.json`` for a base upgrade's migration, ``oppu.migration``)."""
 
 from __future__ import annotations
 
@@ -36,11 +37,12 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def report_path(run_dir: str, variant: str) -> str:
-    return fsutil.join(run_dir, "reports", f"train_users-{variant.replace('+', '_')}.json")
+def report_path(run_dir: str, variant: str, stage: str = "train_users") -> str:
+    return fsutil.join(run_dir, "reports", f"{stage}-{variant.replace('+', '_')}.json")
 
 
-def write_report(cfg: RunConfig, variant: str, results: list[UserResult], seconds: float) -> None:
+def write_report(cfg: RunConfig, variant: str, results: list[UserResult], seconds: float,
+                 stage: str = "train_users") -> None:
     trained = [r for r in results if r.status == "trained"]
     tokens = sum(r.tokens for r in trained)
     busy = sum(r.seconds for r in trained)
@@ -49,8 +51,8 @@ def write_report(cfg: RunConfig, variant: str, results: list[UserResult], second
               "failed": sum(r.status == "failed" for r in results),
               "tokens_per_s_per_actor": tokens / busy if busy else None,
               "users": [asdict(r) for r in results]}
-    fsutil.write_json(report_path(cfg.run_dir, variant), report)
+    fsutil.write_json(report_path(cfg.run_dir, variant, stage), report)
 
 
-def load_report(run_dir: str, variant: str) -> dict:
-    return fsutil.read_json(report_path(run_dir, variant))
+def load_report(run_dir: str, variant: str, stage: str = "train_users") -> dict:
+    return fsutil.read_json(report_path(run_dir, variant, stage))

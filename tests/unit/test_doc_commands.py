@@ -5,7 +5,8 @@ What each kind of command gets (tests/docs_blocks.py splits the blocks into comm
 
 - ``oppu SUB ...``: parsed by the ``oppu`` parser (``oppu.cli.build_parser``), flags and all;
 - ``python jobs/X.py ...`` (alone or after ``ray job submit ... --``): the script exists, its
-  flags parse as ``oppu.commands.stages.job_main`` parses them, and ``--config`` + every ``--set``
+  flags parse as ``oppu.commands.stages.job_main`` parses them (or as the script's own
+  ``parser()`` does, where it has one: jobs/migrate_users.py), and ``--config`` + every ``--set``
   load into a valid ``RunConfig`` (unknown keys, bad values fail);
 - ``python -c CODE`` (also inside ``$(...)``): CODE compiles; ``python -m cluster.local_cluster
   SUB``: the subcommand and its arguments parse; ``python -m pytest PATHS``: the paths exist;
@@ -105,14 +106,26 @@ def _check_job(script: str, argv: list[str]) -> None:
     from oppu.run_config import RunConfig
 
     assert (ROOT / script).is_file(), script
-    parser = argparse.ArgumentParser(prog=script)
-    add_config_arguments(parser)
-    add_threshold_arguments(parser, STAGE_COMMANDS.get(Path(script).stem.replace("_", "-"), []))
-    logs.add_arguments(parser)
+    parser = _job_parser(script)
+    if parser is None:
+        parser = argparse.ArgumentParser(prog=script)
+        add_config_arguments(parser)
+        add_threshold_arguments(parser, STAGE_COMMANDS.get(Path(script).stem.replace("_", "-"), []))
+        logs.add_arguments(parser)
     args = _parse(parser, argv)
     assert args.config, f"{script} without --config"
     # raises on a bad key or value
     load_config(RunConfig, ROOT / args.config, args.overrides + threshold_overrides(args))
+
+
+def _job_parser(script: str) -> argparse.ArgumentParser | None:
+    """The script's own ``parser()``, where it defines one (imported: its work is under ``__main__``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_doc_job_{Path(script).stem}", ROOT / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parser() if hasattr(module, "parser") else None
 
 
 def _check_python(argv: list[str]) -> None:
@@ -198,7 +211,7 @@ def test_the_blocks_a_reader_runs_are_all_found():
                      ("docs/cluster.md", section, "serve deploy")]:
         assert expected in found, expected
     assert len(ALL) > 60
-    assert sum(c.block.heading == "docstring" for c in ALL) == 4  # one usage line per job
+    assert sum(c.block.heading == "docstring" for c in ALL) == 5  # one usage line per job
 
 
 def test_cluster_walkthrough_publishes_every_base_its_jobs_read():

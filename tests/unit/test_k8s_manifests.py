@@ -192,6 +192,30 @@ def test_rayservice_imports_a_repo_builder_with_valid_args():
             assert config.model.startswith("s3://") and config.store.startswith("s3://")
 
 
+def test_base_upgrade_manifests_agree():
+    """A base upgrade (docs/cluster.md): the RayService's head carries the base its app serves as
+    ``oppu.io/base``, so a cut-over changes rayClusterConfig (a new-cluster upgrade) along with
+    ``model``; the migration RayJob's flags are its script's own and its new bases are not the run's."""
+    import importlib.util
+
+    from oppu.config import load_config
+    from oppu.run_config import RunConfig
+
+    for doc in (d for _, d in _kuberay_manifests() if d["kind"] == "RayService"):
+        head = doc["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]
+        models = {app["args"]["model"] for app in _serve_config(doc)["applications"]}
+        assert head["annotations"]["oppu.io/base"] in models, "oppu.io/base must name the served base"
+    spec = importlib.util.spec_from_file_location("migrate_users", ROOT / "jobs" / "migrate_users.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    migrations = [d for name, d in _kuberay_manifests() if "migrate_users.py" in d["spec"].get("entrypoint", "")]
+    assert migrations
+    for doc in migrations:
+        args = job.parser().parse_args(shlex.split(doc["spec"]["entrypoint"])[2:])
+        cfg = load_config(RunConfig, _repo_path(args.config), args.overrides)
+        assert args.to_bases.startswith(cfg.run_dir + "/") and args.to_bases != cfg.bases_uri
+
+
 def test_pods_read_secrets_that_the_example_defines_and_set_requests_limits_probes():
     secrets = {doc["metadata"]["name"]: set(doc["stringData"])
                for doc in _documents("secret-s3.example.yaml") if doc["kind"] == "Secret"}

@@ -32,9 +32,10 @@ def one_thread():
 MOVIE_TAGS = ("comedy", "action", "romance", "classic")
 
 
-def build_movie_tag_base(out_dir):
+def build_movie_tag_base(out_dir, seed: int = 0):
     """A one-layer tiny default model (local tokenizer, 3 pretraining steps) on LaMP-2M-like lines;
-    returns its directory. Not cached: each test module builds its own in about a second."""
+    returns its directory. Not cached: each test module builds its own in about a second. Another
+    ``seed`` gives other weights (another base fingerprint) with the same tokenizer."""
     from oppu.models import TinyModelConfig, build_tiny_base
 
     corpus = [f"description: movie {i} with jokes and a {MOVIE_TAGS[i % 4]} feel tag: {MOVIE_TAGS[i % 4]}"
@@ -42,7 +43,7 @@ def build_movie_tag_base(out_dir):
     config = TinyModelConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                              intermediate_size=64, pretrain_steps=3, pretrain_batch_size=4,
                              pretrain_seq_len=32, num_threads=1)
-    return build_tiny_base(corpus, out_dir, config, seed=0, use_cache=False)
+    return build_tiny_base(corpus, out_dir, config, seed=seed, use_cache=False)
 
 
 def movie_user(user_id: str, n: int, offset: int = 0):

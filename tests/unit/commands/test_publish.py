@@ -23,6 +23,9 @@ def test_publish_to_a_local_dir_copies_models_and_merges_complete_adapter_versio
     _file(version / ".manifest.json.tmp-1234")  # a write in progress
     _file(run / "adapters" / "_auth" / "tokens.json", b"{}")
     _file(target / "base-rag" / "stale.bin")
+    _file(run / "bases" / "v2" / "base" / "config.json", b"{}")  # a base upgrade's new bases
+    _file(run / "bases" / "v2" / "pretrained" / "config.json", b"{}")
+    _file(run / "bases" / "v2" / "base-half" / "weights.bin")  # no config.json: left out
 
     assert main(["publish", "--run", str(run), "--to", str(target)]) == 0
     printed = capsys.readouterr().out
@@ -31,5 +34,5 @@ def test_publish_to_a_local_dir_copies_models_and_merges_complete_adapter_versio
     assert published == [
         "adapters/LaMP-2M/fp/oppu/u1/v20261206T000000000000-0123abcd/adapter_model.safetensors",
         "adapters/LaMP-2M/fp/oppu/u1/v20261206T000000000000-0123abcd/manifest.json",
-        "adapters/_auth/tokens.json", "base-rag/config.json", "data/dataset.json",
-        "data/profiles-statistical.parquet"]
+        "adapters/_auth/tokens.json", "base-rag/config.json", "bases/v2/base/config.json",
+        "bases/v2/pretrained/config.json", "data/dataset.json", "data/profiles-statistical.parquet"]

@@ -54,3 +54,21 @@ def test_log_settings_become_ray_serves_logging_config_of_both_deployments():
         assert logging_config["enable_access_log"] is False
     with pytest.raises(ConfigError, match="log_encoding"):
         load_serve_config({"model": "m", "store": "s", "log_encoding": "XML"})
+
+
+@pytest.mark.parametrize(("args", "model_surge"), [
+    ({}, 100),  # one replica: its replacement is ready before it stops
+    ({"num_replicas": "2"}, 0),  # one at a time, the other answering; no extra replica needed
+    ({"num_replicas": "2", "max_surge_percent": "50"}, 50),
+    ({"max_surge_percent": "0"}, 0),
+])
+def test_an_in_place_redeploy_keeps_a_replica_answering(args, model_surge):
+    from serve_apps.oppu_serve import build
+
+    app = build({"model": "m", "store": "s", "task": "LaMP-2M"} | args)
+    ingress = app._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert model._deployment_config.max_surge_percent == model_surge
+    assert ingress._deployment_config.max_surge_percent == 100
+    with pytest.raises(ConfigError, match="max_surge_percent"):
+        load_serve_config({"model": "m", "store": "s", "max_surge_percent": "150"})
