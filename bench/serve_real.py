@@ -227,47 +227,48 @@ async def ask(client, kind: str, user: str, probe: int, i: int, users: dict, off
                                                      temperature=0)
         text = reply.choices[0].message.content
         return {"ok": task.parse_output(text) == users[user], "exact": text.strip() == expected.strip(),
-                "tokens": reply.usage.completion_tokens, "text": text}
+                "tokens": reply.usage.completion_tokens, "prompt_tokens": reply.usage.prompt_tokens, "text": text}
     if kind == "chat_stream":
-        started, first, pieces, tokens = time.perf_counter(), None, [], 0
+        started, first, pieces, tokens, prompt_tokens = time.perf_counter(), None, [], 0, 0
         stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
                                                       temperature=0, stream=True,
                                                       stream_options={"include_usage": True})
         async for chunk in stream:
             if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
+                tokens, prompt_tokens = chunk.usage.completion_tokens, chunk.usage.prompt_tokens
             for choice in chunk.choices:
                 if choice.delta.content:
                     first = first if first is not None else time.perf_counter() - started
                     pieces.append(choice.delta.content)
         text = "".join(pieces)
         return {"ok": task.parse_output(text) == users[user], "exact": text.strip() == expected.strip(),
-                "ttft_s": first, "tokens": tokens, "text": text}
+                "ttft_s": first, "tokens": tokens, "prompt_tokens": prompt_tokens, "text": text}
     if kind == "chat_seeded":
-        texts, tokens = [], 0
+        texts, tokens, prompt_tokens = [], 0, 0
         for _ in range(2):
             reply = await client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
                                                          temperature=0.8, top_p=0.9, seed=1000 + i)
             texts.append(reply.choices[0].message.content)
             tokens += reply.usage.completion_tokens
-        return {"ok": texts[0] == texts[1], "tokens": tokens, "text": texts[0]}
+            prompt_tokens += reply.usage.prompt_tokens
+        return {"ok": texts[0] == texts[1], "tokens": tokens, "prompt_tokens": prompt_tokens, "text": texts[0]}
     if kind == "completion_stop":
         reply = await client.completions.create(model=model, prompt=f"List three films about {prompt[:40]}:\n1.",
                                                 max_tokens=MAX_TOKENS, temperature=0, stop=["\n"])
         choice = reply.choices[0]
         return {"ok": "\n" not in choice.text and choice.finish_reason in ("stop", "length"),
-                "tokens": reply.usage.completion_tokens, "text": choice.text}
+                "tokens": reply.usage.completion_tokens, "prompt_tokens": reply.usage.prompt_tokens, "text": choice.text}
     if kind == "chat_n2":
         reply = await client.chat.completions.create(model=model, messages=messages, max_tokens=MAX_TOKENS,
                                                      temperature=0.9, n=2, seed=i)
         return {"ok": sorted(c.index for c in reply.choices) == [0, 1], "tokens": reply.usage.completion_tokens,
-                "text": reply.choices[0].message.content}
+                "prompt_tokens": reply.usage.prompt_tokens, "text": reply.choices[0].message.content}
     reply = await client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=MAX_TOKENS,
                                                  temperature=0)
     text = reply.choices[0].message.content
     base_expected = offline["answers"]["base"][probe]
     return {"ok": True, "exact": text.strip() == base_expected.strip(), "tokens": reply.usage.completion_tokens,
-            "text": text}
+            "prompt_tokens": reply.usage.prompt_tokens, "text": text}
 
 
 def summarise(outcomes: list[dict], load_s: float) -> dict:
@@ -288,11 +289,13 @@ def summarise(outcomes: list[dict], load_s: float) -> dict:
                          "exact_match": f"{sum(exact)}/{len(exact)}" if exact else None,
                          "sample": next((o.get("text") for o in mine if o.get("text")), None)}
     tokens = sum(o.get("tokens") or 0 for o in outcomes)
+    prompt_tokens = sum(o.get("prompt_tokens") or 0 for o in outcomes)
     failed = sum(not o.get("ok") for o in outcomes)
     return {"all_ok": failed == 0, "failed": failed, "by_kind": by_kind,
             "latency_ms_p50": pct(seconds, 0.5), "latency_ms_p99": pct(seconds, 0.99),
             "stream_ttft_ms_p50": pct(ttfts, 0.5), "stream_ttft_ms_p99": pct(ttfts, 0.99),
-            "load_seconds": round(load_s, 1), "completion_tokens": tokens,
+            "load_seconds": round(load_s, 1), "prompt_tokens": prompt_tokens,
+            "prompt_tokens_per_s": round(prompt_tokens / load_s, 1) if load_s else None, "completion_tokens": tokens,
             "completion_tokens_per_s": round(tokens / load_s, 1) if load_s else None,
             "mean_latency_ms": round(statistics.fmean(seconds) * 1000, 1) if seconds else None}
 
