@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import traceback
 
 import pytest
 import torch
@@ -77,8 +79,15 @@ def runs(request, prepared, watch, tmp_path_factory) -> dict:
             (run_dir / "ds.json").write_text(json.dumps(ds_config))
             settings = [*SETTINGS, f"base.deepspeed={run_dir / 'ds.json'}"]
         cfg = base_runs.base_config(run_dir, data, model, *settings)
-        reports = base_runs.run_bases(cfg, watch, flavours, fail_at)
-        shutil.copy(watch / "merged-adapter.pt", run_dir / "merged-adapter.pt")
+        try:
+            reports = base_runs.run_bases(cfg, watch, flavours, fail_at)
+            shutil.copy(watch / "merged-adapter.pt", run_dir / "merged-adapter.pt")
+        except Exception:
+            # Straight to the terminal, past pytest's capture: on the GPU machine a cut-off session
+            # (a device call's time limit) never reaches pytest's report (seen 2026-12-06, ZeRO-3).
+            print(f"[test_base_gpu] zero{stage} {kind} run failed:\n{traceback.format_exc()}",
+                  file=sys.__stderr__, flush=True)
+            raise
         runs[kind] = {"dir": run_dir, "reports": reports,
                       "steps": [s for s in base_runs.read_jsonl(watch / "steps.jsonl") if s["rank"] == 0]}
     return runs

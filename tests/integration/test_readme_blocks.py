@@ -176,3 +176,30 @@ def test_users_block_onboards_and_trains_a_new_user(quickstart):
     fingerprint = base_fingerprint(str(run_dir / "base"))
     assert "newbie" in store.users("LaMP-2M", fingerprint, "oppu")  # the smoke run's one variant
     assert "newbie" in run.stdout + run.stderr
+
+
+def test_base_upgrade_block_migrates_every_user_and_cuts_over(quickstart):
+    """'When the base model is upgraded': new bases trained, every user with an adapter on the old
+    base migrated onto the new one (status complete), and training pointed at the new bases."""
+    import yaml
+
+    from oppu.models import base_fingerprint
+    from oppu.store import AdapterStore
+
+    directory, bin_dir, _, _ = quickstart
+    block = _block_with("oppu users migrate")
+    run = _bash(block.text, directory, _env(bin_dir), timeout_s=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run_dir = directory / "oppu-run"
+    last = {}  # each variant's last status line (the --cut-over's)
+    for line in run.stdout.splitlines():
+        if line.startswith('{"variant"'):
+            status = json.loads(line)
+            last[status["variant"]] = status
+    assert last and all(s["complete"] and s["migrated"] == s["users"] for s in last.values()), last
+    old, new = base_fingerprint(str(run_dir / "base")), base_fingerprint(str(run_dir / "bases" / "v2" / "base"))
+    assert old != new
+    store = AdapterStore(str(run_dir / "adapters"))
+    before = set(store.users("LaMP-2M", old, "oppu"))
+    assert before and before <= set(store.users("LaMP-2M", new, "oppu"))
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["bases"].endswith("bases/v2")
