@@ -20,7 +20,9 @@ and so the fingerprint it reads under, never sees them. The upgrade, in three st
 
 A user with an adapter on the old base but no history to train on (not a test user of the data
 set, e.g. an imported adapter) cannot be migrated: the migration is incomplete until they are
-dealt with (an adapter imported for the new base counts as migrated only with their history).
+dealt with (an adapter imported for the new base counts as migrated only with their history), or
+until the cut-over is told to leave them behind (``allow_unmigratable``: named in the status, they
+have no adapter on the new base, so serving answers them 404 until one is imported for it).
 Erased users are left out.
 """
 
@@ -66,6 +68,11 @@ class VariantMigration:
     def complete(self) -> bool:
         """Every user of the old base is served by the new one as the old one serves them now."""
         return not self.pending and not self.unmigratable
+
+    def done(self, allow_unmigratable: bool = False) -> bool:
+        """``complete``, or, with ``allow_unmigratable``, complete but for the users that cannot be
+        migrated (they have no adapter on the new base until one is imported for it)."""
+        return self.complete or (allow_unmigratable and not self.pending)
 
     def row(self) -> dict[str, Any]:
         """One line of ``oppu users migrate``'s status (JSON)."""
@@ -169,16 +176,20 @@ def migrate_users(cfg: RunConfig, new_bases: str, log_line=log.info
     return results, migration_status(cfg, new_bases)
 
 
-def cut_over(run_dir: str, new_bases: str, status: list[VariantMigration]) -> str:
+def cut_over(run_dir: str, new_bases: str, status: list[VariantMigration], allow_unmigratable: bool = False) -> str:
     """Record ``new_bases`` as the bases of the run in ``run_dir/config.yaml`` (a local path made
     absolute), so training from now on trains on them; returns the file's URI. ``ConfigError``
-    unless every variant's migration is complete, or without that file."""
+    unless every variant's migration is complete (``VariantMigration.done``), or without that file."""
     import yaml
 
-    incomplete = [s.variant for s in status if not s.complete]
+    incomplete = [s for s in status if not s.done(allow_unmigratable)]
     if incomplete:
-        raise ConfigError(f"not cut over: the migration of variant(s) {', '.join(incomplete)} is incomplete "
-                          "(`oppu users migrate` trains the users still pending)")
+        stuck = sorted({user for s in incomplete for user in s.unmigratable})
+        raise ConfigError(
+            f"not cut over: the migration of variant(s) {', '.join(s.variant for s in incomplete)} is incomplete "
+            "(`oppu users migrate` trains the users still pending"
+            + (f"; {', '.join(stuck)} cannot be migrated: no history to train on; --allow-unmigratable leaves "
+               "them without an adapter on the new base)" if stuck else ")"))
     uri, config = read_run_config_file(run_dir)
     if config is None:
         raise ConfigError(f"{run_dir} has no config.yaml to record the new bases in: set bases: {new_bases} "

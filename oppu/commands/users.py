@@ -102,6 +102,10 @@ def add_migrate_arguments(parser: argparse.ArgumentParser) -> None:
                              "`oppu train-base --set bases=DIR2` adapts them")
     parser.add_argument("--status", action="store_true",
                         help="only print where the migration stands (exit 0: complete); train nobody")
+    parser.add_argument("--allow-unmigratable", action="store_true",
+                        help="count the migration complete though users with no history to train on (e.g. an "
+                             "imported adapter) have no adapter on the new base; they are named, and served 404 "
+                             "after the cut-over until one is imported for it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
                               f"set bases: {args.to_bases} in that file instead")
         cfg = load_run_config(args.run, args.config, args.overrides)
         return migrate(cfg, args.to_bases, status_only=args.status or args.cut_over,
-                       cut_over_run=args.run if args.cut_over else None)
+                       cut_over_run=args.run if args.cut_over else None,
+                       allow_unmigratable=args.allow_unmigratable)
     try:
         user = validate_user_id(args.user)
     except UserIdError as exc:
@@ -218,10 +223,12 @@ def _train(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def migrate(cfg: RunConfig, to_bases: str, *, status_only: bool = False, cut_over_run: str | None = None) -> int:
+def migrate(cfg: RunConfig, to_bases: str, *, status_only: bool = False, cut_over_run: str | None = None,
+            allow_unmigratable: bool = False) -> int:
     """Train the users still to migrate onto ``to_bases`` (unless ``status_only``), print each
     trained user's line and each variant's status line; with ``cut_over_run``, once complete,
-    record the new bases in that run's ``config.yaml``. 0 when every variant is complete, else 1."""
+    record the new bases in that run's ``config.yaml``. 0 when every variant is complete (with
+    ``allow_unmigratable``, but for the users that cannot be migrated), else 1."""
     import json
 
     from oppu.migration import cut_over, migrate_users, migration_status
@@ -236,14 +243,18 @@ def migrate(cfg: RunConfig, to_bases: str, *, status_only: bool = False, cut_ove
                 print(f"{variant}\t{result.user_id}\t{result.status}\t{detail}")
     for variant_status in status:
         print(json.dumps(variant_status.row()))
+    left_behind = sorted({user for s in status for user in s.unmigratable})
+    if allow_unmigratable and left_behind and all(s.done(True) for s in status):
+        print(f"left behind (no history to train on; no adapter on the new base until one is imported for it): "
+              f"{', '.join(left_behind)}", file=sys.stderr)
     if cut_over_run is not None:
-        uri = cut_over(cut_over_run, to_bases, status)
+        uri = cut_over(cut_over_run, to_bases, status, allow_unmigratable)
         print(f"cut over: {uri} now names bases {to_bases}; serve each variant with model=<its new_base> "
               "(docs/cluster.md, Base upgrade)", file=sys.stderr)
-    elif all(s.complete for s in status):
+    elif all(s.done(allow_unmigratable) for s in status):
         print("migration complete: cut over with `oppu users migrate --cut-over` and the serve app's model "
               "set to the new_base above (docs/cluster.md, Base upgrade)", file=sys.stderr)
-    return 0 if all(s.complete for s in status) else 1
+    return 0 if all(s.done(allow_unmigratable) for s in status) else 1
 
 
 def migrate_job_main(description: str, argv: list[str] | None = None) -> int:
@@ -258,7 +269,7 @@ def migrate_job_main(description: str, argv: list[str] | None = None) -> int:
     args = migrate_job_parser(description).parse_args(argv)
     logs.configure_from_args(args)
     return job_exit_status(lambda: migrate(load_config(RunConfig, args.config, args.overrides), args.to_bases,
-                                           status_only=args.status))
+                                           status_only=args.status, allow_unmigratable=args.allow_unmigratable))
 
 
 def migrate_job_parser(description: str | None = None) -> argparse.ArgumentParser:

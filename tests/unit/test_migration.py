@@ -232,3 +232,21 @@ def test_job_entry_point_prints_the_status(run, capsys):
     assert code == 1 and [row["variant"] for row in rows] == VARIANTS
     assert migrate_job_main("doc", ["--config", str(run["dir"] / "config.yaml"), "--set", f"run_dir={run['dir']}",
                                     "--to-bases", str(run["dir"] / "nowhere"), "--status"]) == 2
+
+
+def test_allow_unmigratable_cuts_over_leaving_those_users_named(run, capsys):
+    """Users with no history to train on (cat: a base user, dan: not in the data set) block the
+    cut-over unless it is told to leave them behind; pending users block it either way."""
+    base_args = ["--run", str(run["dir"]), "--to-bases", run["new"], "--set", "users.variants=[oppu]"]
+    code, _, err = _command(capsys, *base_args, "--status", "--allow-unmigratable")
+    assert code == 1  # ann and bob are still to train
+    for user in ("ann", "bob"):
+        _publish(run["store"], run["fp"]["new"]["plain"], "oppu", run["users"][user], run["tmp"])
+    code, rows, err = _command(capsys, *base_args, "--cut-over")
+    assert code == 2 and "cat, dan cannot be migrated" in err and "--allow-unmigratable" in err
+    code, rows, err = _command(capsys, *base_args, "--status", "--allow-unmigratable")
+    assert code == 0 and not rows[0]["complete"] and sorted(rows[0]["unmigratable"]) == ["cat", "dan"]
+    assert "left behind" in err and "cat, dan" in err
+    code, rows, err = _command(capsys, *base_args, "--cut-over", "--allow-unmigratable")
+    assert code == 0 and "cut over" in err
+    assert yaml.safe_load((run["dir"] / "config.yaml").read_text())["bases"] == run["new"]
