@@ -12,6 +12,7 @@ grammar, ``parse_name`` over the ``NameKind`` table at the end of this module.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -357,6 +358,10 @@ class RunConfig:
         self.task = get_task(self.task).name  # canonical spelling; unknown names fail here
         for variant in self.users.variants:
             parse_variant(variant)
+        if self.bases and not fsutil.is_remote(self.bases):
+            # Relative to where the command runs: Ray's workers run elsewhere, so make it absolute
+            # (`--set bases=oppu-run/bases/v2` built the tiny model there, then the workers could not find it).
+            self.bases = os.path.abspath(os.path.expanduser(self.bases))
 
     @property
     def data_uri(self) -> str:
