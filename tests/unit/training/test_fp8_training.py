@@ -11,18 +11,12 @@ import pytest
 import torch
 
 from oppu.models import fp8
+from tests.unit.tiny_models import one_thread  # noqa: F401 (the fixture pytestmark uses)
 
-pytestmark = pytest.mark.skipif(not fp8._cpu_scaled_mm_works(), reason="this torch has no CPU _scaled_mm")
+pytestmark = [pytest.mark.skipif(not fp8._cpu_scaled_mm_works(), reason="this torch has no CPU _scaled_mm"),
+              pytest.mark.usefixtures("one_thread")]
 
 LOSS_TOLERANCE = 0.01
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _batched_final_losses(base, packed: bool) -> dict[str, float]:
@@ -38,7 +32,7 @@ def _batched_final_losses(base, packed: bool) -> dict[str, float]:
 
 @pytest.mark.parametrize("precision", ["fp8", "fp8-tensor"])
 @pytest.mark.parametrize("packed", [True, False])
-def test_batched_trainer_over_an_fp8_base_ends_at_the_full_precision_loss(one_thread, precision, packed):
+def test_batched_trainer_over_an_fp8_base_ends_at_the_full_precision_loss(precision, packed):
     from tests.unit.tiny_models import tiny_llama
     from tests.unit.training.test_batched import VOCAB
 
@@ -57,7 +51,7 @@ def test_batched_trainer_over_an_fp8_base_ends_at_the_full_precision_loss(one_th
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
 
 
-def test_per_user_trainer_over_an_fp8_base_ends_at_the_full_precision_loss(one_thread, tmp_path):
+def test_per_user_trainer_over_an_fp8_base_ends_at_the_full_precision_loss(tmp_path):
     from safetensors.torch import load_file
 
     from oppu.models import load_model
