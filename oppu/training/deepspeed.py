@@ -6,12 +6,13 @@
 ``OptimSettings``. The optimiser is DeepSpeed's AdamW with ``torch_adam: true``: PyTorch's own
 fused implementation, so no CUDA extension is compiled on the worker.
 
-    python -m oppu.training.deepspeed configs/deepspeed    # rewrites the shipped JSON files
+    python -m oppu.training.deepspeed configs/deepspeed    # rewrites the shipped JSON files (logs each path)
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Literal
@@ -81,6 +82,15 @@ def write_shipped_configs(out_dir: str | Path) -> list[Path]:
     return paths
 
 
+def main(argv: list[str]) -> None:
+    """``python -m oppu.training.deepspeed [DIR]``: the shipped configs rewritten, each path logged."""
+    from oppu import logs
+
+    logs.configure()
+    logger = logging.getLogger("oppu.training.deepspeed")  # as a script, __name__ is __main__
+    for written in write_shipped_configs(argv[0] if argv else "configs/deepspeed"):
+        logger.info("wrote %s", written)
+
+
 if __name__ == "__main__":
-    for written in write_shipped_configs(sys.argv[1] if len(sys.argv) > 1 else "configs/deepspeed"):
-        print(written)
+    main(sys.argv[1:])
