@@ -31,7 +31,7 @@ from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, Co
 from oppu.ids import validate_user_id
 from oppu.run_config import RunConfig
 from oppu.store import AdapterKey, AdapterStore, Manifest
-from oppu.store.adapters import MANIFEST_NAME
+from oppu.store.manifest import MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ def _models(folder: Path) -> list[str]:
 
 def publish_adapters(local_root: Path, target: str, dry_run: bool = False) -> dict[str, int]:
     """Merge the local adapter store into the one at ``target``; returns counts of versions."""
-    from oppu.store.adapters import MANIFEST_NAME, VERSION_PATTERN
+    from oppu.store.manifest import MANIFEST_NAME, VERSION_PATTERN
     from oppu.store.objects import open_root
 
     fs, root = open_root(target)

@@ -121,7 +121,7 @@ class QueryAnswerer:
         from oppu.models import generate_greedy
         from oppu.models.peft_adapters import remove_adapter
         from oppu.store import AdapterKey, Manifest
-        from oppu.store.adapters import MANIFEST_NAME
+        from oppu.store.manifest import MANIFEST_NAME
 
         key = AdapterKey(self.task.name, fingerprint, method.adapter_variant, user.user_id)
         with tempfile.TemporaryDirectory(prefix="oppu-eval-") as tmp:

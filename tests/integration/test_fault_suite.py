@@ -473,7 +473,7 @@ def test_gc_during_a_slow_publish_and_a_corrupt_newest_manifest(app, tmp_path):
     manifest is corrupted. The served answer is the complete version each time: the new one after
     the publish, the one before it once the newest manifest is broken."""
     from oppu.store import AdapterStore
-    from oppu.store.adapters import MANIFEST_NAME
+    from oppu.store.manifest import MANIFEST_NAME
 
     store_uri, fingerprint = app["store"].root_uri, app["fingerprint"]
     user = "good05"

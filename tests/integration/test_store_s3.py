@@ -6,7 +6,7 @@ import pytest
 
 from oppu.errors import AdapterIntegrityError
 from oppu.store import AdapterKey, AdapterStore, TokenStore, config_hash
-from oppu.store.adapters import new_version_id
+from oppu.store.manifest import new_version_id
 from tests.unit.store.adapter_factory import (
     assert_same_lora_weights,
     fake_adapter_dir,

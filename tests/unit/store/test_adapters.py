@@ -9,7 +9,7 @@ import pytest
 
 from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, ConfigError, UserIdError
 from oppu.store import AdapterKey, AdapterStore, config_hash
-from oppu.store.adapters import MANIFEST_NAME, new_version_id
+from oppu.store.manifest import MANIFEST_NAME, new_version_id
 from tests.unit.store.adapter_factory import (
     assert_same_lora_weights,
     fake_adapter_dir,

@@ -10,7 +10,7 @@ import pytest
 
 from oppu.errors import AdapterError, AdapterIntegrityError
 from oppu.store import AdapterKey, AdapterStore, config_hash
-from oppu.store.adapters import LEASE_NAME, MANIFEST_NAME
+from oppu.store.manifest import LEASE_NAME, MANIFEST_NAME
 from tests.unit.store.adapter_factory import fake_adapter_dir
 
 TRAIN_CONFIG = {"lr": 1e-4, "epochs": 2}

@@ -6,7 +6,7 @@ import pytest
 
 from oppu.errors import AdapterError, AdapterIntegrityError, AdapterNotFound, ConfigError
 from oppu.store import AdapterKey, AdapterStore
-from oppu.store.adapters import ROLLBACK_NAME
+from oppu.store.manifest import ROLLBACK_NAME
 from tests.unit.store.adapter_factory import fake_adapter_dir
 
 KEY = AdapterKey("LaMP-2M", "0123456789abcdef", "oppu", "user-1")
