@@ -26,7 +26,9 @@ from __future__ import annotations
 import logging
 import time
 
-from oppu import logs
+import pyarrow as pa
+
+from oppu import fsutil, logs
 from oppu.errors import StageFailed, name_list
 from oppu.run_config import RunConfig
 from oppu.training.users_report import UserResult, report_path, result_of_row, write_report
@@ -49,19 +51,27 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
     wanted = {validate_user_id(u) for u in cfg.users.users} if cfg.users.users else None
     erased = tombstone_check(cfg.store_uri)  # erased users (oppu users delete) are never trained again
     users = read_test_users(cfg.data_uri, lambda user: (wanted is None or user in wanted) and not erased(user),
-                       longest_first=True)
+                            longest_first=True)
+    expected = users["user_id"].to_pylist()
+    stored = already_published(cfg, variant, users)
+    if stored:
+        log(f"[{stage} {variant}] {len(stored)} of {len(expected)} users already have this adapter in the "
+            "store: skipped without starting the actor pool")
+        users = users.filter(pa.array([u not in stored for u in expected], pa.bool_()))
     # Sorted, each batch is a run of consecutive users in that order: similar history lengths on
     # one actor, the longest first. An actor that dies is restarted (it loads the base again) and
     # its batch re-run up to max_retries times; users it had published by then are skipped as
     # already present. A batch that failed every retry costs its users, not the job.
-    _, results_ds = map_users(users, PersonalTrainer, start_failed, cfg.users, {"cfg": cfg, "variant": variant},
-                              max_retries=cfg.users.max_retries)
-    expected = users["user_id"].to_pylist()
-    results: list[UserResult] = []
+    results: list[UserResult] = list(stored.values())
     started = time.perf_counter()
     first_done_s = None  # the pool's start (actors, base loads) shows as the wait for the first user
-    with logs.progress(len(expected), f"{stage} {variant}", unit="users") as bar:
-        for row in results_ds.iter_rows():
+    rows = []
+    if users.num_rows:
+        _, results_ds = map_users(users, PersonalTrainer, start_failed, cfg.users, {"cfg": cfg, "variant": variant},
+                                  max_retries=cfg.users.max_retries)
+        rows = results_ds.iter_rows()
+    with logs.progress(users.num_rows, f"{stage} {variant}", unit="users") as bar:
+        for row in rows:
             result = result_of_row(row)
             if first_done_s is None:
                 first_done_s = time.perf_counter() - started
@@ -87,6 +97,44 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
         log(f"[{stage} {variant}] FAILED user {result.user_id}: {result.error}")
     check_failed_users(cfg, variant, results, stage)
     return results
+
+
+def already_published(cfg: RunConfig, variant: str, users: pa.Table) -> dict[str, UserResult]:
+    """Skip results of the ``users`` whose adapter for the same data and train config the store holds.
+
+    Checked here, before any actor starts, so a re-run of a finished variant (a resumed table, a
+    job resubmitted) costs seconds, not an actor pool that loads the base only to skip everyone.
+    Only where the base is a local directory: its fingerprint and tokenizer (the prompt format is
+    part of the train config) are read in place; a remote base would have to be downloaded here,
+    so its actors check instead, as they always do.
+    """
+    from oppu.data.records import UserData
+    from oppu.models import base_fingerprint
+    from oppu.models.prompting import resolve_prompt_format
+    from oppu.training.publish import AdapterPublisher
+
+    base_uri = cfg.base_uri(cfg.variant_base(variant))
+    if not cfg.users.skip_existing or not users.num_rows or fsutil.is_remote(base_uri):
+        return {}
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(fsutil.local_path(base_uri))
+        publisher = AdapterPublisher.for_run(cfg, variant, base_fingerprint(base_uri),
+                                             resolve_prompt_format(cfg.prompt_format, tokenizer),
+                                             trainer=cfg.users.trainer)
+    except Exception as exc:  # no base yet, or unreadable: the actors report it as they start
+        logger.debug("no store check before the pool (%s: %s)", type(exc).__name__, exc)
+        return {}
+    stored = {}
+    for row in users.to_pylist():
+        try:
+            manifest = publisher.existing(UserData.from_row(row))
+        except Exception:  # a bad user's data fails that user, in its actor, with its error
+            continue
+        if manifest is not None:
+            stored[row["user_id"]] = UserResult(row["user_id"], "skipped", version=manifest.version)
+    return stored
 
 
 def check_failed_users(cfg: RunConfig, variant: str, results: list[UserResult], stage: str = "train_users") -> None:

@@ -110,7 +110,8 @@ def _kill_first_publisher(log: Path, killed: dict, stop: threading.Event) -> Non
         time.sleep(0.02)
 
 
-def test_actor_killed_mid_batch_every_user_gets_exactly_one_adapter(run_dir, ray_with_publish_log, tmp_path):
+def test_actor_killed_mid_batch_every_user_gets_exactly_one_adapter(run_dir, ray_with_publish_log, tmp_path,
+                                                                     monkeypatch):
     """Per-user trainer (the CPU default); the batched trainer's re-executed batch is covered in
     tests/unit/training/test_users.py (the skip logic is shared), its Ray run in test_batched_trainer_job."""
     from oppu.data.dataset import read_dataset
@@ -163,9 +164,15 @@ def test_actor_killed_mid_batch_every_user_gets_exactly_one_adapter(run_dir, ray
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(files)
         assert manifest.train_config.get("trainer", "per-user") == trainer
 
-    # A second run skips them all and publishes nothing (one actor is enough to skip).
+    # A second run skips them all and publishes nothing, found in the store by the driver: no
+    # actor pool starts (one would load the base only to skip everyone).
     log.write_text("")
-    cfg.users.actors = 1
+    import oppu.actor_pools
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("an actor pool started although every user's adapter was in the store")
+
+    monkeypatch.setattr(oppu.actor_pools, "map_users", no_pool)
     again = train_personal_adapters(cfg, "oppu")
     assert {r.user_id: (r.status, r.version) for r in again} == {u: ("skipped", versions[u][0]) for u in test_users}
     assert _publishes(log) == []
@@ -188,8 +195,15 @@ def test_batched_trainer_job(run_dir, ray_with_publish_log, tmp_path):
     cfg = _config(run_dir, store_root, "batched")
     cfg.users.users_per_batch = 3
     test_users = sorted(u.user_id for u in read_dataset(run_dir / "data").test_users())
+    # Two users first; the whole run then finds them in the store before its pool starts and
+    # hands the pool only the others.
+    cfg.users.users = test_users[:2]
+    first = train_personal_adapters(cfg, "oppu")
+    assert {r.user_id: r.status for r in first} == dict.fromkeys(test_users[:2], "trained")
+    cfg.users.users = None
     results = train_personal_adapters(cfg, "oppu")
-    assert {r.user_id: r.status for r in results} == dict.fromkeys(test_users, "trained")
+    assert {r.user_id: r.status for r in results} == {
+        **dict.fromkeys(test_users, "trained"), **dict.fromkeys(test_users[:2], "skipped")}
     assert sorted(user for _, user, _ in _publishes(log)) == test_users
     store = AdapterStore(str(store_root))
     fingerprint = base_fingerprint(str(run_dir / "base"))
