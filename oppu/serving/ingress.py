@@ -8,29 +8,33 @@ unsupported OpenAI fields included), the model and user id (400 / 404), the requ
 when its queue is full, 504 past ``request_timeout_s``). Every error, unknown routes included, is
 JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so the ``openai``
 client raises its usual exceptions.
+
+Here are the routes and the checks every route shares; the model replicas are called through
+``oppu.serving.model_calls`` (retries, errors, the event stream), and the per-user routes' work is
+``oppu.serving.user_routes``'s.
 """
 
 # No "from __future__ import annotations": FastAPI must see the parameters' real types on the
 # methods that @serve.ingress rewraps.
 import asyncio
 import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from oppu import logs
 from oppu.errors import AdapterNotFound, ConfigError, OppuError, UserIdError
 from oppu.ids import validate_user_id
+from oppu.serving import user_routes
 from oppu.serving.auth import ADMIN_TOKEN_ENV, Authenticator, Caller, ForbiddenError
 from oppu.serving.config import ServeConfig
 from oppu.serving.http_errors import ModelNotFound, UnknownHistory, as_api_error, error_response
+from oppu.serving.model_calls import ModelCalls
 from oppu.serving.openai_api import (
     ApiError,
     ChatBody,
@@ -38,39 +42,10 @@ from oppu.serving.openai_api import (
     PredictBody,
     chat_logprobs,
     completion_logprobs,
-    error_body,
     parse_body,
     usage,
 )
-from oppu.serving.privacy import routing_key
-from oppu.serving.replica import (
-    ChoiceEnd,
-    Delta,
-    GenerateRequest,
-    GenerateResult,
-    Refused,
-    RequestTooLarge,
-    StreamStart,
-)
-
-logger = logging.getLogger(__name__)
-
-
-REPLICA_LOST_RETRIES = 2
-
-
-def _replica_lost(exc: BaseException) -> bool:
-    """Whether ``exc`` says the model replica died or became unreachable under the request."""
-    from ray.exceptions import RayActorError
-
-    return isinstance(exc, RayActorError) or isinstance(_unwrap(exc), RayActorError)
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The replica's own exception from Ray's wrapper (a RayTaskError subclass keeps the cause)."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
-
+from oppu.serving.replica import Delta, GenerateRequest, RequestTooLarge
 
 app = FastAPI(title="OPPU: one personal LoRA per user", version="1")
 
@@ -124,6 +99,7 @@ class OppuIngress:
         self.store = AdapterStore(self.config.store)
         self.events = DeletionEvents(serve.get_replica_context().app_name)
         self.metrics = ServingMetrics()
+        self.calls = ModelCalls(model, self.config, self.metrics)
         self.histories = None
         if self.config.data:
             from oppu.serving.histories import UserHistories
@@ -186,7 +162,7 @@ class OppuIngress:
             return out
 
         if body.stream:
-            return await self._stream(
+            return await self.calls.stream(
                 generate,
                 on_delta=lambda d: chunk([{"index": d.index, "text": d.text, "finish_reason": None,
                                            "logprobs": logprobs_of(d)}]),
@@ -194,7 +170,7 @@ class OppuIngress:
                                          "logprobs": None}]),
                 on_result=lambda r: chunk([], usage(r.prompt_tokens, r.completion_tokens)) if body.include_usage
                 else None)
-        result = await self._generate(generate)
+        result = await self.calls.generate(generate)
         return {"id": completion_id, "object": "text_completion", "created": created, "model": body.model,
                 "choices": [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
                              "logprobs": completion_logprobs(list(c.logprobs)) if c.logprobs is not None else None}
@@ -225,7 +201,7 @@ class OppuIngress:
                            "logprobs": chat_logprobs(list(delta.logprobs)) if want_logprobs else None}])
 
         if body.stream:
-            return await self._stream(
+            return await self.calls.stream(
                 generate, on_delta=on_delta,
                 on_end=lambda e: chunk([{"index": e.index, "delta": {}, "finish_reason": e.finish_reason,
                                          "logprobs": None}]),
@@ -233,7 +209,7 @@ class OppuIngress:
                 else None,
                 first=[chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
                                "logprobs": None}]) for i in range(body.n)])
-        result = await self._generate(generate)
+        result = await self.calls.generate(generate)
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                              "finish_reason": c.finish_reason,
@@ -268,8 +244,8 @@ class OppuIngress:
             retrieved = [item.fields for item in BM25Retriever(self.task, history).top_k(query, body.k)]
         prompt = self.task.build_prompt(query, retrieved=retrieved)
         max_tokens = min(self.task.max_new_tokens, self.config.max_tokens_limit)
-        result = await self._generate(GenerateRequest(prompt=prompt, user=user, max_tokens=max_tokens,
-                                                      as_trained=True))
+        result = await self.calls.generate(GenerateRequest(prompt=prompt, user=user, max_tokens=max_tokens,
+                                                           as_trained=True))
         return {"task": self.task.name, "user": user, "prediction": self.task.parse_output(result.text),
                 "raw": result.text, "k": body.k, "retrieved": len(retrieved),
                 "adapter_version": result.adapter_version, "base_fingerprint": result.base_fingerprint,
@@ -281,32 +257,13 @@ class OppuIngress:
         set, validated as ``oppu users add`` validates them; a new user joins as a test user.
         ``/v1/predict`` retrieves from them at once on this replica (``history_check_ttl_s`` on
         others); ``oppu users train`` trains the user's adapter on them."""
-        from oppu.errors import UserErasedError
-        from oppu.user_history import HistoryErrors
-
         self.metrics.request("put_history")
         user = await self._caller_for_user(request.headers.get("authorization"), user)
         if self.histories is None:
             raise ApiError(400, "invalid_request", "this app has no data set: start it with the 'data' "
                            "argument (the prepared data set) to add history")
-        try:
-            body = json.loads(await self._read_body(request) or b"null")
-        except ValueError as exc:
-            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
-        if not isinstance(body, dict) or not isinstance(body.get("history"), list) or set(body) != {"history"}:
-            raise ApiError(400, "invalid_value", 'the body must be {"history": [profile items]} and nothing '
-                           "else", "history")
-        try:
-            update = await asyncio.to_thread(self.histories.add, self.store.root_uri, user, body["history"])
-        except UserErasedError as exc:
-            raise ApiError(409, "user_erased", str(exc), "user") from None
-        except HistoryErrors as exc:
-            shown = "; ".join(str(error) for error in exc.errors[:20])
-            more = f" (and {len(exc.errors) - 20} more)" if len(exc.errors) > 20 else ""
-            raise ApiError(400, "invalid_history", f"{len(exc.errors)} bad history item(s): {shown}{more}",
-                           exc.field) from None
-        return {"user": user, "created": update.created, "role": update.user.role, "added": update.added,
-                "already_there": update.already_there, "n_history": len(update.user.history)}
+        items = user_routes.history_items(await self._read_json(request))
+        return await asyncio.to_thread(user_routes.add_history, self.histories, self.store.root_uri, user, items)
 
     @app.delete("/v1/users/{user}/adapter")
     async def delete_adapter(self, user: str, authorization: str | None = Header(None)) -> dict:
@@ -325,32 +282,17 @@ class OppuIngress:
         ``{"version": "v..."}``, the admin token only. Answers the now-current version; every
         replica drops its cached copy at its next request (the event log of deletions), or within
         ``adapter_check_ttl_s`` where the log is unreachable. A later publish is current again."""
-        from oppu.errors import AdapterError, AdapterIntegrityError
         from oppu.store import AdapterKey
 
         self.metrics.request("rollback_adapter")
         user = await self._caller_for_user(request.headers.get("authorization"), user,
                                            admin_only="roll back an adapter")
-        try:
-            body = json.loads(await self._read_body(request) or b"null")
-        except ValueError as exc:
-            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
-        if not isinstance(body, dict) or set(body) != {"version"} or not isinstance(body["version"], str):
-            raise ApiError(400, "invalid_value", 'the body must be {"version": "<version id>"} and nothing else',
-                           "version")
+        version = user_routes.rollback_version(await self._read_json(request))
         info = await self._model_info()
         key = AdapterKey(self.config.task, info["base_fingerprint"], self.config.variant, user)
-        try:
-            manifest = await asyncio.to_thread(self.store.rollback, key, body["version"])
-        except AdapterNotFound as exc:
-            raise ApiError(404, "version_not_found", str(exc), "version") from None
-        except AdapterIntegrityError as exc:
-            raise ApiError(422, "adapter_unusable", str(exc), "version") from None
-        except AdapterError as exc:  # a newer version was published meanwhile
-            raise ApiError(409, "conflict", str(exc), "version") from None
+        answer = await asyncio.to_thread(user_routes.roll_back, self.store, key, version)
         await self.events.record(user)
-        return {"user": user, "variant": self.config.variant, "version": manifest.version,
-                "created": manifest.created, "trainer": manifest.trainer, "current": True}
+        return answer
 
     @app.delete("/v1/users/{user}")
     async def erase_user(self, user: str, authorization: str | None = Header(None)) -> dict:
@@ -359,7 +301,8 @@ class OppuIngress:
         caches. Their records in a run directory go with ``oppu users delete`` (docs/erasure.md)."""
         self.metrics.request("erase_user")
         user = await self._caller_for_user(authorization, user)
-        deleted, revoked = await asyncio.to_thread(self._erase, user)
+        deleted, revoked = await asyncio.to_thread(user_routes.erase, self.store, self.histories, self.auth.tokens,
+                                                   user)
         await self.events.record(user)
         return {"user": user, "erased": True, "deleted_versions": deleted, "tokens_revoked": revoked}
 
@@ -399,6 +342,13 @@ class OppuIngress:
             chunks.append(piece)
         return b"".join(chunks)
 
+    async def _read_json(self, request: Request):
+        """The body as JSON (empty: null); 400 ``invalid_json`` where it is not JSON."""
+        try:
+            return json.loads(await self._read_body(request) or b"null")
+        except ValueError as exc:
+            raise ApiError(400, "invalid_json", f"the body is not JSON: {exc}") from None
+
     def _request(self, caller: Caller, body, prompt: str, max_tokens: int | None, logprobs: int | None, *,
                  templated: bool = False, prompt_field: str = "prompt") -> GenerateRequest:
         base, sep, user = body.model.partition(":")
@@ -416,72 +366,6 @@ class OppuIngress:
         return GenerateRequest(prompt=prompt, user=user_id, max_tokens=max_tokens,
                                params=body.sampling(self.config.default_temperature, logprobs), n=body.n,
                                stop=body.stops(), templated=templated, prompt_field=prompt_field)
-
-    def _handle(self, request: GenerateRequest, stream: bool = False):
-        # An opaque bucket, never the user id: Serve exports multiplexed ids as metric labels.
-        key = routing_key(request.user, self.config.routing_buckets) if request.user is not None else ""
-        return self.model.options(multiplexed_model_id=key, stream=stream)
-
-    async def _generate(self, request: GenerateRequest) -> GenerateResult:
-        for attempt in range(REPLICA_LOST_RETRIES + 1):
-            try:
-                result = await self._handle(request).generate.remote(request)
-                break
-            except Exception as exc:
-                # A replica that died under the request (killed, node lost): nothing reached the
-                # client yet, so the request runs again on a live one instead of failing.
-                if attempt < REPLICA_LOST_RETRIES and _replica_lost(exc):
-                    logger.warning("a model replica was lost under a request; retrying it (%d of %d)",
-                                   attempt + 1, REPLICA_LOST_RETRIES)
-                    continue
-                raise self._error(exc) from None
-        if isinstance(result, Refused):
-            raise self._error(result.error)
-        return result
-
-    def _error(self, exc: BaseException) -> ApiError:
-        error = as_api_error(_unwrap(exc), self.config.retry_after_s)
-        self.metrics.error(error.code)
-        return error
-
-    async def _stream(self, request: GenerateRequest, on_delta: Callable, on_end: Callable, on_result: Callable,
-                      first: list[dict] = ()) -> StreamingResponse:
-        for attempt in range(REPLICA_LOST_RETRIES + 1):
-            responses = self._handle(request, stream=True).generate_stream.remote(request)
-            try:  # the first item says the request was accepted; errors before it are plain JSON
-                start = await responses.__anext__()
-                break
-            except Exception as exc:
-                if attempt < REPLICA_LOST_RETRIES and _replica_lost(exc):  # no byte sent yet: run it again
-                    logger.warning("a model replica was lost before a stream started; retrying it")
-                    continue
-                raise self._error(exc) from None
-        if isinstance(start, Refused):
-            responses.cancel()
-            raise self._error(start.error)
-        assert isinstance(start, StreamStart)
-
-        async def events() -> AsyncIterator[str]:
-            for opening in first:  # chat: one chunk per choice naming the role
-                yield f"data: {json.dumps(opening)}\n\n"
-            try:
-                async for item in responses:
-                    if isinstance(item, Delta):
-                        yield f"data: {json.dumps(on_delta(item))}\n\n"
-                    elif isinstance(item, ChoiceEnd):
-                        yield f"data: {json.dumps(on_end(item))}\n\n"
-                    elif isinstance(item, GenerateResult) and (last := on_result(item)) is not None:
-                        yield f"data: {json.dumps(last)}\n\n"
-                    elif isinstance(item, Refused):  # e.g. timed out mid-stream
-                        raise item.error
-            except Exception as exc:  # the status line is sent: report the error in-band
-                error = self._error(exc)
-                yield f"data: {json.dumps(error_body(error.status, error.code, error.message, error.param))}\n\n"
-            finally:
-                responses.cancel()  # the client left or the stream ended: the replica frees its rows
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
 
     async def _chat_prompt(self, turns: list[dict[str, str]]) -> tuple[str, bool]:
         """The prompt text, and whether a chat template rendered it (its special tokens in the text)."""
@@ -531,20 +415,6 @@ class OppuIngress:
     @staticmethod
     def _model_card(model_id: str, created: int) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "oppu"}
-
-    def _erase(self, user: str) -> tuple[int, int]:
-        from oppu.erasure import add_tombstone
-
-        add_tombstone(self.store.root_uri, user)  # first: a publish racing this delete undoes itself
-        if self.histories is not None:
-            self.histories.forget(user)
-        deleted = self.store.delete_user(user)
-        try:
-            revoked = self.auth.tokens.revoke(user)
-        except PermissionError:  # the shipped serving keys cannot write the token root (docs/cluster.md)
-            logger.warning("erase: the token root is read-only here; revoke with `oppu token revoke`")
-            revoked = None
-        return deleted, revoked
 
     def _history(self, user: str):
         if self.histories is None:
