@@ -9,7 +9,7 @@ Only named users (a new user's first adapter, or users with new history; what ``
 does): add --set users.users=[newbie,user07] to the line above.
 
 On GPUs, train each actor's users together: --set users.trainer=batched --set users.num_gpus_per_actor=1
---set users.users_per_batch=32 (users.batched.* tunes it; see oppu/run_config.py UserStage).
+--set users.users_per_batch=32 (users.batched.* tunes it; see oppu/run_config/stages.py UserStage).
 """
 
 import sys

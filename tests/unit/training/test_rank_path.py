@@ -28,7 +28,7 @@ RANK_FIELDS = frozenset({"peft", "to_peft_config", "r", "alpha", "lora_alpha", "
 
 # The doc's "after" list but oppu/config.py, which turns YAML into dataclasses by field type and
 # names no field.
-THE_PATH = frozenset({"run_config.py", "training/publish.py", "models/multi_lora.py", "training/slots.py",
+THE_PATH = frozenset({"run_config/stages.py", "training/publish.py", "models/multi_lora.py", "training/slots.py",
                       "models/slot_export.py"})
 
 # Modules that read such fields for something other than a user's adapter on its way to the store.

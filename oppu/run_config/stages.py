@@ -1,26 +1,17 @@
-"""The run configuration every job reads: one YAML file, sections per stage, ``--set`` overrides.
-
-``task``, ``run_dir`` and ``model`` say what to run and where; each stage has its own section.
-A run directory (local path or ``s3://...``) holds ``data/`` (prepared Parquet), ``base/`` and
-``base-<flavour>/`` (task-adapted merged base models; a base upgrade's new ones under
-``bases/<name>/``, see ``RunConfig.bases``), ``adapters/`` (the adapter store root),
-``predictions/``, ``metrics.json`` and ``metrics.md``.
-
-The names a run config holds (base flavours, adapter variants, evaluation methods) share one
-grammar, ``parse_name`` over the ``NameKind`` table at the end of this module.
+"""The settings of each stage of a run, one dataclass per section of the run config: ``base``
+(``BaseStage``), ``users`` (``UserStage``, with ``batched`` and ``incremental``), ``eval``
+(``EvalStage``), ``profiles``, ``ray``; ``peft`` and ``optim`` inside the training stages. Each
+checks its own values (``ConfigError`` naming the key); ``RunConfig`` (``oppu.run_config.run``)
+holds them all.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from oppu import fsutil
 from oppu.errors import ConfigError
-from oppu.models.prompting import PromptFormatSetting
-from oppu.models.tiny import TinyModelConfig
+from oppu.run_config.names import parse_flavour
 
 PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
 # The frozen base's GEMMs: in its own dtype (bf16 on a GPU, fp32 on CPU), or FP8 on the GPU's
@@ -308,181 +299,3 @@ class ProfileSettings:
 class RaySettings:
     address: str | None = None  # None: RAY_ADDRESS, the cluster `ray start` made here, or a new local instance
     num_cpus: int | None = None  # for a new local instance only
-
-
-RUN_CONFIG_FILE = "config.yaml"  # a run dir's own run config (oppu quickstart writes it)
-
-
-def read_run_config_file(run_dir: str) -> tuple[str, dict | None]:
-    """The URI of ``run_dir``'s own run config and its mapping (None where the run has none);
-    ``ConfigError`` where the file holds no mapping."""
-    import yaml
-
-    uri = fsutil.join(run_dir, RUN_CONFIG_FILE)
-    if not fsutil.exists(uri):
-        return uri, None
-    data = yaml.safe_load(fsutil.read_text(uri)) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{uri} must hold a mapping at the top level")
-    return uri, data
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs; ``oppu quickstart`` writes the one it used to ``run_dir/config.yaml``."""
-
-    task: str = "LaMP-2M"
-    run_dir: str = "oppu-run"  # local path or fsspec URI (s3://bucket/prefix)
-    # "tiny" (built locally), a named model ("smollm2-135m-instruct"), a .gguf file, or a HF id /
-    # local / s3:// path of a causal LM
-    model: str = "tiny"
-    # auto: the chat template's user turn where the tokenizer has one, else the plain prompt
-    prompt_format: PromptFormatSetting = "auto"
-    data: str | None = None  # prepared data set; default run_dir/data
-    store: str | None = None  # adapter store root; default run_dir/adapters
-    # where the task-adapted bases (base/, base-<flavour>/) and, for model: tiny, the pretrained
-    # model are; default run_dir. A base upgrade adapts new bases into another folder
-    # (run_dir/bases/<name>), moves the adapters onto them (oppu users migrate) and then points here
-    bases: str | None = None
-    seed: int = 0
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    base: BaseStage = field(default_factory=BaseStage)
-    users: UserStage = field(default_factory=UserStage)
-    eval: EvalStage = field(default_factory=EvalStage)
-    profiles: ProfileSettings = field(default_factory=ProfileSettings)
-    ray: RaySettings = field(default_factory=RaySettings)
-
-    def __post_init__(self) -> None:
-        from oppu.tasks import get_task
-
-        self.task = get_task(self.task).name  # canonical spelling; unknown names fail here
-        for variant in self.users.variants:
-            parse_variant(variant)
-        if self.bases and not fsutil.is_remote(self.bases):
-            # Relative to where the command runs: Ray's workers run elsewhere, so make it absolute
-            # (`--set bases=oppu-run/bases/v2` built the tiny model there, then the workers could not find it).
-            self.bases = os.path.abspath(os.path.expanduser(self.bases))
-
-    @property
-    def data_uri(self) -> str:
-        return self.data or fsutil.join(self.run_dir, "data")
-
-    @property
-    def store_uri(self) -> str:
-        return self.store or fsutil.join(self.run_dir, "adapters")
-
-    @property
-    def bases_uri(self) -> str:
-        """The folder of the run's bases: ``bases`` where set, else ``run_dir``."""
-        return self.bases or self.run_dir
-
-    def base_uri(self, flavour: str) -> str:
-        """Where the merged base of a flavour lives: ``base`` for plain, ``base-<flavour>`` else,
-        under ``bases_uri``."""
-        return fsutil.join(self.bases_uri, "base" if flavour == "plain" else f"base-{flavour}")
-
-    def base_flavour(self, profile: bool, k: int) -> str:
-        """The configured base that answers prompts with (``profile``, ``k`` retrieved items).
-
-        The base trained for exactly that prompt shape where ``base.flavours`` has it (``rag-k2``,
-        ``profile+rag-k1``), as the paper trains one base per k; otherwise the shared one of its
-        family (``rag``, trained at ``base.rag_k``; ``profile``, at k=0).
-        """
-        if k == 0:
-            return "profile" if profile else "plain"
-        exact = f"{'profile+' if profile else ''}rag-k{k}"
-        if exact in self.base.flavours:
-            return exact
-        return "profile" if profile else "rag"
-
-    def variant_base(self, variant: str) -> str:
-        """The base flavour a personal-adapter variant trains on (and is evaluated over)."""
-        profile, k = parse_variant(variant)
-        return self.base_flavour(profile, k)
-
-    @property
-    def pretrained_uri(self) -> str:
-        """The model the base adaptation starts from (the tiny model is built into ``bases_uri``, so a
-        new tiny base set, e.g. with other ``tiny.*`` settings, is pretrained apart from the old)."""
-        return fsutil.join(self.bases_uri, "pretrained") if self.model == "tiny" else self.model
-
-
-# The one grammar of the names a run uses, a table of three kinds. A name is up to three parts
-# joined by ``+``, in this order: the profile part (the user's textual profile leads the prompt),
-# ``rag-k<N>`` (N retrieved history items in the prompt), ``oppu`` (the user's personal adapter).
-# A kind spells the profile part its own way, says whether ``oppu`` must, may or must not end
-# the name, and has a few names outside the grammar.
-#
-# | kind            | profile part | oppu part | names outside it                   | examples                       |
-# | --------------- | ------------ | --------- | ---------------------------------- | ------------------------------ |
-# | base flavour    | ``profile``  | never     | ``plain``; ``rag`` (k = rag_k)     | ``rag-k2``, ``profile+rag-k1`` |
-# | adapter variant | ``pag``      | always    |                                    | ``oppu``, ``pag+rag-k1+oppu``  |
-# | method          | ``pag``      | optional  | ``non-personalized``, ``random-history`` | ``rag-k4``, ``pag``, ``rag-k1+oppu`` |
-
-
-@dataclass(frozen=True)
-class NameKind:
-    """One row of the name table: how one kind of name is spelled."""
-
-    what: str  # "base flavour", "adapter variant", "method": the kind, as errors name it
-    profile_part: str  # how the profile part is spelled
-    oppu_part: Literal["never", "always", "optional"]
-    spellings: str  # every form, for the error message
-
-
-BASE_FLAVOUR = NameKind("base flavour", "profile", "never",
-                        "plain, rag, rag-k<N>, profile or profile+rag-k<N>")
-ADAPTER_VARIANT = NameKind("adapter variant", "pag", "always",
-                           "'oppu', 'rag-k<N>+oppu', 'pag+oppu' or 'pag+rag-k<N>+oppu'")
-METHOD = NameKind("method", "pag", "optional",
-                  "non-personalized, random-history, rag-k<N>, oppu, rag-k<N>+oppu, pag, pag+rag-k<N>, "
-                  "pag+oppu or pag+rag-k<N>+oppu")
-
-_RAG_PART = re.compile(r"rag-k([1-9][0-9]*)")
-
-
-@dataclass(frozen=True)
-class PromptShape:
-    """What a name says: the profile leads the prompt, ``k`` retrieved items, the personal adapter."""
-
-    profile: bool
-    k: int
-    adapter: bool
-
-
-def parse_name(name: str, kind: NameKind) -> PromptShape:
-    """``name`` read by the grammar of ``kind`` (its names outside the grammar are the caller's)."""
-    parts = name.split("+")
-    profile = parts[0] == kind.profile_part
-    if profile:
-        parts = parts[1:]
-    k = 0
-    if parts and (match := _RAG_PART.fullmatch(parts[0])):
-        k, parts = int(match[1]), parts[1:]
-    adapter = parts == ["oppu"]
-    if adapter:
-        parts = []
-    wrong_adapter = (kind.oppu_part == "always" and not adapter) or (kind.oppu_part == "never" and adapter)
-    if parts or wrong_adapter:
-        raise ConfigError(f"unknown {kind.what} {name!r}: use {kind.spellings}")
-    return PromptShape(profile, k, adapter)
-
-
-def parse_variant(variant: str) -> tuple[bool, int]:
-    """A personal-adapter variant -> (the user's profile leads its prompts, retrieved items in them).
-
-    ``oppu``, ``rag-k<N>+oppu``, ``pag+oppu`` and ``pag+rag-k<N>+oppu``; ``RunConfig.variant_base``
-    says which base it trains on.
-    """
-    shape = parse_name(variant, ADAPTER_VARIANT)
-    return shape.profile, shape.k
-
-
-def parse_flavour(flavour: str, rag_k: int) -> tuple[bool, int]:
-    """A base flavour -> (profile in its prompts, retrieved items in them): ``plain``, ``rag``
-    (``rag_k`` items), ``rag-k<N>``, ``profile``, ``profile+rag-k<N>``."""
-    fixed = {"plain": (False, 0), "rag": (False, rag_k)}
-    if flavour in fixed:
-        return fixed[flavour]
-    shape = parse_name(flavour, BASE_FLAVOUR)
-    return shape.profile, shape.k
