@@ -8,58 +8,34 @@ that make a whole file unreadable (malformed JSON, wrong top-level shape, anothe
 outputs) always raise.
 
 Readers return every user with role ``"base"``; roles are chosen afterwards
-(``oppu.data.dataset.assign_roles`` or ``oppu prepare``).
+(``oppu.data.dataset.assign_roles`` or ``oppu prepare``). The checks of single records are
+``oppu.data.lamp_validation``'s; here are the files' shapes and how records make users.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 from oppu import fsutil
-from oppu.data.records import HistoryItem, Query, UserData, parse_date
-from oppu.errors import ConfigError, DataError, UserIdError
-from oppu.ids import validate_user_id
+from oppu.data.lamp_validation import (
+    Collector,
+    Where,
+    merge_history,
+    read_input,
+    read_item,
+    read_output,
+    read_profile,
+    record_id,
+    user_of,
+)
+from oppu.data.records import HistoryItem, Query, UserData
+from oppu.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from oppu.tasks import Task
-
-# Profile fields that LaMP stores as numbers in some releases (LaMP-3 review scores).
-NUMERIC_TEXT_FIELDS = frozenset({"score"})
-
-@dataclass
-class _Collector:
-    """Gathers errors per user; in strict mode the first error raises."""
-
-    strict: bool
-    errors: list[DataError] = field(default_factory=list)
-    bad_users: set[str] = field(default_factory=set)  # grouping keys of users to drop
-
-    def add(self, message: str, *, file: str, record: str | None, field: str | None = None,
-            user: str | None = None, user_key: str | None = None) -> None:
-        error = DataError(message, file=file, record=record, field=field, user=user)
-        if self.strict:
-            raise error
-        self.errors.append(error)
-        if user_key is not None:
-            self.bad_users.add(user_key)
-
-    def at(self, where: _Where, message: str, field: str | None = None) -> None:
-        """An error in the record ``where`` points at; its user is dropped."""
-        self.add(message, file=where.file, record=where.record, field=field, user=where.user,
-                 user_key=where.user_key)
-
-
-@dataclass
-class _Where:
-    """The record being validated, for error messages."""
-
-    file: str
-    record: str
-    user: str | None
-    user_key: str
 
 
 def _load_json(path: str | Path) -> Any:
@@ -76,149 +52,8 @@ def _load_json(path: str | Path) -> Any:
         raise DataError(f"not UTF-8 text: {exc}", file=str(path)) from None
 
 
-def _record_id(value: Any) -> str | None:
-    """LaMP ids are strings; some files carry ints. Anything else is not an id."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        return None
-    text = str(value).strip()
-    return text or None
-
-
-def _read_text(raw: dict, name: str, where: _Where, errors: _Collector, *,
-               field_label: str | None = None) -> str | None:
-    label = field_label or name
-    if name not in raw:
-        errors.at(where, f"missing field {name!r}", label)
-        return None
-    value = raw[name]
-    if name in NUMERIC_TEXT_FIELDS and isinstance(value, int | float) and not isinstance(value, bool):
-        return str(int(value)) if float(value).is_integer() else str(value)
-    if not isinstance(value, str):
-        errors.at(where, f"{name!r} must be a string, got {type(value).__name__}", label)
-        return None
-    return value
-
-
-def _read_output(raw: dict, name: str, where: _Where, errors: _Collector) -> str | None:
-    """A gold output: text, though some files store LaMP-3 ratings as numbers."""
-    value = raw.get(name)
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        raw = {**raw, name: str(int(value)) if float(value).is_integer() else str(value)}
-    return _read_text(raw, name, where, errors)
-
-
-def _read_item(task: Task, raw: Any, label: str, where: _Where,
-               errors: _Collector) -> HistoryItem | None:
-    """One profile item, or ``None`` (with errors added) when it is bad."""
-    if not isinstance(raw, dict):
-        errors.at(where, f"a profile item must be an object, got {type(raw).__name__}", label)
-        return None
-    item_id = _record_id(raw.get("id"))
-    if item_id is None:
-        errors.at(where, f"profile item needs an 'id' (string), got {raw.get('id')!r}", f"{label}.id")
-    fields = {name: _read_text(raw, name, where, errors, field_label=f"{label}.{name}")
-              for name in task.item_fields}
-    date, date_ok = None, True
-    if raw.get("date") is not None:
-        date_value = raw["date"]
-        if isinstance(date_value, int) and not isinstance(date_value, bool):
-            date_value = str(date_value)
-        if not isinstance(date_value, str):
-            errors.at(where, f"'date' must be a string, got {type(date_value).__name__}", f"{label}.date")
-            date_ok = False
-        else:
-            try:
-                parse_date(date_value)
-                date = date_value
-            except ValueError:
-                errors.at(where, f"'date' is not a date: {date_value[:64]!r}", f"{label}.date")
-                date_ok = False
-    if item_id is None or not date_ok or any(value is None for value in fields.values()):
-        return None
-    return HistoryItem(id=item_id, fields=fields, date=date)
-
-
-def _read_profile(task: Task, raw: dict, where: _Where, errors: _Collector,
-                  name: str = "profile") -> list[HistoryItem] | None:
-    if name not in raw:
-        errors.at(where, f"missing field {name!r}", name)
-        return None
-    if not isinstance(raw[name], list):
-        errors.at(where, f"{name!r} must be a list, got {type(raw[name]).__name__}", name)
-        return None
-    items = [_read_item(task, item, f"{name}[{index}]", where, errors)
-             for index, item in enumerate(raw[name])]
-    if any(item is None for item in items):
-        return None
-    return items
-
-
-def _read_input(task: Task, raw: dict, where: _Where, errors: _Collector) -> str | None:
-    text = _read_text(raw, "input", where, errors)
-    if text is None:
-        return None
-    try:
-        task.parse_query(text)
-    except (DataError, ValueError, KeyError) as exc:
-        reason = str(exc).removesuffix(" (field='input')")
-        errors.at(where, f"input is not a {task.name} query: {reason}", "input")
-        return None
-    return text
-
-
-def _merge_history(profiles: list[tuple[str, list[HistoryItem]]], where_file: str, user: str,
-                   errors: _Collector, *, sort_by_date: bool = True) -> list[HistoryItem] | None:
-    """Union of the queries' profiles, deduplicated by item id, oldest first.
-
-    Sorted by date when every item has one (stable, so ties keep first-seen order); otherwise
-    kept in first-seen order, because a partial ordering would interleave dated and undated
-    items arbitrarily.
-    """
-    merged: dict[str, HistoryItem] = {}
-    ok = True
-    for query_id, profile in profiles:
-        for item in profile:
-            known = merged.get(item.id)
-            if known is None:
-                merged[item.id] = item
-            elif known != item:
-                errors.add(f"profile item {item.id!r} appears twice for this user with different "
-                           "content", file=where_file, record=query_id, field="profile",
-                           user=user, user_key=user)
-                ok = False
-    if not ok:
-        return None
-    history = list(merged.values())
-    if sort_by_date and all(item.date is not None for item in history):
-        history.sort(key=lambda item: parse_date(item.date))
-    return history
-
-
 def _visible_history(profile: list[HistoryItem], position: dict[str, int]) -> int:
     return max((position[item.id] + 1 for item in profile), default=0)
-
-
-def _user_key(raw: dict, question_id: str | None, index: int, file: str,
-              errors: _Collector) -> tuple[str, str | None]:
-    """The grouping key and displayed user of a question (``user_id``, else the question id)."""
-    if "user_id" in raw:
-        shown = str(raw["user_id"])[:64]
-        try:
-            return validate_user_id(raw["user_id"]), shown
-        except UserIdError as exc:
-            key = f"#invalid-user:{index}"  # ':' never appears in a valid id
-            errors.add(str(exc), file=file, record=question_id or f"#{index}", field="user_id",
-                       user=shown, user_key=key)
-            return key, shown
-    if question_id is None:
-        return f"#invalid-user:{index}", None
-    try:
-        return validate_user_id(question_id), question_id
-    except UserIdError as exc:
-        key = f"#invalid-user:{index}"
-        errors.add(f"the question id is the user id here and {exc}", file=file,
-                   record=question_id, field="id", user=question_id, user_key=key)
-        return key, question_id
 
 
 def _lamp_task_names_match(task: Task, file_task: str) -> bool:
@@ -233,7 +68,7 @@ def _lamp_task_names_match(task: Task, file_task: str) -> bool:
         return False
 
 
-def _read_golds(task: Task, outputs_path: str, errors: _Collector) -> dict[str, str | None]:
+def _read_golds(task: Task, outputs_path: str, errors: Collector) -> dict[str, str | None]:
     """Gold outputs by question id; ``None`` for a gold whose record is bad."""
     raw = _load_json(outputs_path)
     if not isinstance(raw, dict) or not isinstance(raw.get("golds"), list):
@@ -249,17 +84,17 @@ def _read_golds(task: Task, outputs_path: str, errors: _Collector) -> dict[str, 
             errors.add(f"a gold must be an object, got {type(gold).__name__}", file=outputs_path,
                        record=f"#{index}")
             continue
-        gold_id = _record_id(gold.get("id"))
+        gold_id = record_id(gold.get("id"))
         if gold_id is None:
             errors.add(f"a gold needs an 'id' (string), got {gold.get('id')!r}", file=outputs_path,
                        record=f"#{index}", field="id")
             continue
-        where = _Where(outputs_path, gold_id, None, f"#gold:{gold_id}")
+        where = Where(outputs_path, gold_id, None, f"#gold:{gold_id}")
         if gold_id in golds:
             errors.add("duplicate gold id", file=outputs_path, record=gold_id, field="id")
             golds[gold_id] = None
             continue
-        golds[gold_id] = _read_output(gold, "output", where, errors)
+        golds[gold_id] = read_output(gold, "output", where, errors)
     return golds
 
 
@@ -286,7 +121,7 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
     ``visible_history`` is how many leading history items its own profile reaches.
     Users come in order of their first question.
     """
-    errors = _Collector(strict=not collect_errors)
+    errors = Collector(strict=not collect_errors)
     questions_file, outputs_file = str(questions_path), str(outputs_path)
     raw_questions = _load_json(questions_file)
     if not isinstance(raw_questions, list):
@@ -302,11 +137,11 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
             errors.add(f"a question must be an object, got {type(raw).__name__}",
                        file=questions_file, record=f"#{index}")
             continue
-        question_id = _record_id(raw.get("id"))
-        key, user = _user_key(raw, question_id, index, questions_file, errors)
+        question_id = record_id(raw.get("id"))
+        key, user = user_of(raw, question_id, index, questions_file, errors)
         questions_by_user.setdefault(key, [])
         shown_user.setdefault(key, user)
-        where = _Where(questions_file, question_id or f"#{index}", user, key)
+        where = Where(questions_file, question_id or f"#{index}", user, key)
         if question_id is None:
             errors.at(where, f"a question needs an 'id' (string), got {raw.get('id')!r}", "id")
             continue
@@ -317,8 +152,8 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
                            field="id", user=shown_user[dup_key], user_key=dup_key)
             continue
         user_of_question[question_id] = key
-        text = _read_input(task, raw, where, errors)
-        profile = _read_profile(task, raw, where, errors)
+        text = read_input(task, raw, where, errors)
+        profile = read_profile(task, raw, where, errors)
         if question_id not in golds:
             errors.at(where, f"question has no gold output in {outputs_file}", "output")
         elif golds[question_id] is None:
@@ -336,7 +171,7 @@ def read_lamp(task: Task, questions_path: str | Path, outputs_path: str | Path, 
     for key, questions in questions_by_user.items():
         if key in errors.bad_users:
             continue
-        history = _merge_history([(q.id, q.profile) for q in questions], questions_file, key, errors)
+        history = merge_history([(q.id, q.profile) for q in questions], questions_file, key, errors)
         if history is None:
             continue
         position = {item.id: index for index, item in enumerate(history)}
@@ -361,7 +196,7 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
     (these are the users' test queries, later than all their history). An entry without
     ``query`` is a user with history only.
     """
-    errors = _Collector(strict=not collect_errors)
+    errors = Collector(strict=not collect_errors)
     file = str(path)
     raw_users = _load_json(file)
     if not isinstance(raw_users, list):
@@ -375,16 +210,16 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
             errors.add(f"a user entry must be an object, got {type(raw).__name__}", file=file,
                        record=f"#{index}")
             continue
-        key, user = _user_key({"user_id": raw.get("user_id")}, None, index, file, errors)
-        where = _Where(file, user or f"#{index}", user, key)
+        key, user = user_of({"user_id": raw.get("user_id")}, None, index, file, errors)
+        where = Where(file, user or f"#{index}", user, key)
         if key in seen_users:
             errors.at(where, "duplicate user id", "user_id")
             continue
         seen_users.add(key)
-        profile = _read_profile(task, raw, where, errors)
+        profile = read_profile(task, raw, where, errors)
         history = None
         if profile is not None:
-            history = _merge_history([(where.record, profile)], file, key, errors,
+            history = merge_history([(where.record, profile)], file, key, errors,
                                      sort_by_date=False)
 
         raw_queries = raw.get("query", [])
@@ -397,12 +232,12 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
             if not isinstance(raw_query, dict):
                 errors.at(where, f"a query must be an object, got {type(raw_query).__name__}", label)
                 continue
-            query_id = _record_id(raw_query.get("id"))
+            query_id = record_id(raw_query.get("id"))
             if query_id is None:
                 errors.at(where, f"a query needs an 'id' (string), got {raw_query.get('id')!r}",
                           f"{label}.id")
                 continue
-            query_where = _Where(file, query_id, user, key)
+            query_where = Where(file, query_id, user, key)
             if query_id in seen_queries:
                 first_key, first_user = seen_queries[query_id]
                 for dup_key, dup_user in dict.fromkeys(((first_key, first_user), (key, user))):
@@ -410,8 +245,8 @@ def read_oppu_format(task: Task, path: str | Path, *, collect_errors: bool = Fal
                                user=dup_user, user_key=dup_key)
                 continue
             seen_queries[query_id] = (key, user)
-            text = _read_input(task, raw_query, query_where, errors)
-            gold = _read_output(raw_query, "gold", query_where, errors)
+            text = read_input(task, raw_query, query_where, errors)
+            gold = read_output(raw_query, "gold", query_where, errors)
             if text is not None and gold is not None:
                 queries.append(Query(id=query_id, input=text, gold=gold,
                                      visible_history=len(history or [])))
@@ -433,7 +268,7 @@ def read_history(task: Task, source: str | Path | list, *, user: str, file: str 
     with other content is an error. Dated items are sorted by date when every item has one.
     Queries are not history: an entry with an ``input`` (a LaMP question) is refused.
     """
-    errors = _Collector(strict=not collect_errors)
+    errors = Collector(strict=not collect_errors)
     where_file = file or ("<request>" if isinstance(source, list) else str(source))
     raw = _load_json(source) if not isinstance(source, list) else source
     if isinstance(raw, dict) and "profile" in raw:
@@ -444,17 +279,17 @@ def read_history(task: Task, source: str | Path | list, *, user: str, file: str 
                         file=where_file)
     items: list[HistoryItem] = []
     for index, entry in enumerate(raw):
-        record = (_record_id(entry.get("id")) if isinstance(entry, dict) else None) or f"#{index}"
-        where = _Where(where_file, record, user, user)
+        record = (record_id(entry.get("id")) if isinstance(entry, dict) else None) or f"#{index}"
+        where = Where(where_file, record, user, user)
         if isinstance(entry, dict) and "input" in entry:
             errors.at(where, "a query (it has 'input'), not a history item: queries are not accepted "
                       "here", f"profile[{index}].input")
             continue
-        item = _read_item(task, entry, f"profile[{index}]", where, errors)
+        item = read_item(task, entry, f"profile[{index}]", where, errors)
         if item is not None:
             items.append(item)
     history = None
     if not errors.errors:
-        history = _merge_history([(item.id, [item]) for item in items], where_file, user, errors)
+        history = merge_history([(item.id, [item]) for item in items], where_file, user, errors)
     history = history or []
     return (history, errors.errors) if collect_errors else history
