@@ -14,13 +14,12 @@ its shard of the flavour's dataset, merges it, and rank 0 publishes the merged m
 
 Resumable checkpoints, every ``base.checkpoint_every_steps`` steps and at the end of every epoch but
 a flavour's last (``base.checkpoint_each_epoch``), record the flavour and the position in it
-(``TRAIN_STATE``). A worker group restarted after a failure skips the flavours already published
+(``oppu.training.base_state``). A worker group restarted after a failure skips the flavours already published
 and resumes the current one from the latest checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import hashlib
@@ -30,16 +29,26 @@ import math
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from oppu import fsutil
 from oppu.errors import ConfigError, OppuError
 from oppu.run_config import OptimSettings, PeftSettings, RunConfig, parse_flavour
+from oppu.training.base_state import (
+    TrainPosition,
+    absolute,
+    checkpoint_position,
+    full_parameters,
+    load_train_state,
+    rank0_decides,
+    report_train_state,
+    run_name,
+    train_storage,
+)
 
 logger = logging.getLogger(__name__)
 
-TRAIN_STATE = "oppu-train-state.json"  # a resumable checkpoint's position (TrainPosition)
 BASE_PROVENANCE = "oppu-base.json"  # a merged base: what it was adapted from
 BASE_TRAIN_STATS = "oppu-base-train.json"  # a merged base: seconds by phase, steps and loss of its training
 PUBLISHED_POLL_S = 2.0  # how often the driver looks for newly published bases while the run goes on
@@ -69,7 +78,7 @@ def train_base_loop(config: dict) -> None:
     pristine, tokenizer = load_model(config["model"], device="cpu", dtype=default_dtype(str(device)))
     prompt_format = resolve_prompt_format(config["prompt_format"], tokenizer)
     resume = ray.train.get_checkpoint()
-    resume_at = _checkpoint_position(resume) if resume is not None else None
+    resume_at = checkpoint_position(resume) if resume is not None else None
     setup_s = time.perf_counter() - started
     logger.info("rank %d: set up in %.1fs (%s loaded)", rank, setup_s, config["model"])
 
@@ -78,7 +87,7 @@ def train_base_loop(config: dict) -> None:
     for index in to_train:
         spec = flavours[index]
         # Rank 0 looks, every rank follows: all must take the same branch (collectives follow).
-        if _rank0_decides(rank == 0 and _published_provenance(spec["target"]) == spec["provenance"], device):
+        if rank0_decides(rank == 0 and _published_provenance(spec["target"]) == spec["provenance"], device):
             logger.warning("rank %d: %s is published already (a restarted worker group): skipped",
                            rank, spec["flavour"])
             continue
@@ -145,7 +154,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     position = TrainPosition(index)
     if resume is not None:
         with resume.as_directory() as resume_dir:
-            position = _load_train_state(Path(resume_dir), rank, model, optimizer, scheduler, engine)
+            position = load_train_state(Path(resume_dir), rank, model, optimizer, scheduler, engine)
         logger.warning("rank %d resumes %s at step %d (epoch %d, %d batches done) from %s", rank, flavour,
                        position.step, position.epoch + 1, position.batches_done, resume.path)
     if engine is not None:
@@ -203,7 +212,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
             batches_done += 1
             mark = stepped
             if every and step % every == 0 and step < total_steps:
-                _report_train_state(TrainPosition(index, epoch, batches_done, step), flavour, rank, model,
+                report_train_state(TrainPosition(index, epoch, batches_done, step), flavour, rank, model,
                                     optimizer, scheduler, engine, resumed_from)
                 checkpointed_at = step
                 mark = time.perf_counter()
@@ -217,7 +226,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
             break  # the flavour's last metrics come with its publication
         if config.get("checkpoint_each_epoch", True) and checkpointed_at != step:
             # A resumable checkpoint at the epoch's end: a failure later loses at most an epoch.
-            _report_train_state(TrainPosition(index, epoch + 1, 0, step), flavour, rank, model, optimizer,
+            report_train_state(TrainPosition(index, epoch + 1, 0, step), flavour, rank, model, optimizer,
                                 scheduler, engine, resumed_from, metrics)
             checkpointed_at = step
         else:
@@ -232,7 +241,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
         seconds = {"setup_s": round(setup_s, 2), **seconds}
     stats = {**seconds, **{k: metrics[k] for k in ("loss", "tokens_per_s", "step", "resumed_from_step")}}
     with tempfile.TemporaryDirectory() as tmp:
-        with _full_parameters(model, partitioned):  # every rank enters: ZeRO-3 gathers collectively
+        with full_parameters(model, partitioned):  # every rank enters: ZeRO-3 gathers collectively
             if rank == 0:
                 merged = model.merge_and_unload()
                 # Gathered ZeRO-3 weights are views into shared buffers that go back to their
@@ -255,101 +264,6 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     # Every rank reports once rank 0 has published (a report waits for all ranks): none starts the
     # next flavour before this one is out.
     ray.train.report({**metrics, **seconds, "published": True, "merge_publish_s": round(merge_publish_s, 2)})
-
-
-@dataclass(frozen=True)
-class TrainPosition:
-    """Where base training stands: in flavour ``flavour`` (its index in the run's list),
-    ``step`` optimiser steps done, the last ``batches_done`` of them in (0-based) ``epoch``."""
-
-    flavour: int = 0
-    epoch: int = 0
-    batches_done: int = 0
-    step: int = 0
-
-
-def _rank0_decides(value, device):
-    """Rank 0's ``value``, on every rank."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0, device=device if device.type == "cuda" else None)
-    return box[0]
-
-
-def _checkpoint_position(checkpoint) -> TrainPosition:
-    """The position a resumable checkpoint records, asked of the storage (no download)."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{TRAIN_STATE}") as stream:
-        return TrainPosition(**json.loads(stream.read()))
-
-
-def _full_parameters(model, partitioned: bool):
-    """A block in which every parameter of ``model`` is whole: DeepSpeed ZeRO-3 partitions them
-    across ranks, so all ranks must enter; elsewhere (ZeRO-2, DDP, one process) a no-op."""
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def _report_train_state(position: TrainPosition, flavour: str, rank: int, model, optimizer, scheduler, engine,
-                        resumed_from: int, metrics: dict | None = None) -> None:
-    """Report a resumable checkpoint from every rank (Ray Train merges their directories):
-    DeepSpeed's own (each rank its optimiser partition; frozen weights left out), else rank 0's
-    trainable weights, optimiser and schedule; each rank's RNG state; ``TRAIN_STATE``. ``metrics``
-    (an epoch's, at its end) replace the position's own."""
-    import ray.train
-    import torch
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if engine is not None:
-            engine.save_checkpoint(tmp, tag=f"step-{position.step}", exclude_frozen_parameters=True)
-        elif rank == 0:
-            trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-            torch.save({"trainable": trainable, "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict()}, Path(tmp, "train_state.pt"))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save(rng, Path(tmp, f"rng-rank{rank}.pt"))
-        if rank == 0:
-            Path(tmp, TRAIN_STATE).write_text(json.dumps(asdict(position)))
-        ray.train.report(metrics or {"flavour": flavour, "epoch": position.epoch + 1, "step": position.step,
-                                     "resumed_from_step": resumed_from},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def _load_train_state(directory: Path, rank: int, model, optimizer, scheduler, engine) -> TrainPosition:
-    """Restore what ``_report_train_state`` wrote into ``directory``; returns the position."""
-    import torch
-
-    if engine is not None:
-        # The frozen weights were left out of the checkpoint: they are the pretrained model's.
-        loaded, _ = engine.load_checkpoint(str(directory), load_module_strict=False)
-        if loaded is None:
-            raise OppuError(f"no DeepSpeed checkpoint in {directory}")
-    else:
-        state = torch.load(directory / "train_state.pt", map_location="cpu", weights_only=True)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(state["trainable"]) != trainable:
-            raise OppuError(f"checkpoint {directory} holds other trainable weights than this model")
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    # The next step's learning rate is the restored schedule's: restoring a schedule does not set
-    # it, and a ZeRO optimiser restored from an elastic checkpoint keeps only its state.
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
-        group["lr"] = lr
-    rng_path = directory / f"rng-rank{rank}.pt"
-    if rng_path.exists():
-        rng = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return TrainPosition(**json.loads((directory / TRAIN_STATE).read_text()))
 
 
 def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[str, str]:
@@ -395,7 +309,7 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
             provenance["base_precision"] = cfg.base.base_precision
         target = cfg.base_uri(flavour)
         spec = {"flavour": flavour, "n_samples": len(samples), "epochs": epochs, "provenance": provenance,
-                "target": _absolute(target), "dataset": None}
+                "target": absolute(target), "dataset": None}
         if _published_provenance(target) == provenance:
             log(f"[train_base] reusing {target}: adapted from the same model, samples and settings")
         else:
@@ -423,8 +337,8 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
             resources_per_worker={"GPU": cfg.base.gpus_per_worker} if cfg.base.use_gpu else None),
         datasets=datasets,
         run_config=TrainRunConfig(
-            name=_run_name(task.lamp_name, train_config, cfg.base.num_workers),
-            storage_path=_train_storage(cfg),
+            name=run_name(task.lamp_name, train_config, cfg.base.num_workers),
+            storage_path=train_storage(cfg),
             # A lost worker restarts the worker group, which skips the published flavours and
             # resumes the current one from the latest checkpoint; the newest two are kept.
             failure_config=FailureConfig(max_failures=cfg.base.max_failures),
@@ -492,22 +406,6 @@ def _stats_line(base_uri: str) -> str:
             f"last epoch's loss {stats['loss']:.4f}")
 
 
-def _run_name(lamp_name: str, train_config: dict, num_workers: int) -> str:
-    """Ray Train's name for a base run: Ray Train hands a run the latest checkpoint stored under
-    its name, so the name carries a digest of everything a checkpoint depends on, every flavour's
-    samples and settings included: a rerun of an interrupted run resumes it, a run with other
-    settings starts afresh. Where the bases go, which of them were published when the run started
-    and the checkpoint interval are left out."""
-    identity = {k: v for k, v in train_config.items()
-                if k not in ("checkpoint_every_steps", "checkpoint_each_epoch", "flavours")}
-    identity["flavours"] = [{k: v for k, v in spec.items() if k not in ("target", "dataset")}
-                            for spec in train_config["flavours"]]
-    digest = hashlib.sha256(json.dumps([identity, num_workers], sort_keys=True).encode()).hexdigest()
-    flavours = [spec["flavour"] for spec in train_config["flavours"]]
-    named = flavours[0] if len(flavours) == 1 else f"{len(flavours)}-flavours"
-    return f"oppu-base-{lamp_name}-{named}-{digest[:12]}"
-
-
 def _samples_digest(samples) -> str:
     digest = hashlib.sha256()
     for sample in samples:
@@ -538,15 +436,3 @@ def _deepspeed_config(cfg: RunConfig) -> dict | None:
                           f"whole, and ZeRO-3 ({cfg.base.deepspeed}) partitions the weights across GPUs: "
                           "use a ZeRO-2 config, or base.base_precision=bf16")
     return ds_config
-
-
-def _absolute(uri: str) -> str:
-    """``uri`` as the workers must be given it: a local path made absolute (their working
-    directory is not the driver's)."""
-    return uri if fsutil.is_remote(uri) else str(fsutil.local_path(uri).resolve())
-
-
-def _train_storage(cfg: RunConfig) -> str:
-    """Ray Train's checkpoint storage: ``base.train_storage``, else under the run dir, so that
-    multi-node runs share it (S3 servers that refuse Ray's empty multipart probe need the former)."""
-    return _absolute(cfg.base.train_storage or fsutil.join(cfg.run_dir, "ray-train"))

@@ -8,7 +8,7 @@ import pytest
 
 from oppu.errors import ConfigError
 from oppu.run_config import BaseStage
-from oppu.training.base import _run_name
+from oppu.training.base_state import run_name
 
 
 def flavour(name: str, samples: int = 10, target: str = "/runs/a") -> dict:
@@ -39,20 +39,20 @@ def test_a_run_is_named_by_what_its_checkpoints_depend_on():
     """Ray Train resumes a run from the latest checkpoint stored under its name: a run with other
     settings, other flavours or another worker count must get another name; the checkpoint
     interval, where the bases go and which were published already when it started must not."""
-    name = _run_name("LaMP_2M", TRAIN_CONFIG, 2)
+    name = run_name("LaMP_2M", TRAIN_CONFIG, 2)
     assert name.startswith("oppu-base-LaMP_2M-plain-")
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_each_epoch": False}, 2) == name
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", target="/elsewhere")]}, 2) == name
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [{**flavour("plain"), "dataset": None}]}, 2) == name
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
-    assert _run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", samples=11)]}, 2) != name
-    assert _run_name("LaMP_2M", TRAIN_CONFIG, 1) != name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_every_steps": 7}, 2) == name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "checkpoint_each_epoch": False}, 2) == name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", target="/elsewhere")]}, 2) == name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [{**flavour("plain"), "dataset": None}]}, 2) == name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "optim": {"lr": 2e-4}}, 2) != name
+    assert run_name("LaMP_2M", {**TRAIN_CONFIG, "flavours": [flavour("plain", samples=11)]}, 2) != name
+    assert run_name("LaMP_2M", TRAIN_CONFIG, 1) != name
 
 
 def test_a_run_of_several_flavours_is_named_by_every_one():
     both = {**TRAIN_CONFIG, "flavours": [flavour("plain"), flavour("rag-k1")]}
-    name = _run_name("LaMP_2M", both, 1)
+    name = run_name("LaMP_2M", both, 1)
     assert name.startswith("oppu-base-LaMP_2M-2-flavours-")
-    assert _run_name("LaMP_2M", {**both, "flavours": [flavour("plain"), flavour("rag-k1", samples=9)]}, 1) != name
-    assert _run_name("LaMP_2M", {**both, "flavours": [flavour("rag-k1"), flavour("plain")]}, 1) != name
+    assert run_name("LaMP_2M", {**both, "flavours": [flavour("plain"), flavour("rag-k1", samples=9)]}, 1) != name
+    assert run_name("LaMP_2M", {**both, "flavours": [flavour("rag-k1"), flavour("plain")]}, 1) != name
