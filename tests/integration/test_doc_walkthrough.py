@@ -40,9 +40,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.doc_runs import NOTICE, bin_dir, job_outputs, run_traced, shell_env
 from tests.docs_blocks import ROOT, bash_blocks, commands
 from tests.integration.test_cluster_local import _free_port, _free_port_range
-from tests.integration.test_readme_blocks import PIP
 
 pytestmark = pytest.mark.integration
 
@@ -53,32 +53,12 @@ SMALLER = ["tiny.hidden_size=64", "tiny.num_layers=2", "tiny.num_heads=4", "tiny
            "base.optim.epochs=1", "base.max_samples=120", "base.num_workers=1"]
 CONFIGS = ("cluster/runtime_env.yaml", "cluster/serve-local.yaml")
 TIMEOUT_S = 1800  # the whole section; about 6 min on an idle 2-core machine
-NOTICE = "has constructor arguments in the object store"  # Ray's, kept off a job's output (issue 20.4)
 
 
 def _section_text() -> str:
     blocks = [b for b in bash_blocks(DOC) if b.heading == SECTION]
     assert len(blocks) >= 8, [b.line for b in blocks]
     return "\n".join(b.text for b in blocks)
-
-
-def _bin(directory: Path) -> Path:
-    """The reader's commands, as this checkout and this interpreter."""
-    directory.mkdir()
-    scripts = {
-        "python": 'if [ "${1:-}" = -m ] && [ "${2:-}" = pip ] && [ "${3:-}" = install ]; then\n'
-                  f'  shift 3; exec "$PY" -c \'{PIP}\' "{ROOT}" "$@"\nfi\nexec "$PY" "$@"',
-        "oppu": 'exec "$PY" -m oppu.cli "$@"',
-        "ray": 'exec "$PY" -m ray.scripts.scripts "$@"',
-        "serve": 'exec "$PY" -c "import sys; from ray.serve.scripts import cli; sys.exit(cli())" "$@"',
-        "moto_server": 'exec "$PY" -m moto.server "$@"',
-    }
-    scripts["python3"] = scripts["python"]
-    for name, body in scripts.items():
-        path = directory / name
-        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
-        path.chmod(0o755)
-    return directory
 
 
 class Places:
@@ -129,20 +109,14 @@ class Places:
         return script
 
 
-def _env(bin_dir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_", "AWS_")) and k not in ("OPPU_LOG_LEVEL", "OPPU_ADMIN_TOKEN")}
-    env.update(PYTHONPATH=str(ROOT), PY=sys.executable, PATH=f"{bin_dir}:{env['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0")
-    return env
-
-
-def _stop_what_is_left(places: Places, bash: subprocess.Popen) -> list[str]:
+def _stop_what_is_left(places: Places, bash: subprocess.Popen, failure: str | None) -> list[str]:
     """After a failure: the cluster this run recorded and the bash's own jobs (moto); returns what
-    had to be stopped."""
+    had to be stopped (on success the section's teardown stopped both)."""
     from cluster.local_cluster import LocalCluster
 
     left = []
+    if not failure:
+        return left
     if (Path(places.state_dir) / "cluster.json").exists():
         left.append(f"cluster: {LocalCluster.attach(places.state_dir).stop()}")
     try:
@@ -159,53 +133,12 @@ def walkthrough(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("walkthrough")
     state_dir = tempfile.mkdtemp(prefix="oppu-lc-", dir="/tmp")  # short: Ray's socket paths live under it
     places = Places(tmp, state_dir)
-    trace = tmp / "trace.txt"  # each command as bash ran it, with its start time (not the output)
-    script = "\n".join(["set -euo pipefail", f"exec 9>{trace}", "BASH_XTRACEFD=9",
-                        "PS4='+ $EPOCHREALTIME '", "set -x", places.script()])
-    (tmp / "section1.sh").write_text(script)  # what ran, for a reader of a failure
-    started = time.monotonic()
-    bash = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=_env(_bin(tmp / "bin")), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = bash.communicate(timeout=TIMEOUT_S)
-        failure = f"exit {bash.returncode}" if bash.returncode else None
-    except subprocess.TimeoutExpired:
-        out, err = None, None
-        failure = f"timed out after {TIMEOUT_S}s"
-    seconds = time.monotonic() - started
-    if failure:
-        left = _stop_what_is_left(places, bash)
-        if out is None:
-            out, err = bash.communicate()
-    for name, text in (("stdout.txt", out), ("stderr.txt", err)):
-        (tmp / name).write_text(text)
-    print(f"docs/cluster.md §1, seconds from each command's start to the next's:\n{_timings(trace)}")
-    if failure:
-        pytest.fail(f"§1 {failure} (stopped {left}); script, output and trace in {tmp}, Ray's logs "
-                    f"in {state_dir}:\n{out[-6000:]}\n{err[-6000:]}")
-    print(f"docs/cluster.md §1 as written: {seconds:.0f}s")
-    yield out, err, seconds, places
+    ran = run_traced(places.script(), name="section1", what="docs/cluster.md §1", cwd=ROOT,
+                     env=shell_env(bin_dir(tmp / "bin")), tmp=tmp, timeout_s=TIMEOUT_S,
+                     stop=lambda bash, failure: _stop_what_is_left(places, bash, failure),
+                     logs=f"Ray's logs in {state_dir}")
+    yield ran.out, ran.err, ran.seconds, places
     shutil.rmtree(state_dir, ignore_errors=True)
-
-
-def _timings(trace: Path) -> str:
-    """The top-level commands of the trace, each with its seconds up to the next one (a command run
-    again, as in a wait loop, adds its time to the line above)."""
-    steps = [(float(m[1]), m[2]) for m in re.finditer(r"^\+ (\d+\.\d+) (.*)$", trace.read_text(), re.M)]
-    steps.append((time.time(), "(end)"))
-    shown: list[list] = []
-    for (start, command), (end, _) in zip(steps, steps[1:], strict=False):
-        if shown and any(command == text for _, text in shown):
-            shown[-1][0] += end - start
-        else:
-            shown.append([end - start, command])
-    return "\n".join(f"{seconds:6.1f}s  {command[:100]}" for seconds, command in shown)
-
-
-def _job_outputs(out: str) -> list[str]:
-    """The output of each ``ray job submit`` (from its "Job submission server address" line to the
-    job's "succeeded" line), in order."""
-    return re.findall(r"Job submission server address.*?Job 'raysubmit_\w+' succeeded", out, re.S)
 
 
 def test_section_1_runs_as_written_from_cluster_up_to_teardown(walkthrough):
@@ -214,7 +147,7 @@ def test_section_1_runs_as_written_from_cluster_up_to_teardown(walkthrough):
     # a worker that joined a second before; the jobs below see all three nodes)
     assert [line.split()[1] for line in out.splitlines() if line.startswith("published ")] == [
         "data/", "pretrained/", "base/", "base-rag/"]
-    train_users, evaluate = _job_outputs(out)
+    train_users, evaluate = job_outputs(out)
     for job in (train_users, evaluate):
         connected = re.search(r"\[ray\] connected: (\{.*\})", job)
         resources = ast.literal_eval(connected[1])  # the cluster's resources, as the job printed them
@@ -233,7 +166,7 @@ def test_section_1_runs_as_written_from_cluster_up_to_teardown(walkthrough):
 def test_the_jobs_output_is_the_projects_own(walkthrough):
     """The jobs' output holds their progress and results, not Ray's notices (issue 20, item 4)."""
     out, err, _, _ = walkthrough
-    for job in _job_outputs(out):
+    for job in job_outputs(out):
         assert "[ray] connected" in job
         for noise in (NOTICE, "Loading weights", "Starting execution of Dataset"):
             assert noise not in job, noise
