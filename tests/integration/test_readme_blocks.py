@@ -1,16 +1,23 @@
-"""README.md's Quickstart block and then its serving block, run by bash as written, in order, in one
-directory (the serving block serves what the Quickstart wrote to ``oppu-run/``).
+"""README.md's Quickstart block and then its serving and user-life blocks, run by bash as written, in
+order, in one directory (each serves or trains what the blocks before wrote to ``oppu-run/``).
 
-What is not the reader's terminal, and how the test stands in for it:
+What is not the reader's terminal, and how the test stands in for it (tests/doc_runs.py):
 
 - the size: ``OPPU_QUICKSTART_SIZE=smoke``, the README's documented switch, is in the environment;
-- the directory: a scratch directory, not the checkout, so ``oppu-run/`` lands there; ``oppu``,
-  ``serve`` and ``pip`` are this checkout and this interpreter (small scripts first on ``PATH``);
+- the directory: a copy of this checkout (``git ls-files``), as a reader's clone, so ``oppu-run/``
+  lands there and ``ray job submit --working-dir .`` uploads it; ``oppu``, ``serve``, ``pip``,
+  ``python`` and ``ray`` are that copy with this interpreter (small scripts first on ``PATH``);
 - ``pip install``: checked, not run (the test must not reinstall the environment it runs in, whose
   editable install may point at another checkout): each requirement must already be met, ``-e .``
-  by this checkout being the ``oppu`` that runs;
-- the Ray instance: ``RAY_ADDRESS=local``, so ``serve run`` starts its own local Ray as on a fresh
-  machine instead of joining a cluster another process on this machine started with ``ray start``.
+  by the copy being the ``oppu`` that runs (``PYTHONPATH``);
+- the Ray instance: ``RAY_ADDRESS=local`` for ``serve run``, so it starts its own local Ray as on a
+  fresh machine instead of joining a cluster another process on this machine started with ``ray
+  start``; for the block that submits a Ray job "on a cluster", the one-node cluster of README's
+  "Running the stages as Ray jobs" (its ``RAY_AUTH_MODE=token`` and ``ray start --head``, on free
+  ports and a Ray temp dir of its own, as its *Ports and paths* says), stopped after the block by
+  its processes alone (never ``ray stop``), and the slow-machine ``--set``s the block's prose asks
+  for on a smoke run. On this 2-core machine (load average near 1.5) that block took 26 s (ray
+  start 8 s, the job 18 s: both users skipped), about 50 s with the cluster's stop; the module 320 s.
 
 The block's own port, 8000, is used as written; where another process holds it the serving test is
 skipped, naming the port. The Quickstart's second block is this test suite itself.
@@ -20,60 +27,42 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.docs_blocks import ROOT, bash_blocks
+from tests.doc_runs import (
+    PORT_FLAGS,
+    README,
+    at_smallest,
+    bin_dir,
+    checkout,
+    job_outputs,
+    one_node_cluster,
+    run_traced,
+    shell_env,
+    stop_cluster,
+)
+from tests.docs_blocks import bash_blocks
+from tests.integration.test_cluster_local import _free_port
 
 pytestmark = pytest.mark.integration
 
-README = ROOT / "README.md"
 PORT = 8000  # the block's own port (serve run's default)
-
-PIP = '''
-import importlib.metadata, pathlib, sys
-import oppu
-for req in [a for a in sys.argv[2:] if a != "-e"]:
-    if req.partition("[")[0] == ".":  # this checkout, with or without extras
-        assert pathlib.Path(oppu.__file__).parents[1] == pathlib.Path(sys.argv[1]), oppu.__file__
-    else:
-        name, _, version = req.partition("==")
-        have = importlib.metadata.version(name).split("+")[0]
-        assert not version or have == version, f"{name} {have} installed, the README asks for {version}"
-'''
 
 
 def _readme_block(heading: str):
     return next(b for b in bash_blocks(README) if b.heading == heading)
 
 
-def _bin(directory: Path) -> Path:
-    """``oppu``, ``serve`` and ``pip`` as executables (a background ``serve run &`` must be the
-    process ``kill %1`` reaches, so no shell functions)."""
-    directory.mkdir()
-    scripts = {
-        "oppu": 'exec "$PY" -m oppu.cli "$@"',
-        "serve": 'exec "$PY" -c "import sys; from ray.serve.scripts import cli; sys.exit(cli())" "$@"',
-        "pip": f'[ "$1" = install ] && shift && exec "$PY" -c \'{PIP}\' "{ROOT}" "$@"',
-    }
-    for name, body in scripts.items():
-        path = directory / name
-        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
-        path.chmod(0o755)
-    return directory
-
-
-def _env(bin_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "OPPU_LOG_LEVEL")}
-    env.update(PYTHONPATH=str(ROOT), PY=sys.executable, PATH=f"{bin_dir}:{env['PATH']}",
-               RAY_USAGE_STATS_ENABLED="0", OPPU_QUICKSTART_SIZE="smoke", **extra)
-    return env
+def _env(bin_path: Path, **extra: str) -> dict[str, str]:
+    return shell_env(bin_path, bin_path.parent, OPPU_QUICKSTART_SIZE="smoke", **extra)
 
 
 def _bash(script: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
@@ -92,17 +81,17 @@ def _bash(script: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.Com
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    """The Quickstart block run in a scratch directory: (directory, bin dir, result, seconds)."""
-    directory = tmp_path_factory.mktemp("readme")
-    bin_dir = _bin(directory / ".bin")
+    """The Quickstart block run in a copy of the checkout: (directory, bin dir, result, seconds)."""
+    directory = checkout(tmp_path_factory.mktemp("readme"))
+    bin_path = bin_dir(directory / ".bin", directory)
     block = _readme_block("Quickstart")
     assert "oppu quickstart" in block.text
     started = time.monotonic()
-    run = _bash(block.text, directory, _env(bin_dir), timeout_s=900)
+    run = _bash(block.text, directory, _env(bin_path), timeout_s=900)
     seconds = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     print(f"README Quickstart block (smoke size): {seconds:.0f}s")
-    return directory, bin_dir, run, seconds
+    return directory, bin_path, run, seconds
 
 
 def test_quickstart_block_prints_the_table_and_only_the_projects_progress(quickstart):
@@ -126,7 +115,7 @@ def _port_free(port: int) -> bool:
 
 
 def test_serving_block_answers_a_completion_for_a_quickstart_user(quickstart):
-    directory, bin_dir, _, _ = quickstart
+    directory, bin_path, _, _ = quickstart
     deadline = time.monotonic() + 60
     while not _port_free(PORT):
         if time.monotonic() > deadline:
@@ -136,7 +125,7 @@ def test_serving_block_answers_a_completion_for_a_quickstart_user(quickstart):
     script = "\n".join(["trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT  # serve run and its Ray gone at the end",
                         block.text])
     started = time.monotonic()
-    run = _bash(script, directory, _env(bin_dir, RAY_ADDRESS="local"), timeout_s=600)
+    run = _bash(script, directory, _env(bin_path, RAY_ADDRESS="local"), timeout_s=600)
     seconds = time.monotonic() - started
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     at = run.stdout.index('{"id"')
@@ -158,13 +147,13 @@ def test_users_block_onboards_and_trains_a_new_user(quickstart):
 
     from oppu.store import AdapterStore
 
-    directory, bin_dir, _, _ = quickstart
+    directory, bin_path, _, _ = quickstart
     block = _block_with("oppu users add")
     tags = ["sci-fi", "comedy", "sci-fi", "action", "sci-fi", "sci-fi"]
     history = [{"id": f"newbie-h{i}", "description": f"A crew flies the quiet ship past the planet, take {i}.",
                 "tag": tag, "date": f"2021-03-{i + 1:02d}"} for i, tag in enumerate(tags)]
     (directory / "newbie.json").write_text(json.dumps(history))
-    run = _bash(block.text, directory, _env(bin_dir), timeout_s=600)
+    run = _bash(block.text, directory, _env(bin_path), timeout_s=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     users = pd.read_parquet(directory / "oppu-run" / "data" / "users.parquet")
     newbie = users[users.user_id == "newbie"]
@@ -178,8 +167,51 @@ def test_users_block_onboards_and_trains_a_new_user(quickstart):
     assert "newbie" in run.stdout + run.stderr
 
 
-def _versions(bin_dir: Path, directory: Path, user: str) -> list[dict]:
-    listed = _bash(f"oppu adapters list --run oppu-run --user {user} --variant oppu", directory, _env(bin_dir),
+def test_jobs_block_trains_the_named_users_on_a_cluster(quickstart, tmp_path_factory):
+    """'On a cluster, many named users as a Ray job', right after the users block, as written, in
+    the checkout holding ``oppu-run``: after the jobs section's cluster lines (``export
+    RAY_AUTH_MODE=token``, ``ray start --head`` on free ports with a Ray temp dir of its own, as its
+    *Ports and paths* says), with the *On a slow machine* ``--set``s the block's prose asks for on a
+    smoke run. Both users' data and config are what their adapters were trained on (the users
+    block, the Quickstart), so the job skips exactly them: they alone are in its report, with the
+    versions the store serves, and no other test user is touched."""
+    from oppu.models import base_fingerprint
+    from oppu.store import AdapterKey, AdapterStore
+
+    directory, bin_path, _, _ = quickstart
+    block = _block_with("users.users=")
+    prose = " ".join(README.read_text().split())
+    assert "*On a slow machine* `--set`s of *Running the stages as Ray jobs*" in prose, \
+        "the block's prose no longer says a smoke run's job takes the slow-machine --sets: update this test"
+    job, staged = at_smallest(block.text)
+    assert staged == 1, block.text
+    run_dir = directory / "oppu-run"
+    store = AdapterStore(str(run_dir / "adapters"))
+    fingerprint = base_fingerprint(str(run_dir / "base"))
+    before = {user: store.versions(AdapterKey("LaMP-2M", fingerprint, "oppu", user))
+              for user in store.users("LaMP-2M", fingerprint, "oppu")}
+    tmp = tmp_path_factory.mktemp("readme-users-job")
+    ray_tmpdir = tempfile.mkdtemp(prefix="oppu-ru-", dir="/tmp")  # short: Ray's socket paths live under it
+    ports = {flag: _free_port() for flag in PORT_FLAGS}
+    ran = run_traced("\n".join([one_node_cluster(ports), job]), name="users-job",
+                     what="README's users job block", cwd=directory,
+                     env=_env(bin_path, RAY_TMPDIR=ray_tmpdir), tmp=tmp, timeout_s=600,
+                     stop=lambda bash, _: stop_cluster(bash.pid, ray_tmpdir), logs=f"Ray's logs in {ray_tmpdir}")
+    assert ran.stopped == [], f"still running, naming {ray_tmpdir}: {ran.stopped}"
+    shutil.rmtree(ray_tmpdir, ignore_errors=True)
+    (output,) = job_outputs(ran.out)
+    assert "[train_users oppu] trained 0, skipped 2, failed 0" in output, output[-3000:]
+    report = json.loads((run_dir / "reports" / "train_users-oppu.json").read_text())
+    assert {u["user_id"]: u["status"] for u in report["users"]} == {"newbie": "skipped", "user07": "skipped"}
+    for entry in report["users"]:
+        current = store.latest(AdapterKey("LaMP-2M", fingerprint, "oppu", entry["user_id"]))
+        assert current is not None and entry["version"] == current.version, (entry, current)
+    after = {user: store.versions(AdapterKey("LaMP-2M", fingerprint, "oppu", user)) for user in before}
+    assert after == before and {"newbie", "user07"} < set(before), (before, after)
+
+
+def _versions(bin_path: Path, directory: Path, user: str) -> list[dict]:
+    listed = _bash(f"oppu adapters list --run oppu-run --user {user} --variant oppu", directory, _env(bin_path),
                    timeout_s=300)
     assert listed.returncode == 0, listed.stderr[-3000:]
     return [json.loads(line) for line in listed.stdout.splitlines() if line.startswith("{")]
@@ -191,13 +223,13 @@ def test_adapters_block_lists_rolls_back_exports_and_imports(quickstart):
     from oppu.models import base_fingerprint
     from oppu.store import AdapterStore
 
-    directory, bin_dir, _, _ = quickstart
+    directory, bin_path, _, _ = quickstart
     block = _block_with("oppu adapters rollback")
-    run = _bash(block.text, directory, _env(bin_dir), timeout_s=600)
+    run = _bash(block.text, directory, _env(bin_path), timeout_s=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     listed = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"version"')]
     assert listed and {"version", "created", "trainer", "data_range", "current"} <= set(listed[0])
-    versions = _versions(bin_dir, directory, "newbie")
+    versions = _versions(bin_path, directory, "newbie")
     assert [v["current"] for v in versions].count(True) == 1 and versions[0]["current"]  # the first, rolled back to
     exported = directory / "exported" / "newbie"
     assert (exported / "adapter_config.json").is_file() and any(exported.glob("adapter_model.*"))
@@ -209,15 +241,15 @@ def test_adapters_block_lists_rolls_back_exports_and_imports(quickstart):
 def test_incremental_block_trains_a_new_version_from_the_current_one(quickstart):
     """'the items since': the reader's newbie-later.json (the one thing the test writes) added, and
     newbie's adapter updated incrementally: a new current version whose trainer says so."""
-    directory, bin_dir, _, _ = quickstart
-    before = _versions(bin_dir, directory, "newbie")
+    directory, bin_path, _, _ = quickstart
+    before = _versions(bin_path, directory, "newbie")
     later = [{"id": f"newbie-l{i}", "description": f"A comic duo wrecks a wedding, take {i}.", "tag": "comedy",
               "date": f"2021-04-{i + 1:02d}"} for i in range(4)]
     (directory / "newbie-later.json").write_text(json.dumps(later))
     block = _block_with("newbie-later.json")
-    run = _bash(block.text, directory, _env(bin_dir), timeout_s=600)
+    run = _bash(block.text, directory, _env(bin_path), timeout_s=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    after = _versions(bin_dir, directory, "newbie")
+    after = _versions(bin_path, directory, "newbie")
     assert len(after) == len(before) + 1 and after[-1]["current"]
     assert "incremental" in after[-1]["trainer"], after[-1]
 
@@ -230,9 +262,9 @@ def test_base_upgrade_block_migrates_every_user_and_cuts_over(quickstart):
     from oppu.models import base_fingerprint
     from oppu.store import AdapterStore
 
-    directory, bin_dir, _, _ = quickstart
+    directory, bin_path, _, _ = quickstart
     block = _block_with("oppu users migrate")
-    run = _bash(block.text, directory, _env(bin_dir), timeout_s=900)
+    run = _bash(block.text, directory, _env(bin_path), timeout_s=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     run_dir = directory / "oppu-run"
     last = {}  # each variant's last status line (the --cut-over's)

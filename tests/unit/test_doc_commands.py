@@ -249,8 +249,15 @@ def test_readme_jobs_blocks_take_their_tests_substitutions():
     """README "Running the stages as Ray jobs" still names the ports, temp dir and slow-machine
     ``--set``s that tests/integration/test_readme_jobs.py puts in (it runs the blocks; this checks,
     in a second, that the section and the test still agree)."""
-    from tests.integration.test_readme_jobs import PORT_FLAGS, script
+    from tests.doc_runs import PORT_FLAGS, at_smallest, one_node_cluster, smallest
+    from tests.integration.test_readme_jobs import script
 
-    text = script({flag: 1000 + i for i, flag in enumerate(PORT_FLAGS)})
+    ports = {flag: 1000 + i for i, flag in enumerate(PORT_FLAGS)}
+    text = script(ports)
     assert "ray start --head --port 1000 --dashboard-port 1001" in text
     assert text.count("--set base.flavours=[plain]") == 6
+    # the user-life section's job block (test_readme_blocks.py): that cluster, the sets after its last line
+    assert one_node_cluster(ports).splitlines()[1].startswith("ray start --head --port 1000 --dashboard-port 1001")
+    (block,) = [b for b in bash_blocks(ROOT / "README.md") if "users.users=" in b.text]
+    job, staged = at_smallest(block.text)
+    assert staged == 1 and job.endswith(f"users.users=[newbie,user07] {smallest()}"), job
