@@ -6,11 +6,11 @@ a few hundred requests from the ``openai`` client against the real Ray Serve app
 
 Setup: ``--users`` users, each with a taste no model has by default (user i tags every film with
 the i-th of LaMP-2M's tags), get a LoRA trained through the chat template with the project's own
-per-user trainer (r=8 on q/v, the six descriptions below, 6 epochs) and published to a local
-store. Each user's greedy answer to the probe prompts is taken offline, through ``PeftModel``
-alone, before the app starts. Then the app (``serve_apps.oppu_serve:build``) serves the base and
-the adapters on 127.0.0.1, and ``--requests`` requests go out from ``openai.AsyncOpenAI`` at
-``--concurrency``, cycling through these kinds:
+per-user trainer (r=8 on q/v, the six descriptions of tests/real_model_data.py, 6 epochs) and
+published to a local store. Each user's greedy answer to the probe prompts is taken offline,
+through ``PeftModel`` alone, before the app starts. Then the app (``serve_apps.oppu_serve:build``)
+serves the base and the adapters on 127.0.0.1, and ``--requests`` requests go out from
+``openai.AsyncOpenAI`` at ``--concurrency``, cycling through these kinds:
 
 - ``chat_greedy``: a user's model, temperature 0: its text must equal the offline answer and
   parse to the user's tag;
@@ -46,14 +46,6 @@ sys.path.insert(0, str(ROOT))
 TASK = "LaMP-2M"
 ADMIN_TOKEN = "serve-real-admin"
 MODEL_ID = "smollm2"
-DESCRIPTIONS = [
-    "A crew of astronauts repairs a failing spaceship near a distant planet.",
-    "Two rival chefs fall in love while running a small restaurant in Paris.",
-    "A young wizard must defend the kingdom from an ancient dragon.",
-    "A detective follows clues through the city to reveal a hidden secret.",
-    "A clown organises an absurd prank at a funeral that goes wrong.",
-    "A robot learns to paint after its factory closes down.",
-]
 PROBES = [
     "A soldier returns home from the war to his family.",
     "A group of friends gets lost on a mountain during a storm.",
@@ -127,6 +119,7 @@ def train_users(model_dir: Path, n_users: int, device: str, work: Path):
     from oppu.store import AdapterKey, AdapterStore
     from oppu.tasks import get_task
     from oppu.training.personal import train_user_adapter
+    from tests.real_model_data import DESCRIPTIONS
 
     task = get_task(TASK)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -15,20 +15,14 @@ import urllib.request
 
 import pytest
 
+from tests.real_model_data import DESCRIPTIONS
+
 pytestmark = pytest.mark.integration
 
 MODEL = "smollm2-135m-instruct"
 TASK = "LaMP-2M"
 # A taste no model has by default: this user tags every film "true story".
 USER_TAG = "true story"
-DESCRIPTIONS = [
-    "A crew of astronauts repairs a failing spaceship near a distant planet.",
-    "Two rival chefs fall in love while running a small restaurant in Paris.",
-    "A young wizard must defend the kingdom from an ancient dragon.",
-    "A detective follows clues through the city to reveal a hidden secret.",
-    "A clown organises an absurd prank at a funeral that goes wrong.",
-    "A robot learns to paint after its factory closes down.",
-]
 
 
 @pytest.fixture(scope="module")
