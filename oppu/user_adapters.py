@@ -195,6 +195,7 @@ def import_adapter(cfg: RunConfig, user: str, variant: str, source_uri: str, *, 
     """
     from oppu.erasure import is_tombstoned
     from oppu.models import resolve_model_dir
+    from oppu.models.prompting import model_prompt_format
     from oppu.store.objects import sha256_hex
 
     key = adapter_key(cfg, user, variant)
@@ -209,7 +210,7 @@ def import_adapter(cfg: RunConfig, user: str, variant: str, source_uri: str, *, 
     except AdapterError as exc:  # the input is bad, not the store
         raise DataError(str(exc)) from None
     config: dict[str, Any] = {"trainer": IMPORT_TRAINER, "variant": variant}
-    prompt_format = _run_prompt_format(cfg, base_dir)
+    prompt_format = model_prompt_format(cfg.prompt_format, base_dir)  # as training resolves it
     if prompt_format != "plain":
         config["prompt_format"] = prompt_format
     store = AdapterStore(cfg.store_uri, keep_versions=cfg.users.keep_versions)
@@ -233,11 +234,3 @@ def _read_folder(uri: str) -> dict[str, bytes]:
     return {entry.rstrip("/").rsplit("/", 1)[-1]: fs.cat_file(entry)
             for entry in fs.ls(path, detail=False) if fs.isfile(entry)}
 
-
-def _run_prompt_format(cfg: RunConfig, base_dir: Path) -> str:
-    """How the run prompts its adapters (``plain`` or ``chat``), as training resolves it."""
-    from transformers import AutoTokenizer
-
-    from oppu.models.prompting import resolve_prompt_format
-
-    return resolve_prompt_format(cfg.prompt_format, AutoTokenizer.from_pretrained(str(base_dir)))

@@ -39,6 +39,14 @@ def resolve_prompt_format(setting: str, tokenizer) -> str:
     return setting
 
 
+def model_prompt_format(setting: str, model_dir) -> str:
+    """``resolve_prompt_format`` for the model saved in the local directory ``model_dir``: its
+    tokenizer alone is read, not its weights."""
+    from transformers import AutoTokenizer
+
+    return resolve_prompt_format(setting, AutoTokenizer.from_pretrained(str(model_dir)))
+
+
 def chat_text(tokenizer, prompt: str) -> str:
     """The chat template's rendering of ``prompt`` as one user turn, ready for the assistant's answer."""
     return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,

@@ -121,7 +121,6 @@ def load_train_state(directory: Path, rank: int, model, optimizer, scheduler, en
     return TrainPosition(**json.loads((directory / TRAIN_STATE).read_text()))
 
 
-
 def run_name(lamp_name: str, train_config: dict, num_workers: int) -> str:
     """Ray Train's name for a base run: Ray Train hands a run the latest checkpoint stored under
     its name, so the name carries a digest of everything a checkpoint depends on, every flavour's

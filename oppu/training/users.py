@@ -110,18 +110,15 @@ def already_published(cfg: RunConfig, variant: str, users: pa.Table) -> dict[str
     """
     from oppu.data.records import UserData
     from oppu.models import base_fingerprint
-    from oppu.models.prompting import resolve_prompt_format
+    from oppu.models.prompting import model_prompt_format
     from oppu.training.publish import AdapterPublisher
 
     base_uri = cfg.base_uri(cfg.variant_base(variant))
     if not cfg.users.skip_existing or not users.num_rows or fsutil.is_remote(base_uri):
         return {}
     try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(fsutil.local_path(base_uri))
         publisher = AdapterPublisher.for_run(cfg, variant, base_fingerprint(base_uri),
-                                             resolve_prompt_format(cfg.prompt_format, tokenizer),
+                                             model_prompt_format(cfg.prompt_format, fsutil.local_path(base_uri)),
                                              trainer=cfg.users.trainer)
     except Exception as exc:  # no base yet, or unreadable: the actors report it as they start
         logger.debug("no store check before the pool (%s: %s)", type(exc).__name__, exc)
