@@ -276,7 +276,8 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
         batcher.step()
     window = time.perf_counter() - started
     return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
-            "decode_steps": batcher.stats.steps, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
+            "decode_steps": batcher.stats.steps, "graph_captures": batcher.cache.graph_captures,
+            "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
             "same prompt/output distributions, base model without LoRA slots"}
 
 

@@ -200,7 +200,9 @@ class ModelReplica:
                 "gpu_load_seconds": slots.stats.load_seconds, "host_hits": self.host_lookups.hits,
                 "host_misses": self.host_lookups.misses, "decode_steps": scheduler.steps,
                 "prefill_chunks": scheduler.prefill_chunks, "joined_running_batch": scheduler.joined_running_batch,
-                "max_running": scheduler.max_running, "waiting": self.batcher.waiting()}
+                "max_running": scheduler.max_running, "waiting": self.batcher.waiting(),
+                "graph_captures": self.batcher.cache.graph_captures, "cuda_graphs": self.batcher.cache.cuda_graphs,
+                "kv_rows": self.batcher.cache.rows, "kv_columns": self.batcher.cache.columns}
 
     async def generate(self, request: GenerateRequest) -> GenerateResult | Refused:
         stream = self.generate_stream(request)

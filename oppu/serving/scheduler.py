@@ -9,10 +9,10 @@ stop string seen by the caller, a cancelled or timed-out request) leave it. So a
 waits for a whole batch to finish, and running streams keep emitting while a long prompt is
 prefilled chunk by chunk.
 
-The running batch's KV cache is left-padded: a row that joins with a shorter history gets
-masked columns in front, a longer one pads everyone else; every row carries its own position
-ids, so left padding never changes a row's result (its greedy tokens equal the request alone).
-Columns that no remaining row uses are cut off when rows leave.
+Every sequence in flight owns a row of the KV cache (``oppu.serving.row_cache``): its prompt is
+prefilled into that row, chunk by chunk, and each decode step appends one token a row, at the row's
+own position, so joining and leaving never copy the cache and a user's greedy tokens equal the
+request alone. On CUDA each decode step of a given shape is a replayed CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from oppu.errors import AdapterError, OppuError
 from oppu.serving.adapters import LoadedAdapter
-from oppu.serving.kv_rows import Rows, grow_in_place, merge_rows, new_cache, select_rows
+from oppu.serving.row_cache import RowKVCache
 from oppu.serving.sampling import RowSampler, SamplingParams, TokenLogprob, choose_tokens
 
 
@@ -78,26 +77,15 @@ class _Seq:
     sampler: RowSampler
     deadline: float | None
     slot: int | None = None  # -1: the base; None: not assigned yet
+    row: int | None = None  # its row of the KV cache, from admission until it finishes
+    prefilled: int = 0  # prompt tokens in the cache
     generated: int = 0
     last_token: int = 0
-    position: int = 0
     done: bool = False
 
     @property
     def cache_id(self) -> str | None:
         return self.request.adapter.cache_id if self.request.adapter is not None else None
-
-
-@dataclass
-class _Prefill:
-    """Newcomers' prompts, left-padded into one matrix, run through the model chunk by chunk."""
-
-    seqs: list[_Seq]
-    input_ids: Any
-    keep: Any
-    positions: Any
-    cache: Any
-    done: int = 0
 
 
 @dataclass
@@ -119,15 +107,13 @@ class ContinuousBatcher:
     from the scheduler thread (``start``), or from the caller of ``step`` when driven by hand (tests).
     """
 
-    def __init__(self, engine: Any, *, max_batch_size: int, max_waiting: int, prefill_chunk_tokens: int = 512):
-        import torch
-
+    def __init__(self, engine: Any, *, max_batch_size: int, max_waiting: int, prefill_chunk_tokens: int = 512,
+                 cuda_graphs: bool | None = None):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.stats = SchedulerStats()
-        self._torch = torch
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -136,8 +122,8 @@ class ContinuousBatcher:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._waiting: deque[_Seq] = deque()
-        self._prefill: _Prefill | None = None
-        self._running: Rows | None = None
+        self._prefilling: list[_Seq] = []  # admitted, prompt not yet all in the cache
+        self._running: list[_Seq] = []  # decoding
         self._deferred_release: list[LoadedAdapter] = []
         self._eos = set(engine.eos_ids)
         self._lora_layers = []
@@ -145,6 +131,8 @@ class ContinuousBatcher:
             from oppu.models.multi_lora import multi_lora_layers
 
             self._lora_layers = list(multi_lora_layers(engine.model).values())
+        self.cache = RowKVCache(engine.model, max_rows=max_batch_size, cuda_graphs=cuda_graphs,
+                                set_slots=self._set_slots if self._lora_layers else None)
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -206,7 +194,7 @@ class ContinuousBatcher:
                 self._wake.clear()
 
     def step(self) -> bool:
-        """One iteration: inbox, deadlines, slot prefetch, one prefill chunk, one decode step.
+        """One iteration: inbox, deadlines, slot prefetch, admission, one prefill chunk, one decode step.
 
         Returns whether there was model work to do.
         """
@@ -214,19 +202,18 @@ class ContinuousBatcher:
         self._expire()
         try:
             self._prefetch_slots()
-            if self._prefill is None:
-                self._start_prefill()
+            self._admit()
             worked = False
-            if self._prefill is not None:
+            if self._prefilling:
                 self._prefill_chunk()
                 worked = True
-            if self._running is not None:
+            if self._running:
                 self._decode_step()
                 worked = True
         except Exception as exc:  # a failed forward fails the sequences in it, never the thread
             for seq in self._active():
                 self._finish(seq, error=exc)
-            self._prefill, self._running = None, None
+            self._prefilling, self._running = [], []
             worked = True
         self._release_deferred()
         self.stats.waiting = len(self._waiting)
@@ -257,7 +244,7 @@ class ContinuousBatcher:
                     f"({seq.generated} tokens generated)"))
 
     def _active(self) -> list[_Seq]:
-        return [*(self._prefill.seqs if self._prefill else []), *(self._running.seqs if self._running else [])]
+        return [*self._prefilling, *self._running]
 
     def _pinned(self) -> set[str]:
         return {seq.cache_id for seq in [*self._active(), *self._waiting]
@@ -292,10 +279,10 @@ class ContinuousBatcher:
                 break
         self._waiting = deque(seq for seq in self._waiting if not seq.done)
 
-    def _start_prefill(self) -> None:
-        room = self.max_batch_size - (len(self._running.seqs) if self._running else 0)
-        taken: list[_Seq] = []
-        while self._waiting and len(taken) < room:
+    def _admit(self) -> None:
+        """Give waiting sequences a cache row each, as far as the batch has room."""
+        room = self.max_batch_size - sum(not seq.done for seq in self._active())
+        while self._waiting and room > 0:
             seq = self._waiting[0]
             if seq.done:
                 self._waiting.popleft()
@@ -303,82 +290,62 @@ class ContinuousBatcher:
             if not self._assign_slot(seq):
                 break
             self._waiting.popleft()
-            if not seq.done:  # an adapter that does not fit finishes its sequence in _assign_slot
-                taken.append(seq)
-        if not taken:
-            return
-        torch, engine = self._torch, self.engine
-        width = max(len(seq.request.prompt_ids) for seq in taken)
-        input_ids = torch.full((len(taken), width), engine.pad_id, dtype=torch.long)
-        keep = torch.zeros((len(taken), width), dtype=torch.long)
-        for i, seq in enumerate(taken):
-            ids = seq.request.prompt_ids
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            keep[i, width - len(ids):] = 1
-            seq.position = len(ids)
-        positions = (keep.cumsum(-1) - 1).clamp(min=0)
-        self._prefill = _Prefill(taken, input_ids.to(engine.device), keep.to(engine.device),
-                                 positions.to(engine.device), new_cache())
+            if seq.done:  # an adapter that does not fit finishes its sequence in _assign_slot
+                continue
+            if not seq.request.prompt_ids:
+                self._finish(seq, error=ValueError("the prompt has no tokens"))
+                continue
+            seq.row = self.cache.acquire_row()
+            self._prefilling.append(seq)
+            room -= 1
 
     def _prefill_chunk(self) -> None:
-        job = self._prefill
-        torch = self._torch
-        width = job.input_ids.shape[1]
-        chunk = max(1, self.prefill_chunk_tokens // len(job.seqs))
-        end = min(width, job.done + chunk)
-        with torch.no_grad(), self._adapters(job.seqs):
-            logits = self.engine.model(input_ids=job.input_ids[:, job.done:end], attention_mask=job.keep[:, :end],
-                                       position_ids=job.positions[:, job.done:end], past_key_values=job.cache,
-                                       use_cache=True, logits_to_keep=1).logits
-        job.done = end
-        grow_in_place(job.cache)
+        """The next ``prefill_chunk_tokens`` of the newcomers' prompts, shared out among them.
+
+        A sequence whose prompt is then complete gets its first token and joins the running batch.
+        """
+        seqs = self._prefilling = [seq for seq in self._prefilling if not seq.done]
+        if not seqs:
+            return
+        share = max(1, self.prefill_chunk_tokens // len(seqs))
+        chunks = [seq.request.prompt_ids[seq.prefilled:seq.prefilled + share] for seq in seqs]
+        logits = self.cache.prefill([seq.row for seq in seqs], chunks, self._slot_ids(seqs), self.engine.pad_id)
         self.stats.prefill_chunks += 1
-        if end < width:
+        complete = []
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks, strict=True)):
+            seq.prefilled += len(chunk)
+            if seq.prefilled == len(seq.request.prompt_ids):
+                complete.append(i)
+        if not complete:
             return
-        self._prefill = None
-        rows = Rows(job.seqs, job.cache, job.keep)
-        live = [i for i, seq in enumerate(job.seqs) if not seq.done]
-        if not live:
-            return
-        rows = select_rows(rows, live)
-        self._emit(rows.seqs, logits[live, -1, :])
-        survivors = [i for i, seq in enumerate(rows.seqs) if not seq.done]
-        if not survivors:
-            return
-        rows = select_rows(rows, survivors)
-        if self._running is not None:
-            self.stats.joined_running_batch += len(rows.seqs)
-        self._running = rows if self._running is None else merge_rows(self._running, rows)
+        self._prefilling = [seq for seq in seqs if seq.prefilled < len(seq.request.prompt_ids)]
+        ready = [seqs[i] for i in complete]
+        self._emit(ready, logits[complete])
+        joining = [seq for seq in ready if not seq.done]
+        if any(not seq.done for seq in self._running):
+            self.stats.joined_running_batch += len(joining)
+        self._running.extend(joining)
 
     def _decode_step(self) -> None:
-        torch, rows = self._torch, self._running
-        live = [i for i, seq in enumerate(rows.seqs) if not seq.done]
-        if len(live) < len(rows.seqs):
-            if not live:
-                self._running = None
-                return
-            rows = self._running = select_rows(rows, live)
-        device = self.engine.device
-        # One host-to-device copy per step: each row's last token and its position.
-        step_inputs = torch.tensor([[seq.last_token, seq.position] for seq in rows.seqs], dtype=torch.long).to(device)
-        input_ids, positions = step_inputs[:, :1], step_inputs[:, 1:]
-        rows.mask = torch.cat([rows.mask, rows.mask.new_ones((len(rows.seqs), 1))], dim=1)
-        if rows.slot_ids is None and self.engine.slots is not None:
-            rows.slot_ids = torch.tensor([seq.slot for seq in rows.seqs], dtype=torch.long).to(device)
-        with torch.no_grad(), self._adapters(rows.seqs, rows.slot_ids):
-            logits = self.engine.model(input_ids=input_ids, attention_mask=rows.mask, position_ids=positions,
-                                       past_key_values=rows.cache, use_cache=True).logits
-        for seq in rows.seqs:
-            seq.position += 1
+        seqs = self._running = [seq for seq in self._running if not seq.done]
+        if not seqs:
+            return
+        logits = self.cache.decode([seq.row for seq in seqs], [seq.last_token for seq in seqs],
+                                   self._slot_ids(seqs))
         self.stats.steps += 1
-        self.stats.max_running = max(self.stats.max_running, len(rows.seqs))
-        self.stats.running = len(rows.seqs)
-        self.stats.history = [*self.stats.history[-999:], len(rows.seqs)]
-        self._emit(rows.seqs, logits[:, -1, :])
-        live = [i for i, seq in enumerate(rows.seqs) if not seq.done]
-        self._running = select_rows(rows, live) if live else None
-        if self._running is None:
-            self.stats.running = 0
+        self.stats.max_running = max(self.stats.max_running, len(seqs))
+        self.stats.history = [*self.stats.history[-999:], len(seqs)]
+        self._emit(seqs, logits)
+        self._running = [seq for seq in seqs if not seq.done]
+        self.stats.running = len(self._running)
+
+    def _slot_ids(self, seqs: list[_Seq]) -> list[int] | None:
+        return [seq.slot for seq in seqs] if self._lora_layers else None
+
+    def _set_slots(self, slot_ids: Any) -> None:
+        """Every LoRA layer uses ``slot_ids[b]`` for batch row ``b`` (None: no adapters)."""
+        for layer in self._lora_layers:
+            layer.slot_ids, layer.slot_spans = slot_ids, None
 
     def _emit(self, seqs: list[_Seq], logits: Any) -> None:
         tokens, logprobs = choose_tokens(logits, [seq.sampler for seq in seqs])
@@ -401,6 +368,9 @@ class ContinuousBatcher:
 
     def _mark_done(self, seq: _Seq) -> None:
         seq.done = True
+        if seq.row is not None:
+            self.cache.release_row(seq.row)
+            seq.row = None
         with self._lock:
             self._in_flight -= 1
 
@@ -424,23 +394,3 @@ class ContinuousBatcher:
             pending, self._deferred_release = self._deferred_release, []
             for adapter in pending:
                 self._release(adapter)
-
-    @contextmanager
-    def _adapters(self, seqs: list[_Seq], slot_ids: Any = None):
-        """Within the block each row uses its sequence's slot (``slot_ids``: already on the device).
-
-        What ``multi_lora.model_adapters`` does, over the layers found once (a model-wide module search
-        per forward costs about a millisecond on a 7B model).
-        """
-        if self.engine.slots is None:
-            yield
-            return
-        if slot_ids is None:
-            slot_ids = self._torch.tensor([seq.slot for seq in seqs], dtype=self._torch.long).to(self.engine.device)
-        for layer in self._lora_layers:
-            layer.slot_ids, layer.slot_spans = slot_ids, None
-        try:
-            yield
-        finally:
-            for layer in self._lora_layers:
-                layer.slot_ids = None

@@ -1,0 +1,297 @@
+"""The running batch's KV cache: one row of static buffers per sequence, and graphed decode steps.
+
+Each sequence the scheduler runs owns a row of every layer's key and value buffers
+(``[rows, kv_heads, columns, head_dim]``) and keeps its tokens in columns ``0 .. length-1`` of that
+row, the column being the token's position. A newcomer's prompt is prefilled straight into its row;
+a decode step writes one column per row, at that row's own length; a row that leaves is handed to
+the next newcomer. No step copies the cache (the left-padded ``DynamicCache`` this replaces was
+re-concatenated whenever a row joined or left), and a decode step has one of a few shapes: rows
+rounded up to a power of two, columns up to a multiple of ``column_block``. On CUDA each shape is
+captured once as a CUDA graph and replayed, so a 7B decode step costs the GPU's time for it, not
+the Python and kernel launches of 32 layers (about 100 ms a step eager on the GPU machine,
+``bench/results/serve_http.json``, 2026-12-07; 7 ms graphed in ``bench/serve.py``).
+
+Buffers grow (rows and columns, by doubling) when a sequence needs more; growing drops the captured
+graphs, which are captured again on first use. One extra column per row takes the writes of rows
+that are not decoding (free rows, rows still being prefilled) and of a prefill's padding.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SlotsSetter = Callable[[torch.Tensor | None], None]  # sets (or clears) every LoRA layer's per-row slots
+
+
+class RowKVCache:
+    """Per-row KV buffers of ``model`` for up to ``max_rows`` sequences, and the forwards over them."""
+
+    def __init__(self, model: Any, *, max_rows: int, set_slots: SlotsSetter | None = None,
+                 cuda_graphs: bool | None = None, column_block: int = 128, initial_columns: int = 256,
+                 max_graphs: int = 256):
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+            raise ValueError(f"{type(model).__name__} uses sliding-window attention, which the serving cache "
+                             "does not implement (full-attention decoder models only)")
+        parameter = next(model.parameters())
+        self.model, self.device, self.dtype = model, parameter.device, parameter.dtype
+        self.n_layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.max_rows = max_rows
+        self.column_block = column_block
+        self.set_slots = set_slots
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.max_graphs = max_graphs
+        self.lengths: list[int] = []  # tokens in each row's cache (host truth)
+        self._free: list[int] = []
+        self._graphs: OrderedDict[tuple[int, int], tuple[Any, Any]] = OrderedDict()
+        self._pool = None
+        self.rows, self.columns = 0, 0
+        self.graph_captures = 0
+        self._allocate(1, max(column_block, initial_columns))
+        self._view = _cache_view(self)
+
+    # -- rows -------------------------------------------------------------------------------------
+
+    def acquire_row(self) -> int:
+        """A free row (the lowest, so decode batches stay small), growing the buffers if none is free."""
+        if not self._free:
+            if self.rows >= self.max_rows:
+                raise RuntimeError(f"all {self.max_rows} rows are taken")
+            self._allocate(min(self.max_rows, self.rows * 2), self.columns)
+        row = min(self._free)
+        self._free.remove(row)
+        self.lengths[row] = 0
+        return row
+
+    def release_row(self, row: int) -> None:
+        self.lengths[row] = 0
+        self._free.append(row)
+
+    def reserve_columns(self, columns: int) -> None:
+        """Make room for ``columns`` tokens in a row (doubling the buffers' columns as needed)."""
+        if columns > self.columns:
+            grown = self.columns
+            while grown < columns:
+                grown *= 2
+            self._allocate(self.rows, grown)
+
+    # -- forwards ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, rows: Sequence[int], chunks: Sequence[Sequence[int]], slot_ids: Sequence[int] | None,
+                pad_id: int) -> torch.Tensor:
+        """Append each row's ``chunks[i]`` (prompt tokens) to its cache; the logits after each chunk's last token.
+
+        The chunk is padded to a power of two rows and tokens (at least 16), so that on CUDA a few
+        captured shapes serve every prefill; padding rows and tokens write only the spare column.
+        """
+        n_real = len(rows)
+        n = min(1 << (n_real - 1).bit_length(), self.rows)
+        width = max(16, 1 << (max(len(chunk) for chunk in chunks) - 1).bit_length())
+        starts = [self.lengths[row] for row in rows]
+        # Columns read: a power of two (not a multiple of column_block, as decode steps use) keeps the
+        # number of prefill shapes, and so of graphs to capture, small.
+        span = max(self.column_block,
+                   1 << (max(start + len(chunk) for start, chunk in zip(starts, chunks, strict=True)) - 1).bit_length())
+        self.reserve_columns(span)
+        tokens = torch.zeros((n, width, 4), dtype=torch.long)  # id, column, last column attended, position
+        tokens[..., 0] = pad_id
+        tokens[..., 1] = self.columns  # padding writes the spare column ...
+        per_row = torch.zeros((n, 3), dtype=torch.long)  # row, slot, index of the chunk's last token
+        per_row[:, 1] = -1
+        for i, (row, start, chunk) in enumerate(zip(rows, starts, chunks, strict=True)):
+            k = len(chunk)
+            tokens[i, :k, 0] = torch.tensor(list(chunk), dtype=torch.long)
+            tokens[i, :k, 1] = torch.arange(start, start + k)
+            tokens[i, :, 2] = torch.arange(start, start + width).clamp(max=start + k - 1)  # ... and reads the row
+            tokens[i, :, 3] = torch.arange(start, start + width)
+            per_row[i] = torch.tensor([row, slot_ids[i] if slot_ids is not None else -1, k - 1])
+        buffers = self._prefill_buffers(n, width)
+        buffers[0].copy_(tokens, non_blocking=True)
+        buffers[1].copy_(per_row, non_blocking=True)
+        self._run(("prefill", n, width, span, slot_ids is not None))
+        for row, start, chunk in zip(rows, starts, chunks, strict=True):
+            self.lengths[row] = start + len(chunk)
+        return buffers[2][:n_real].clone()
+
+    @torch.no_grad()
+    def decode(self, rows: Sequence[int], tokens: Sequence[int], slot_ids: Sequence[int] | None) -> torch.Tensor:
+        """Feed ``tokens[i]`` to row ``rows[i]``; the next-token logits of each (``[len(rows), vocab]``)."""
+        span = _round_up(max(self.lengths[row] for row in rows) + 1, self.column_block)
+        self.reserve_columns(span)
+        batch = min(1 << max(rows).bit_length(), self.rows)  # rows 0..batch-1 run; the others among them idle
+        step = torch.zeros((batch, 4), dtype=torch.long)
+        step[:, 2] = self.columns  # idle rows write the spare column and attend to all (finite) columns
+        step[:, 3] = -1
+        for i, row in enumerate(rows):
+            step[row, 0], step[row, 1] = tokens[i], self.lengths[row]
+            step[row, 2] = self.lengths[row]
+            if slot_ids is not None:
+                step[row, 3] = slot_ids[i]
+        self._step_inputs[:batch].copy_(step, non_blocking=True)
+        self._run(("decode", batch, 1, span, slot_ids is not None))
+        for row in rows:
+            self.lengths[row] += 1
+        return self._logits[torch.tensor(list(rows), device=self.device)]
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _run(self, shape: tuple) -> None:
+        """The forward of ``shape`` over the inputs already in its buffers: a graph replay on CUDA."""
+        if not self.cuda_graphs:
+            self._forward(shape)
+            return
+        graph = self._graphs.get(shape)
+        if graph is None:
+            graph = self._capture(shape)
+            if graph is None:  # capture failed: eager from now on
+                self._forward(shape)
+                return
+        self._graphs.move_to_end(shape)
+        graph.replay()
+
+    def _forward(self, shape: tuple) -> None:
+        kind, batch, width, span, with_slots = shape
+        if kind == "decode":
+            inputs = self._step_inputs[:batch]
+            ids, positions, cols, slots = inputs[:, 0:1], inputs[:, 1:2], inputs[:, 2], inputs[:, 3]
+            mask = (self._column_index[:span][None, :] <= cols[:, None])[:, None, None, :]
+            self._view.target = ("decode", batch, cols, span)
+        else:
+            tokens, per_row, _ = self._prefill_buffers(batch, width)
+            ids, cols, reach, positions = tokens[..., 0], tokens[..., 1], tokens[..., 2], tokens[..., 3]
+            slots = per_row[:, 1]
+            mask = (self._column_index[:span][None, None, :] <= reach[:, :, None])[:, None]
+            self._view.target = ("prefill", per_row[:, 0], cols, span)
+        self._set_slots(slots if with_slots else None)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=self._view, use_cache=True).logits
+        finally:
+            self._set_slots(None)
+            self._view.target = None
+        if kind == "decode":
+            self._logits[:batch].copy_(logits[:, -1])
+        else:
+            self._prefill_buffers(batch, width)[2].copy_(logits[self._row_index[:batch], per_row[:, 2]])
+
+    def _prefill_buffers(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device inputs (tokens, per-row values) and output logits of a ``rows`` x ``width`` prefill."""
+        key = (rows, width)
+        if key not in self._prefill_io:
+            self._prefill_io[key] = (torch.zeros((rows, width, 4), dtype=torch.long, device=self.device),
+                                     torch.zeros((rows, 3), dtype=torch.long, device=self.device),
+                                     torch.zeros((rows, self._logits.shape[1]), dtype=self.dtype, device=self.device))
+        return self._prefill_io[key]
+
+    def _capture(self, shape: tuple):
+        while len(self._graphs) >= self.max_graphs:
+            self._graphs.popitem(last=False)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # a warm-up run (it writes what the replay writes again)
+                self._forward(shape)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # thread_local: the replica's other threads (pinning a newly fetched adapter's buffers)
+            # may call CUDA while this one captures.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._forward(shape)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager forwards
+            log.warning("CUDA graph capture of a %s forward %s failed, running eagerly from now on: %s",
+                        shape[0], shape[1:], exc)
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return None
+        self.graph_captures += 1
+        self._graphs[shape] = graph
+        return graph
+
+    def _set_slots(self, slot_ids: torch.Tensor | None) -> None:
+        if self.set_slots is not None:
+            self.set_slots(slot_ids)
+
+    def _allocate(self, rows: int, columns: int) -> None:
+        """(Re)allocate every buffer for ``rows`` x ``columns`` (+1 spare column), keeping what is cached."""
+        shape = (rows, self.kv_heads, columns + 1, self.head_dim)
+        keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        if self.rows:
+            old_rows, old_columns = self.rows, self.columns
+            for new, old in zip(keys + values, self.keys + self.values, strict=True):
+                new[:old_rows, :, :old_columns] = old[:, :, :old_columns]
+            log.info("serving KV cache grown to %d rows x %d columns", rows, columns)
+        self._free.extend(range(self.rows, rows))
+        self.lengths.extend([0] * (rows - self.rows))
+        self.keys, self.values, self.rows, self.columns = keys, values, rows, columns
+        self._graphs.clear()  # they read the old buffers
+        self._row_index = torch.arange(rows, device=self.device)
+        self._column_index = torch.arange(columns + 1, device=self.device)
+        self._step_inputs = torch.zeros((rows, 4), dtype=torch.long, device=self.device)
+        self._prefill_io: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        self._logits = torch.zeros((rows, vocab), dtype=self.dtype, device=self.device)
+
+
+def _round_up(value: int, block: int) -> int:
+    return -(-value // block) * block
+
+
+def _positions(starts: Sequence[int], width: int, device: Any) -> torch.Tensor:
+    return (torch.tensor(list(starts), dtype=torch.long)[:, None] + torch.arange(width)[None, :]).to(device)
+
+
+def _cache_view(owner: RowKVCache):
+    """A transformers ``DynamicCache`` whose layers read and write ``owner``'s buffers.
+
+    Its layers are ``DynamicLayer`` objects with ``update`` replaced (the way the library's own cache
+    classes specialise a layer), which keeps to the interface every transformers 5 release calls.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class RowLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = owner.keys[self.layer_idx], owner.values[self.layer_idx]
+            kind, index, cols, span = owner._view.target
+            if kind == "decode":  # one token a row, rows 0..index-1, each at its own column
+                rows = owner._row_index[:index]
+                keys[rows, :, cols] = key_states[:, :, 0]
+                values[rows, :, cols] = value_states[:, :, 0]
+                return keys[:index, :, :span], values[:index, :, :span]
+            rows = index[:, None]  # prefill: the rows in ``index``, a chunk of tokens each
+            keys[rows, :, cols] = key_states.transpose(1, 2)
+            values[rows, :, cols] = value_states.transpose(1, 2)
+            return keys[index, :, :span], values[index, :, :span]
+
+        def get_seq_length(self) -> int:
+            target = owner._view.target
+            return target[3] if target is not None else 0
+
+        def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:  # unused: the masks come 4-D
+            return self.get_seq_length(), 0
+
+    cache = DynamicCache()
+    layers = []
+    for index in range(owner.n_layers):
+        layer = DynamicLayer()
+        layer.__class__ = RowLayer
+        layer.layer_idx = index
+        layer.is_initialized = True
+        layer.keys = layer.values = None
+        layers.append(layer)
+    cache.layers = layers
+    cache.target = None
+    return cache

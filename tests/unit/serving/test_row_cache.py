@@ -1,0 +1,72 @@
+"""The serving KV cache: a row per sequence in static buffers, prefill in chunks, decode steps, growth."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from oppu.serving.row_cache import RowKVCache
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=97, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval()
+
+
+def reference(model, ids: list[int]) -> torch.Tensor:
+    """Every position's logits of ``ids`` run alone, without a cache."""
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_rows_of_different_lengths_prefilled_in_chunks_then_decoded_equal_each_sequence_alone(model):
+    cache = RowKVCache(model, max_rows=4, column_block=16, initial_columns=16)
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 97, (n,), generator=generator).tolist() for n in (5, 23, 40)]
+    expected = [reference(model, ids) for ids in sequences]
+    rows = [cache.acquire_row() for _ in sequences]
+    assert rows == [0, 1, 2] and cache.rows == 4  # grown 1 -> 2 -> 4 rows
+    prompts = [ids[:-3] for ids in sequences]
+    done = [0, 0, 0]
+    while any(d < len(p) for d, p in zip(done, prompts, strict=True)):  # chunks of at most 7 tokens a row
+        live = [i for i, p in enumerate(prompts) if done[i] < len(p)]
+        chunks = [prompts[i][done[i]:done[i] + 7] for i in live]
+        logits = cache.prefill([rows[i] for i in live], chunks, None, pad_id=0)
+        for j, i in enumerate(live):
+            done[i] += len(chunks[j])
+            torch.testing.assert_close(logits[j], expected[i][done[i] - 1], rtol=1e-4, atol=1e-5)
+    assert cache.columns >= 40  # grown from 16 columns as the longest row needed
+    for step in range(3):  # the last three tokens of each, fed one decode step at a time
+        position = [len(p) + step for p in prompts]
+        logits = cache.decode(rows, [ids[k] for ids, k in zip(sequences, position, strict=True)], None)
+        for i in range(3):
+            torch.testing.assert_close(logits[i], expected[i][position[i]], rtol=1e-4, atol=1e-5)
+    assert cache.lengths[:3] == [len(ids) for ids in sequences]
+
+
+def test_a_released_row_serves_the_next_sequence_without_its_predecessors_tokens(model):
+    cache = RowKVCache(model, max_rows=2, column_block=16, initial_columns=64)
+    first, second = cache.acquire_row(), cache.acquire_row()
+    cache.prefill([first, second], [list(range(1, 50)), list(range(3, 9))], None, pad_id=0)
+    cache.release_row(first)
+    assert cache.acquire_row() == first and cache.lengths[first] == 0
+    ids = [7, 8, 9, 10]
+    logits = cache.prefill([first], [ids[:3]], None, pad_id=0)  # stale columns 3..48 stay masked
+    torch.testing.assert_close(logits[0], reference(model, ids[:3])[-1], rtol=1e-4, atol=1e-5)
+    logits = cache.decode([first], [ids[3]], None)
+    torch.testing.assert_close(logits[0], reference(model, ids)[-1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="all 2 rows are taken"):
+        cache.acquire_row()
+
+
+def test_a_sliding_window_model_is_refused_by_name():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, vocab_size=50, sliding_window=8)
+    with pytest.raises(ValueError, match="MistralForCausalLM uses sliding-window attention"):
+        RowKVCache(MistralForCausalLM(config), max_rows=1)
