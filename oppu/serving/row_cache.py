@@ -129,15 +129,12 @@ class RowKVCache:
         span = _round_up(max(self.lengths[row] for row in rows) + 1, self.column_block)
         self.reserve_columns(span)
         batch = min(1 << max(rows).bit_length(), self.rows)  # rows 0..batch-1 run; the others among them idle
-        step = torch.zeros((batch, 4), dtype=torch.long)
-        step[:, 2] = self.columns  # idle rows write the spare column and attend to all (finite) columns
-        step[:, 3] = -1
+        # token, position, column written, LoRA slot; idle rows write the spare column and attend to
+        # every (finite) column. Built as one list: per-element tensor writes cost more than the step.
+        step = [[0, 0, self.columns, -1] for _ in range(batch)]
         for i, row in enumerate(rows):
-            step[row, 0], step[row, 1] = tokens[i], self.lengths[row]
-            step[row, 2] = self.lengths[row]
-            if slot_ids is not None:
-                step[row, 3] = slot_ids[i]
-        self._step_inputs[:batch].copy_(step, non_blocking=True)
+            step[row] = [tokens[i], self.lengths[row], self.lengths[row], slot_ids[i] if slot_ids is not None else -1]
+        self._step_inputs[:batch].copy_(torch.tensor(step, dtype=torch.long), non_blocking=True)
         self._run(("decode", batch, 1, span, slot_ids is not None))
         for row in rows:
             self.lengths[row] += 1
