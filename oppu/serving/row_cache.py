@@ -52,7 +52,7 @@ class RowKVCache:
         self.max_graphs = max_graphs
         self.lengths: list[int] = []  # tokens in each row's cache (host truth)
         self._free: list[int] = []
-        self._graphs: OrderedDict[tuple[int, int], tuple[Any, Any]] = OrderedDict()
+        self._graphs: OrderedDict[tuple, Any] = OrderedDict()  # shape -> torch.cuda.CUDAGraph
         self._pool = None
         self.rows, self.columns = 0, 0
         self.graph_captures = 0
