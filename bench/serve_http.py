@@ -264,11 +264,13 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
 
         batcher.submit(SequenceRequest(ids, None, workload.max_tokens(), SamplingParams(temperature=0.0)), sink)
 
-    for _ in range(rows):  # warm-up round (first CUDA kernels, allocator)
-        submit()
-    while in_flight[0]:
-        batcher.step()
+    for _ in range(2):  # warm-up rounds: first CUDA kernels, allocator, the common shapes' CUDA graphs
+        for _ in range(rows):
+            submit()
+        while in_flight[0]:
+            batcher.step()
     times.clear()
+    captures_before = batcher.cache.graph_captures
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         while in_flight[0] < rows:
@@ -277,6 +279,7 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
     window = time.perf_counter() - started
     return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
             "decode_steps": batcher.stats.steps, "graph_captures": batcher.cache.graph_captures,
+            "graph_captures_in_window": batcher.cache.graph_captures - captures_before,
             "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
             "same prompt/output distributions, base model without LoRA slots"}
 
@@ -445,17 +448,27 @@ async def open_loop(client, url: str, workload: Workload, mix: str, rate: float,
     return summarize(name, records, started, started + seconds)
 
 
+async def graphs_so_far(phase: dict) -> dict:
+    """Add the replica's CUDA-graph state to a phase's figures (captures during a phase cost its streams)."""
+    stats = await replica_stats_now()
+    phase.update({"cuda_graphs": stats.get("cuda_graphs"), "graph_captures_so_far": stats.get("graph_captures"),
+                  "kv_rows": stats.get("kv_rows"), "kv_columns": stats.get("kv_columns")})
+    log(f"  replica: cuda_graphs={phase['cuda_graphs']}, graphs captured so far {phase['graph_captures_so_far']}, "
+        f"KV cache {phase['kv_rows']} rows x {phase['kv_columns']} columns")
+    return phase
+
+
 async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict) -> None:
     import httpx
 
     out["closed_loop_base"] = {}
     limits = httpx.Limits(max_connections=4 * max(shape.concurrencies) + 64)
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(600.0)) as client:
-        await closed_loop(client, url, workload, "base", min(8, shape.max_batch_size), min(5.0, shape.phase_s),
-                          "warm-up (base, not reported)")
+        await graphs_so_far(await closed_loop(client, url, workload, "base", min(8, shape.max_batch_size),
+                                              min(5.0, shape.phase_s), "warm-up (base, not reported)"))
         for concurrency in shape.concurrencies:
-            out["closed_loop_base"][str(concurrency)] = await closed_loop(
-                client, url, workload, "base", concurrency, shape.phase_s, f"base, concurrency {concurrency}")
+            out["closed_loop_base"][str(concurrency)] = await graphs_so_far(await closed_loop(
+                client, url, workload, "base", concurrency, shape.phase_s, f"base, concurrency {concurrency}"))
         out["unloaded_ttft_ms_p50"] = out["closed_loop_base"][str(shape.concurrencies[0])]["ttft_ms_p50"]
         c32 = 32 if 32 in shape.concurrencies else shape.concurrencies[-1]
         before = await replica_stats_now()
@@ -466,6 +479,7 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict)
                                     f"uniform over {shape.n_adapters} other adapters, cold host cache, "
                                     f"concurrency {c32}")
         after = await replica_stats_now()
+        await graphs_so_far(uniform)
         zipf.update(cache_rates(before, middle))
         uniform.update(cache_rates(middle, after))
         log(f"cache hit rates: Zipf {cache_rates(before, middle)}, uniform {cache_rates(middle, after)}")
@@ -482,8 +496,8 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict)
         out["poisson"] = []
         for fraction in shape.poisson_fractions:
             rate = fraction * capacity_rps
-            phase = await open_loop(client, url, workload, "zipf", rate, shape.phase_s,
-                                    f"Poisson {rate:.2f} req/s ({fraction:.2f} x capacity), Zipf mix")
+            phase = await graphs_so_far(await open_loop(client, url, workload, "zipf", rate, shape.phase_s,
+                                                        f"Poisson {rate:.2f} req/s ({fraction:.2f} x capacity), Zipf mix"))
             out["poisson"].append({"rate": rate, "load_fraction": fraction, "ttft_ms_p50": phase["ttft_ms_p50"],
                                    "ttft_ms_p99": phase["ttft_ms_p99"], "goodput": phase["goodput"],
                                    "goodput_fraction": phase["goodput_fraction"], "itl_ms_p50": phase["itl_ms_p50"],

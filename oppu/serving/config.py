@@ -48,6 +48,8 @@ class ServeConfig(BaseModel):
                                        "histories (data) is checked for additions made elsewhere")
     max_batch_size: int = Field(8, ge=1, description="sequences decoded together in one forward pass (the running "
                                 "batch; requests join and leave it at step boundaries)")
+    cuda_graphs: bool = Field(True, description="on CUDA, capture each prefill and decode shape as a CUDA graph "
+                              "and replay it (off: every forward launched from Python, ~100 ms a 7B decode step)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps "
                                       "(longer prompts are prefilled in chunks while running streams go on)")
     max_queued_requests: int = Field(64, ge=0, description="sequences a replica holds waiting for a batch row; "

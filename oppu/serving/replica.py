@@ -155,7 +155,8 @@ class ModelReplica:
         self.host_lookups = _CountingRecorder(self.metrics)
         self.batcher = ContinuousBatcher(self.engine, max_batch_size=self.config.max_batch_size,
                                          max_waiting=self.config.max_queued_requests,
-                                         prefill_chunk_tokens=self.config.prefill_chunk_tokens)
+                                         prefill_chunk_tokens=self.config.prefill_chunk_tokens,
+                                         cuda_graphs=None if self.config.cuda_graphs else False)
         self.adapters = AdapterCache(
             AdapterStore(self.config.store), task=self.config.task, variant=self.config.variant,
             shape=AdapterShape(self.fingerprint, self.config.max_lora_rank, tuple(self.config.target_modules)),
