@@ -280,6 +280,7 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
     return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
             "decode_steps": batcher.stats.steps, "graph_captures": batcher.cache.graph_captures,
             "graph_captures_in_window": batcher.cache.graph_captures - captures_before,
+            "graph_capture_error": batcher.cache.capture_error,
             "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
             "same prompt/output distributions, base model without LoRA slots"}
 
@@ -452,9 +453,11 @@ async def graphs_so_far(phase: dict) -> dict:
     """Add the replica's CUDA-graph state to a phase's figures (captures during a phase cost its streams)."""
     stats = await replica_stats_now()
     phase.update({"cuda_graphs": stats.get("cuda_graphs"), "graph_captures_so_far": stats.get("graph_captures"),
-                  "kv_rows": stats.get("kv_rows"), "kv_columns": stats.get("kv_columns")})
+                  "kv_rows": stats.get("kv_rows"), "kv_columns": stats.get("kv_columns"),
+                  "graph_capture_error": stats.get("graph_capture_error")})
     log(f"  replica: cuda_graphs={phase['cuda_graphs']}, graphs captured so far {phase['graph_captures_so_far']}, "
-        f"KV cache {phase['kv_rows']} rows x {phase['kv_columns']} columns")
+        f"KV cache {phase['kv_rows']} rows x {phase['kv_columns']} columns"
+        + (f"; capture failed: {phase['graph_capture_error']}" if phase["graph_capture_error"] else ""))
     return phase
 
 

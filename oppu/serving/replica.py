@@ -203,6 +203,7 @@ class ModelReplica:
                 "prefill_chunks": scheduler.prefill_chunks, "joined_running_batch": scheduler.joined_running_batch,
                 "max_running": scheduler.max_running, "waiting": self.batcher.waiting(),
                 "graph_captures": self.batcher.cache.graph_captures, "cuda_graphs": self.batcher.cache.cuda_graphs,
+                "graph_capture_error": self.batcher.cache.capture_error,
                 "kv_rows": self.batcher.cache.rows, "kv_columns": self.batcher.cache.columns}
 
     async def generate(self, request: GenerateRequest) -> GenerateResult | Refused:

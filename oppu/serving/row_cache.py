@@ -56,6 +56,7 @@ class RowKVCache:
         self._pool = None
         self.rows, self.columns = 0, 0
         self.graph_captures = 0
+        self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
         self._allocate(1, max(column_block, initial_columns))
         self._view = _cache_view(self)
 
@@ -210,6 +211,7 @@ class RowKVCache:
             log.warning("CUDA graph capture of a %s forward %s failed, running eagerly from now on: %s",
                         shape[0], shape[1:], exc)
             self.cuda_graphs = False
+            self.capture_error = f"{shape[0]} {shape[1:]}: {type(exc).__name__}: {exc}"
             self._graphs.clear()
             return None
         self.graph_captures += 1
