@@ -163,7 +163,10 @@ def run(shape: HttpShape, out: dict) -> None:
     out["engine_base_batch32"] = engine_closed_loop(model, tokenizer, workload, rows=min(32, shape.max_batch_size),
                                                     seconds=shape.phase_s)
     out["engine_base_batch32_tokens_per_s"] = out["engine_base_batch32"]["tokens_per_s"]
-    log(f"engine alone, 32 in flight: {out['engine_base_batch32_tokens_per_s']:.0f} tokens/s")
+    engine = out["engine_base_batch32"]
+    log(f"engine alone, 32 in flight: {engine['tokens_per_s']:.0f} tokens/s (cuda_graphs={engine['cuda_graphs']}, "
+        f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window"
+        + (f"; capture failed: {engine['graph_capture_error']}" if engine["graph_capture_error"] else "") + ")")
     del model
     gc.collect()
     if device == "cuda":

@@ -130,6 +130,8 @@ def test_the_continuous_batcher_answers_each_user_as_peft_generate_does(served, 
     # All eight were prefilled together, and decoded together until they ended.
     assert batcher.stats.prefill_chunks == 1
     assert batcher.stats.max_running == sum(1 for answer in peft_answers if answer)
+    if DEVICE == "cuda":  # ... through replayed CUDA graphs, not the eager fallback of a failed capture
+        assert batcher.cache.cuda_graphs and batcher.cache.graph_captures >= 2, batcher.cache.capture_error
 
 
 @pytest.mark.parametrize("options", [

@@ -89,6 +89,8 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
     assert batcher.stats.max_running >= 3
     if chunk == 3:  # running rows kept decoding while a newcomer's prompt was prefilled in chunks
         assert batcher.stats.prefill_chunks > len(CASES)
+    if device == "cuda":  # every forward a replayed CUDA graph (a failed capture would run eagerly)
+        assert batcher.cache.cuda_graphs and batcher.cache.graph_captures >= 2, batcher.cache.capture_error
     assert all(sink.finish in ("stop", "length") for sink in sinks)
 
 
