@@ -203,10 +203,17 @@ class RowKVCache:
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            # thread_local: the replica's other threads (pinning a newly fetched adapter's buffers)
-            # may call CUDA while this one captures.
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._forward(shape)
+            # capture_begin/end, not ``torch.cuda.graph``: that context synchronizes, empties the device
+            # and pinned-host caches (and on some releases collects garbage) before every capture, which
+            # a replica capturing dozens of shapes while serving pays each time. thread_local: the
+            # replica's other threads (pinning a newly fetched adapter's buffers) may call CUDA meanwhile.
+            with torch.cuda.stream(side):
+                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+                try:
+                    self._forward(shape)
+                finally:
+                    graph.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
         except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager forwards
             log.warning("CUDA graph capture of a %s forward %s failed, running eagerly from now on: %s",
                         shape[0], shape[1:], exc)
