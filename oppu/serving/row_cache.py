@@ -7,9 +7,9 @@ a decode step writes one column per row, at that row's own length; a row that le
 the next newcomer. No step copies the cache (the left-padded ``DynamicCache`` this replaces was
 re-concatenated whenever a row joined or left), and a decode step has one of a few shapes: rows
 rounded up to a power of two, columns up to a multiple of ``column_block``. On CUDA each shape is
-captured once as a CUDA graph and replayed, so a 7B decode step costs the GPU's time for it, not
-the Python and kernel launches of 32 layers (about 100 ms a step eager on the GPU machine,
-``bench/results/serve_http.json``, 2026-12-07; 7 ms graphed in ``bench/serve.py``).
+captured once as a CUDA graph and replayed, so that a 7B decode step costs the GPU's time for it
+(not yet shown inside the serve replica), not the Python and kernel launches of 32 layers (about 100 ms a step eager on the GPU machine,
+``bench/results/serve_http-eager-2026-12-07.json``; 7 ms graphed in ``bench/serve.py``).
 
 Buffers grow (rows and columns, by doubling) when a sequence needs more; growing drops the captured
 graphs, which are captured again on first use. One extra column per row takes the writes of rows
@@ -253,10 +253,6 @@ class RowKVCache:
 
 def _round_up(value: int, block: int) -> int:
     return -(-value // block) * block
-
-
-def _positions(starts: Sequence[int], width: int, device: Any) -> torch.Tensor:
-    return (torch.tensor(list(starts), dtype=torch.long)[:, None] + torch.arange(width)[None, :]).to(device)
 
 
 def _cache_view(owner: RowKVCache):

@@ -12,7 +12,7 @@ prefilled chunk by chunk.
 Every sequence in flight owns a row of the KV cache (``oppu.serving.row_cache``): its prompt is
 prefilled into that row, chunk by chunk, and each decode step appends one token a row, at the row's
 own position, so joining and leaving never copy the cache and a user's greedy tokens equal the
-request alone. On CUDA each decode step of a given shape is a replayed CUDA graph.
+request alone. On CUDA each prefill and decode shape is captured once as a CUDA graph and replayed.
 """
 
 from __future__ import annotations
