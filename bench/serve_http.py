@@ -73,6 +73,7 @@ class HttpShape:
     prompt_words: tuple[int, int, int]  # median, min, max
     max_tokens: tuple[int, int]  # uniform range
     prefill_chunk_tokens: int
+    stream_interval_ms: float = 25.0  # the serve app's default
 
 
 FULL = HttpShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, n_adapters=1000, rank=8,
@@ -108,6 +109,8 @@ def main() -> int:
                         help="a CPU-sized model at the full run's batch and concurrency (32 streams)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_http.json"))
     parser.add_argument("--phase-s", type=float, help="seconds per load phase (default: the shape's)")
+    parser.add_argument("--stream-interval-ms", type=float,
+                        help="the serve app's stream_interval_ms (default: the app's default, 25)")
     args = parser.parse_args()
     shape = TINY if args.tiny else CPU32 if args.cpu32 else FULL
     if args.tiny or args.cpu32:
@@ -116,6 +119,8 @@ def main() -> int:
         torch.set_num_threads(1)  # the smoke test's engine phase shares a few CPU cores with Ray
     if args.phase_s:
         shape = HttpShape(**(shape.__dict__ | {"phase_s": args.phase_s}))
+    if args.stream_interval_ms is not None:
+        shape = HttpShape(**(shape.__dict__ | {"stream_interval_ms": args.stream_interval_ms}))
     out_dir = os.environ.get("OUT")
     if out_dir:
         _LOG = open(Path(out_dir) / "serve_http.log", "w")  # noqa: SIM115 (open for the whole run)
@@ -305,7 +310,7 @@ def start_app(shape: HttpShape, base: Path, store_uri: str, device: str) -> str:
             "dtype": "bfloat16" if device == "cuda" else "float32", "gpu_slots": shape.gpu_slots,
             "host_cache_adapters": shape.host_cache_adapters, "max_lora_rank": shape.rank,
             "target_modules": "q_proj,v_proj", "max_batch_size": shape.max_batch_size, "max_prompt_tokens": 1024,
-            "prefill_chunk_tokens": shape.prefill_chunk_tokens,
+            "prefill_chunk_tokens": shape.prefill_chunk_tokens, "stream_interval_ms": shape.stream_interval_ms,
             "max_tokens_limit": shape.max_tokens[1], "default_max_tokens": shape.max_tokens[0],
             "max_queued_requests": 512, "model_max_ongoing_requests": 512, "ingress_max_ongoing_requests": 1024,
             "request_timeout_s": 600, "adapter_check_ttl_s": 3600, "default_temperature": 0.0,
@@ -343,6 +348,7 @@ class Record:
     sent: float
     first: float | None = None
     token_times: list[float] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
     status: int = 0
     error: str | None = None
@@ -354,6 +360,22 @@ class Record:
     @property
     def itls(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+    @property
+    def chunk_gaps(self) -> list[float]:
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:], strict=False)]
+
+    def add_chunk(self, now: float, tokens: int) -> None:
+        """A chunk of ``tokens`` arrived ``now``. The replica sends what was generated since its last chunk
+        (``stream_interval_ms``), so its tokens are spread evenly over the gap since the previous chunk:
+        counting them all as arriving now would give zero gaps and flatter the inter-token latency."""
+        if self.first is None:
+            self.first = now
+            self.token_times.extend([now] * tokens)
+        else:
+            previous = self.token_times[-1]
+            self.token_times.extend(previous + (now - previous) * (i + 1) / tokens for i in range(tokens))
+        self.chunk_times.append(now)
 
     @property
     def good(self) -> bool:
@@ -381,10 +403,8 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
                 if "error" in event:
                     record.error = json.dumps(event["error"])[:300]
                 elif event["choices"] and event["choices"][0]["text"]:
-                    # The replica sends tokens that were ready together as one chunk; with the word-level
-                    # vocabulary a chunk's tokens are its words, all arriving now.
-                    record.first = record.first or now
-                    record.token_times.extend([now] * max(1, len(event["choices"][0]["text"].split())))
+                    # With the word-level vocabulary a chunk's tokens are its words.
+                    record.add_chunk(now, max(1, len(event["choices"][0]["text"].split())))
                 elif event.get("usage"):
                     record.completion_tokens = event["usage"]["completion_tokens"]
     except Exception as exc:  # a transport failure counts against the phase, it does not end the run
@@ -397,12 +417,16 @@ def summarize(name: str, records: list[Record], started: float, ended: float) ->
     tokens_in_window = sum(1 for r in records for t in r.token_times if started <= t <= ended)
     ttfts = [1000 * r.ttft for r in records if r.ttft is not None]
     itls = [1000 * gap for r in records for gap in r.itls]
+    chunk_gaps = [1000 * gap for r in records for gap in r.chunk_gaps]
     done = [r for r in records if r.status == 200 and r.error is None]
     out = {"requests": len(records), "completed": len(done), "errors": len(records) - len(done),
            "tokens_per_s": tokens_in_window / window, "requests_per_s": len(done) / window,
            "ttft_ms_p50": statistics.median(ttfts) if ttfts else None,
            "ttft_ms_p99": percentile(ttfts, 99) if ttfts else None,
            "itl_ms_p50": statistics.median(itls) if itls else None, "itl_ms_p99": percentile(itls, 99) if itls else None,
+           # the longest pauses a reader sees between two chunks of one stream
+           "chunk_gap_ms_p99": percentile(chunk_gaps, 99) if chunk_gaps else None,
+           "tokens_per_chunk": sum(len(r.token_times) for r in records) / max(1, sum(len(r.chunk_times) for r in records)),
            "goodput": sum(1 for r in records if r.good) / window,
            "goodput_fraction": sum(1 for r in records if r.good) / max(1, len(records)),
            # tokens counted from the streamed text against the usage counts (special tokens stream no text)

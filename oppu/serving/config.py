@@ -52,6 +52,9 @@ class ServeConfig(BaseModel):
                               "and replay it (off: every forward launched from Python, ~100 ms a 7B decode step)")
     prefill_chunk_tokens: int = Field(512, ge=1, description="prompt tokens prefilled between two decode steps "
                                       "(longer prompts are prefilled in chunks while running streams go on)")
+    stream_interval_ms: float = Field(25.0, ge=0, description="a stream sends what was generated at most this "
+                                      "often (the first token at once): each chunk costs Ray and HTTP work in the "
+                                      "replica's process, which at many streams one chunk a token would make the limit")
     max_queued_requests: int = Field(64, ge=0, description="sequences a replica holds waiting for a batch row; "
                                      "more get HTTP 429 with Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 429")

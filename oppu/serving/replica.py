@@ -27,6 +27,7 @@ from oppu.errors import AdapterError, AdapterNotFound, OppuError
 from oppu.serving.adapters import AdapterCache, AdapterShape, LoadedAdapter
 from oppu.serving.config import ServeConfig
 from oppu.serving.engine import GenerationEngine, LoraSlotsConfig
+from oppu.serving.event_buffer import EventBuffer
 from oppu.serving.openai_api import TokenInfo
 from oppu.serving.privacy import routing_key, user_ref
 from oppu.serving.sampling import SamplingParams
@@ -234,8 +235,7 @@ class ModelReplica:
             yield self._refuse(request, exc)
             return
         version = adapter.version if adapter else None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
+        events = EventBuffer(asyncio.get_running_loop(), self.config.stream_interval_ms / 1000)
         seq_ids: list[int] = []
         try:
             for index in range(request.n):
@@ -246,7 +246,7 @@ class ModelReplica:
                                       timeout_s=self.config.request_timeout_s or None)
 
                 def sink(event, index=index):
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                    events.put((index, event))
                 seq_ids.append(self.batcher.submit(seq, sink))
         except QueueFull as exc:
             for seq_id in seq_ids:
@@ -263,11 +263,8 @@ class ModelReplica:
         want_logprobs = request.params.logprobs is not None
         try:
             while any(reason is None for reason in finish):
-                # Tokens that arrived together go out as one item per choice: under load the stream
-                # carries fewer, larger items (each costs Ray and HTTP overhead), unloaded nothing waits.
-                arrived = [await events.get()]
-                while not events.empty():
-                    arrived.append(events.get_nowait())
+                # What arrived since the last take goes out as one item per choice (oppu.serving.event_buffer).
+                arrived = await events.take()
                 pending: dict[int, tuple[str, list]] = {}
                 items: list[Delta | ChoiceEnd] = []
 
