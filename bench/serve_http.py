@@ -107,11 +107,16 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="toy sizes on any device: a smoke test of this script")
     parser.add_argument("--cpu32", action="store_true",
                         help="a CPU-sized model at the full run's batch and concurrency (32 streams)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_http.json"))
+    parser.add_argument("--out", help="results file (default bench/results/serve_http.json; "
+                        "with --engine-only serve_http-engine.json)")
     parser.add_argument("--phase-s", type=float, help="seconds per load phase (default: the shape's)")
+    parser.add_argument("--engine-only", action="store_true",
+                        help="only the engine-alone phase (no adapters, no HTTP): a quick check of the decode path")
     parser.add_argument("--stream-interval-ms", type=float,
                         help="the serve app's stream_interval_ms (default: the app's default, 25)")
     args = parser.parse_args()
+    args.out = args.out or str(ROOT / "bench" / "results"
+                               / ("serve_http-engine.json" if args.engine_only else "serve_http.json"))
     shape = TINY if args.tiny else CPU32 if args.cpu32 else FULL
     if args.tiny or args.cpu32:
         import torch
@@ -127,7 +132,7 @@ def main() -> int:
     results: dict = {}
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout` cuts a run: keep its partial figures
     try:
-        run(shape, results)
+        run(shape, results, engine_only=args.engine_only)
     except BaseException as exc:  # keep what was measured for the log, never as the results file
         results["error"] = f"{type(exc).__name__}: {exc}"
         if out_dir:
@@ -149,7 +154,7 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(shape: HttpShape, out: dict) -> None:
+def run(shape: HttpShape, out: dict, engine_only: bool = False) -> None:
     """Every phase in order; figures go into ``out`` as they are measured."""
     import torch
 
@@ -172,6 +177,8 @@ def run(shape: HttpShape, out: dict) -> None:
     log(f"engine alone, 32 in flight: {engine['tokens_per_s']:.0f} tokens/s (cuda_graphs={engine['cuda_graphs']}, "
         f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window"
         + (f"; capture failed: {engine['graph_capture_error']}" if engine["graph_capture_error"] else "") + ")")
+    if engine_only:
+        return
     del model
     gc.collect()
     if device == "cuda":
@@ -536,9 +543,11 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict)
 
 
 def print_summary(results: dict) -> None:
-    c32 = results["concurrency_32"]
     print(f"\n{'device':40s} {results['device']}")
     print(f"{'engine alone, 32 in flight (tokens/s)':40s} {results['engine_base_batch32_tokens_per_s']:10.0f}")
+    if "concurrency_32" not in results:  # --engine-only
+        return
+    c32 = results["concurrency_32"]
     for key in ("base_tokens_per_s", "adapters_zipf_tokens_per_s", "adapters_uniform_tokens_per_s", "ttft_ms_p50",
                 "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99"):
         print(f"{'HTTP c=' + str(c32['concurrency']) + ' ' + key:40s} {_fmt(c32[key])}")

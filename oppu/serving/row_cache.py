@@ -194,6 +194,11 @@ class RowKVCache:
     def _capture(self, shape: tuple):
         while len(self._graphs) >= self.max_graphs:
             self._graphs.popitem(last=False)
+        if not self._graphs:
+            # A fresh pool once no graph is left: the caching allocator frees a pool when its last graph
+            # goes, and capturing into that freed pool fails its use-count assertion
+            # (CUDACachingAllocator.cpp "it->second->use_count > 0", torch 2.11 on the GPU machine).
+            self._pool = None
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -242,7 +247,10 @@ class RowKVCache:
         self._free.extend(range(self.rows, rows))
         self.lengths.extend([0] * (rows - self.rows))
         self.keys, self.values, self.rows, self.columns = keys, values, rows, columns
-        self._graphs.clear()  # they read the old buffers
+        if self._graphs:
+            self._graphs.clear()  # they read the old buffers
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # hands back their pool (freed with its last graph, not released)
         self._row_index = torch.arange(rows, device=self.device)
         self._column_index = torch.arange(columns + 1, device=self.device)
         self._step_inputs = torch.zeros((rows, 4), dtype=torch.long, device=self.device)
