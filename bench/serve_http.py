@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import math
@@ -53,6 +54,7 @@ from bench.serve import percentile, publish_random_adapters  # noqa: E402
 TASK = "LaMP-2M"
 ADMIN_TOKEN = "bench-admin-token"
 TTFT_SLO_S, ITL_SLO_S = 0.5, 0.05
+MAX_PROMPT_TOKENS = 1024  # the serve app's max_prompt_tokens
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,9 @@ def run(shape: HttpShape, out: dict, engine_only: bool = False) -> None:
     out["engine_base_batch32_tokens_per_s"] = out["engine_base_batch32"]["tokens_per_s"]
     engine = out["engine_base_batch32"]
     log(f"engine alone, 32 in flight: {engine['tokens_per_s']:.0f} tokens/s (cuda_graphs={engine['cuda_graphs']}, "
-        f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window"
+        f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window; "
+        f"decode {engine['decode_ms_per_step']:.1f} ms a step, prefill {engine['prefill_ms_per_chunk']:.1f} ms a chunk, "
+        f"{100 * engine['prefill_share_of_window']:.0f}% of the window in prefill; warm-up {engine['warm_up_s']:.1f} s"
         + (f"; capture failed: {engine['graph_capture_error']}" if engine["graph_capture_error"] else "") + ")")
     if engine_only:
         return
@@ -279,13 +283,15 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
 
         batcher.submit(SequenceRequest(ids, None, workload.max_tokens(), SamplingParams(temperature=0.0)), sink)
 
-    for _ in range(2):  # warm-up rounds: first CUDA kernels, allocator, the common shapes' CUDA graphs
+    batcher.warm_up(MAX_PROMPT_TOKENS + workload.shape.max_tokens[1])  # as the replica does before serving
+    for _ in range(2):  # warm-up rounds: first CUDA kernels, allocator, the common prefill shapes' CUDA graphs
         for _ in range(rows):
             submit()
         while in_flight[0]:
             batcher.step()
     times.clear()
     captures_before = batcher.cache.graph_captures
+    before = dataclasses.replace(batcher.stats)
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
         while in_flight[0] < rows:
@@ -293,7 +299,15 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
         batcher.step()
     window = time.perf_counter() - started
     return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
-            "decode_steps": batcher.stats.steps, "graph_captures": batcher.cache.graph_captures,
+            "warm_up_s": batcher.stats.warm_up_s, "kv_rows": batcher.cache.rows, "kv_columns": batcher.cache.columns,
+            "decode_steps": batcher.stats.steps - before.steps,
+            "prefill_chunks": batcher.stats.prefill_chunks - before.prefill_chunks,
+            "decode_ms_per_step": 1000 * (batcher.stats.decode_s - before.decode_s)
+            / max(1, batcher.stats.steps - before.steps),
+            "prefill_ms_per_chunk": 1000 * (batcher.stats.prefill_s - before.prefill_s)
+            / max(1, batcher.stats.prefill_chunks - before.prefill_chunks),
+            "prefill_share_of_window": (batcher.stats.prefill_s - before.prefill_s) / window,
+            "graph_captures": batcher.cache.graph_captures,
             "graph_captures_in_window": batcher.cache.graph_captures - captures_before,
             "graph_capture_error": batcher.cache.capture_error,
             "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
@@ -316,7 +330,8 @@ def start_app(shape: HttpShape, base: Path, store_uri: str, device: str) -> str:
             "task": TASK, "model_id": "base", "device": device,
             "dtype": "bfloat16" if device == "cuda" else "float32", "gpu_slots": shape.gpu_slots,
             "host_cache_adapters": shape.host_cache_adapters, "max_lora_rank": shape.rank,
-            "target_modules": "q_proj,v_proj", "max_batch_size": shape.max_batch_size, "max_prompt_tokens": 1024,
+            "target_modules": "q_proj,v_proj", "max_batch_size": shape.max_batch_size,
+            "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "prefill_chunk_tokens": shape.prefill_chunk_tokens, "stream_interval_ms": shape.stream_interval_ms,
             "max_tokens_limit": shape.max_tokens[1], "default_max_tokens": shape.max_tokens[0],
             "max_queued_requests": 512, "model_max_ongoing_requests": 512, "ingress_max_ongoing_requests": 1024,
@@ -486,13 +501,27 @@ async def open_loop(client, url: str, workload: Workload, mix: str, rate: float,
 async def graphs_so_far(phase: dict) -> dict:
     """Add the replica's CUDA-graph state to a phase's figures (captures during a phase cost its streams)."""
     stats = await replica_stats_now()
+    last = dict(_LAST_REPLICA_STATS) or {key: 0 for key in ("decode_steps", "decode_s", "prefill_chunks", "prefill_s")}
+    _LAST_REPLICA_STATS.clear()
+    _LAST_REPLICA_STATS.update(stats)
+    steps, chunks = stats["decode_steps"] - last["decode_steps"], stats["prefill_chunks"] - last["prefill_chunks"]
     phase.update({"cuda_graphs": stats.get("cuda_graphs"), "graph_captures_so_far": stats.get("graph_captures"),
                   "kv_rows": stats.get("kv_rows"), "kv_columns": stats.get("kv_columns"),
-                  "graph_capture_error": stats.get("graph_capture_error")})
+                  "graph_capture_error": stats.get("graph_capture_error"),
+                  # since the previous phase's check (this phase and the pause before it)
+                  "replica_decode_steps": steps,
+                  "replica_decode_ms_per_step": 1000 * (stats["decode_s"] - last["decode_s"]) / max(1, steps),
+                  "replica_prefill_chunks": chunks,
+                  "replica_prefill_ms_per_chunk": 1000 * (stats["prefill_s"] - last["prefill_s"]) / max(1, chunks)})
     log(f"  replica: cuda_graphs={phase['cuda_graphs']}, graphs captured so far {phase['graph_captures_so_far']}, "
-        f"KV cache {phase['kv_rows']} rows x {phase['kv_columns']} columns"
+        f"KV cache {phase['kv_rows']} rows x {phase['kv_columns']} columns; {steps} decode steps at "
+        f"{phase['replica_decode_ms_per_step']:.1f} ms, {chunks} prefill chunks at "
+        f"{phase['replica_prefill_ms_per_chunk']:.1f} ms"
         + (f"; capture failed: {phase['graph_capture_error']}" if phase["graph_capture_error"] else ""))
     return phase
+
+
+_LAST_REPLICA_STATS: dict = {}
 
 
 async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict) -> None:
@@ -512,6 +541,7 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict)
         zipf = await closed_loop(client, url, workload, "zipf", c32, shape.phase_s,
                                  f"Zipf over {shape.n_adapters} adapters, cold host cache, concurrency {c32}")
         middle = await replica_stats_now()
+        await graphs_so_far(zipf)
         uniform = await closed_loop(client, url, workload, "uniform", c32, shape.phase_s,
                                     f"uniform over {shape.n_adapters} other adapters, cold host cache, "
                                     f"concurrency {c32}")

@@ -98,6 +98,9 @@ class SchedulerStats:
     running: int = 0
     waiting: int = 0
     history: list[int] = field(default_factory=list)  # running rows per decode step (tests, last 1,000)
+    prefill_s: float = 0.0  # wall time in prefill chunks, sampling and delivery included
+    decode_s: float = 0.0  # wall time in decode steps, likewise
+    warm_up_s: float = 0.0
 
 
 class ContinuousBatcher:
@@ -167,6 +170,14 @@ class ContinuousBatcher:
         with self._lock:
             return max(0, self._in_flight - self.stats.running)
 
+    def warm_up(self, max_sequence_tokens: int) -> None:
+        """Before serving: give every batch row room for ``max_sequence_tokens`` and, on CUDA, capture the
+        decode step of every batch and length bucket (``RowKVCache.warm_up``), so that no request waits
+        for a capture or for the cache to grow."""
+        started = time.perf_counter()
+        self.cache.warm_up(max_sequence_tokens, with_slots=bool(self._lora_layers))
+        self.stats.warm_up_s = time.perf_counter() - started
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="oppu-scheduler", daemon=True)
         self._thread.start()
@@ -205,10 +216,14 @@ class ContinuousBatcher:
             self._admit()
             worked = False
             if self._prefilling:
+                started = time.perf_counter()
                 self._prefill_chunk()
+                self.stats.prefill_s += time.perf_counter() - started
                 worked = True
             if self._running:
+                started = time.perf_counter()
                 self._decode_step()
+                self.stats.decode_s += time.perf_counter() - started
                 worked = True
         except Exception as exc:  # a failed forward fails the sequences in it, never the thread
             for seq in self._active():

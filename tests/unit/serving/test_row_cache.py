@@ -70,3 +70,18 @@ def test_a_sliding_window_model_is_refused_by_name():
                            num_key_value_heads=1, vocab_size=50, sliding_window=8)
     with pytest.raises(ValueError, match="MistralForCausalLM uses sliding-window attention"):
         RowKVCache(MistralForCausalLM(config), max_rows=1)
+
+
+def test_warm_up_allocates_every_row_and_the_columns_asked_and_answers_stay_exact(model):
+    cache = RowKVCache(model, max_rows=6, column_block=16, initial_columns=16)
+    assert cache.warm_up(40, with_slots=False) == 48  # rounded up to the column block
+    assert (cache.rows, cache.columns) == (6, 48) and cache.graph_captures == 0  # no graphs on the CPU
+    ids = torch.randint(1, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
+    expected = reference(model, ids)
+    rows = [cache.acquire_row() for _ in range(6)]
+    assert rows == list(range(6))
+    logits = cache.prefill([rows[5]], [ids[:-1]], None, pad_id=0)
+    torch.testing.assert_close(logits[0], expected[-2], rtol=1e-4, atol=1e-5)
+    logits = cache.decode([rows[5]], [ids[-1]], None)
+    torch.testing.assert_close(logits[0], expected[-1], rtol=1e-4, atol=1e-5)
+    assert (cache.rows, cache.columns) == (6, 48)  # nothing grew while serving

@@ -69,12 +69,18 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk", [512, 3], ids=["whole-prefill", "chunked-prefill"])
+@pytest.mark.parametrize("chunk,warm", [(512, False), (3, False), (3, True)],
+                         ids=["whole-prefill", "chunked-prefill", "warmed-up"])
 def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, offline_answers, chunk,  # noqa: F811
-                                                                        device):
+                                                                        warm, device):
     base, _, loaded = setup
     engine = engine_on(base, device)
     batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=chunk)
+    if warm:  # as a replica starts: every row allocated and, on CUDA, every decode shape captured
+        batcher.warm_up(200)
+        assert (batcher.cache.rows, batcher.cache.columns) == (4, 256)
+        decode_shapes = {shape for shape in batcher.cache._graphs if shape[0] == "decode"}
+        assert len(decode_shapes) == (3 * 2 if device == "cuda" else 0)  # batches 1, 2, 4 x spans 128, 256
     sinks = [Collector() for _ in CASES]
     # The first two start together; the others arrive while those decode, one per step.
     for i in (0, 1):
@@ -91,6 +97,9 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
         assert batcher.stats.prefill_chunks > len(CASES)
     if device == "cuda":  # every forward a replayed CUDA graph (a failed capture would run eagerly)
         assert batcher.cache.cuda_graphs and batcher.cache.graph_captures >= 2, batcher.cache.capture_error
+    if warm:  # nothing grew and no decode shape was captured while serving
+        assert (batcher.cache.rows, batcher.cache.columns) == (4, 256)
+        assert {shape for shape in batcher.cache._graphs if shape[0] == "decode"} == decode_shapes
     assert all(sink.finish in ("stop", "length") for sink in sinks)
 
 
