@@ -55,6 +55,7 @@ class RowKVCache:
         self._graphs: OrderedDict[tuple, Any] = OrderedDict()  # shape -> torch.cuda.CUDAGraph
         self._pool = None
         self.rows, self.columns = 0, 0
+        self.max_columns: int | None = None  # set by warm_up: the longest sequence a request may make
         self.graph_captures = 0
         self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
         self._allocate(1, max(column_block, initial_columns))
@@ -83,6 +84,8 @@ class RowKVCache:
             grown = self.columns
             while grown < columns:
                 grown *= 2
+            if self.max_columns is not None:  # no further than the longest sequence a request may make
+                grown = max(columns, min(grown, self.max_columns))
             self._allocate(self.rows, grown)
 
     def warm_up(self, columns: int, with_slots: bool, memory_fraction: float = 0.5) -> int:
@@ -94,6 +97,7 @@ class RowKVCache:
         in ``memory_fraction`` of the free device memory. Returns the columns allocated.
         """
         columns = _round_up(max(columns, self.column_block), self.column_block)
+        self.max_columns = columns
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             per_column = self.max_rows * self.n_layers * 2 * self.kv_heads * self.head_dim * self.keys[0].element_size()
@@ -128,8 +132,10 @@ class RowKVCache:
         starts = [self.lengths[row] for row in rows]
         # Columns read: a power of two (not a multiple of column_block, as decode steps use) keeps the
         # number of prefill shapes, and so of graphs to capture, small.
-        span = max(self.column_block,
-                   1 << (max(start + len(chunk) for start, chunk in zip(starts, chunks, strict=True)) - 1).bit_length())
+        needed = max(start + len(chunk) for start, chunk in zip(starts, chunks, strict=True))
+        span = max(self.column_block, 1 << (needed - 1).bit_length())
+        if span > self.columns >= needed:  # all the buffers have: never grow them only to round up
+            span = self.columns
         self.reserve_columns(span)
         tokens = torch.zeros((n, width, 4), dtype=torch.long)  # id, column, last column attended, position
         tokens[..., 0] = pad_id

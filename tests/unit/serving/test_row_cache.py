@@ -85,3 +85,16 @@ def test_warm_up_allocates_every_row_and_the_columns_asked_and_answers_stay_exac
     logits = cache.decode([rows[5]], [ids[-1]], None)
     torch.testing.assert_close(logits[0], expected[-1], rtol=1e-4, atol=1e-5)
     assert (cache.rows, cache.columns) == (6, 48)  # nothing grew while serving
+
+
+def test_after_warm_up_the_buffers_grow_no_further_than_the_longest_sequence_allowed(model):
+    cache = RowKVCache(model, max_rows=2, column_block=16, initial_columns=16)
+    cache.warm_up(40, with_slots=False)
+    row = cache.acquire_row()
+    ids = list(range(1, 46))  # 45 tokens: a prefill span of 64 (a power of two) would not fit 48 columns
+    logits = cache.prefill([row], [ids], None, pad_id=0)
+    torch.testing.assert_close(logits[0], reference(model, ids)[-1], rtol=1e-4, atol=1e-5)
+    assert cache.columns == 48  # read 48 columns, not grown to 64
+    other = cache.acquire_row()
+    cache.prefill([other], [list(range(1, 60))], None, pad_id=0)  # longer than allowed: grows, to what it needs
+    assert cache.columns == 64
