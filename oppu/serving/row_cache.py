@@ -50,6 +50,9 @@ class RowKVCache:
         self.set_slots = set_slots
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.max_graphs = max_graphs
+        # Prefill shape floors (see _prefill_shape): only where shapes are captured; on a CPU padding costs.
+        self.prefill_min_tokens = 256 if self.cuda_graphs else 16
+        self.prefill_min_span = 512 if self.cuda_graphs else column_block
         self.lengths: list[int] = []  # tokens in each row's cache (host truth)
         self._free: list[int] = []
         self._graphs: OrderedDict[tuple, Any] = OrderedDict()  # shape -> torch.cuda.CUDAGraph
@@ -88,8 +91,10 @@ class RowKVCache:
                 grown = max(columns, min(grown, self.max_columns))
             self._allocate(self.rows, grown)
 
-    def warm_up(self, columns: int, with_slots: bool, memory_fraction: float = 0.5) -> int:
-        """Allocate every row with room for ``columns`` tokens and capture every decode shape now.
+    def warm_up(self, columns: int, with_slots: bool, prefill_chunk_tokens: int | None = None,
+                memory_fraction: float = 0.5) -> int:
+        """Allocate every row with room for ``columns`` tokens and capture every decode shape now, and
+        every prefill shape of chunks of at most ``prefill_chunk_tokens`` tokens shared among the rows.
 
         A replica that captures on first use pays each capture (an eager forward plus the capture) in
         the middle of serving, and the buffers' growth drops the graphs to capture them again: on the
@@ -107,14 +112,52 @@ class RowKVCache:
             self._allocate(self.max_rows, max(columns, self.columns))
         if not self.cuda_graphs:
             return self.columns
-        idle = torch.tensor([[0, 0, self.columns, -1]], dtype=torch.long, device=self.device)
-        for batch in sorted({min(1 << k, self.rows) for k in range(self.rows.bit_length() + 1)}):  # as decode() rounds
-            for span in range(self.column_block, self.columns + 1, self.column_block):
-                self._step_inputs[:batch].copy_(idle.expand(batch, 4))  # idle rows: only the spare column written
-                self._run(("decode", batch, 1, span, with_slots))
-                if not self.cuda_graphs:  # a capture failed: eager from now on, nothing more to capture
-                    return self.columns
+        shapes = self._decode_shapes(with_slots)
+        if prefill_chunk_tokens:
+            shapes += self._prefill_shapes(prefill_chunk_tokens, with_slots)
+        if len(shapes) > self.max_graphs:
+            log.warning("warm-up: %d shapes but room for %d graphs; the rest are captured on first use",
+                        len(shapes), self.max_graphs)
+        for shape in shapes[:self.max_graphs]:
+            self._idle_inputs(shape)
+            self._run(shape)
+            if not self.cuda_graphs:  # a capture failed: eager from now on, nothing more to capture
+                break
         return self.columns
+
+    def _decode_shapes(self, with_slots: bool) -> list[tuple]:
+        batches = sorted({min(1 << k, self.rows) for k in range(self.rows.bit_length() + 1)})  # as decode() rounds
+        return [("decode", batch, 1, span, with_slots)
+                for batch in batches for span in range(self.column_block, self.columns + 1, self.column_block)]
+
+    def _prefill_shapes(self, chunk_tokens: int, with_slots: bool) -> list[tuple]:
+        """Every shape ``prefill`` can take when ``chunk_tokens`` are shared among the rows prefilled."""
+        shapes = set()
+        for n_rows in range(1, self.rows + 1):
+            share = max(1, chunk_tokens // n_rows)  # the scheduler's share: a row's chunk is at most this
+            longest = 1
+            while True:
+                for needed in _powers_of_two_up_to(self.columns):
+                    if needed < min(longest, share):  # a row's columns hold at least its chunk
+                        continue
+                    n, width, span = self._prefill_shape(n_rows, min(longest, share), needed)
+                    shapes.add(("prefill", n, width, span, with_slots))
+                if longest >= share:
+                    break
+                longest = min(share, longest * 2)
+        return sorted(shapes, key=lambda shape: (shape[1] * shape[2], shape[3], shape[1]))
+
+    def _idle_inputs(self, shape: tuple) -> None:
+        """Inputs under which ``shape``'s forward writes only the spare column: for capturing at warm-up."""
+        kind, batch, width, _, _ = shape
+        if kind == "decode":
+            self._step_inputs[:batch].copy_(torch.tensor([[0, 0, self.columns, -1]], device=self.device)
+                                            .expand(batch, 4))
+            return
+        tokens, per_row, _ = self._prefill_buffers(batch, width)
+        tokens.copy_(torch.tensor([0, self.columns, self.columns, 0], device=self.device).expand(batch, width, 4))
+        per_row.copy_(torch.tensor([0, -1, 0], device=self.device).expand(batch, 3))
+        per_row[:, 0] = torch.arange(batch, device=self.device)
 
     # -- forwards ---------------------------------------------------------------------------------
 
@@ -127,15 +170,9 @@ class RowKVCache:
         captured shapes serve every prefill; padding rows and tokens write only the spare column.
         """
         n_real = len(rows)
-        n = min(1 << (n_real - 1).bit_length(), self.rows)
-        width = max(16, 1 << (max(len(chunk) for chunk in chunks) - 1).bit_length())
         starts = [self.lengths[row] for row in rows]
-        # Columns read: a power of two (not a multiple of column_block, as decode steps use) keeps the
-        # number of prefill shapes, and so of graphs to capture, small.
         needed = max(start + len(chunk) for start, chunk in zip(starts, chunks, strict=True))
-        span = max(self.column_block, 1 << (needed - 1).bit_length())
-        if span > self.columns >= needed:  # all the buffers have: never grow them only to round up
-            span = self.columns
+        n, width, span = self._prefill_shape(n_real, max(len(chunk) for chunk in chunks), needed)
         self.reserve_columns(span)
         tokens = torch.zeros((n, width, 4), dtype=torch.long)  # id, column, last column attended, position
         tokens[..., 0] = pad_id
@@ -215,6 +252,22 @@ class RowKVCache:
         else:
             self._prefill_buffers(batch, width)[2].copy_(logits[self._row_index[:batch], per_row[:, 2]])
 
+    def _prefill_shape(self, n_rows: int, longest_chunk: int, needed_columns: int) -> tuple[int, int, int]:
+        """The bucketed (rows, tokens a row, columns read) of a prefill: few shapes, so few graphs.
+
+        Rows and tokens are powers of two. With CUDA graphs a pass has at least ``prefill_min_tokens``
+        tokens in all (on a GPU a pass over fewer costs about as much: it is bound by reading the
+        weights, so padding up to it is free and saves shapes) and reads at least ``prefill_min_span``
+        columns (attention over a few more columns costs little beside the weights). Columns read
+        are a power of two, or all the buffers have.
+        """
+        n = min(1 << (n_rows - 1).bit_length(), self.rows)
+        width = max(16, 1 << (longest_chunk - 1).bit_length(), self.prefill_min_tokens // n)
+        span = max(self.column_block, self.prefill_min_span, 1 << (needed_columns - 1).bit_length())
+        if span > self.columns >= needed_columns:  # never grow the buffers only to round a span up
+            span = self.columns
+        return n, width, span
+
     def _prefill_buffers(self, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The device inputs (tokens, per-row values) and output logits of a ``rows`` x ``width`` prefill."""
         key = (rows, width)
@@ -290,6 +343,12 @@ class RowKVCache:
         self._prefill_io: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self._logits = torch.zeros((rows, vocab), dtype=self.dtype, device=self.device)
+
+
+def _powers_of_two_up_to(limit: int) -> list[int]:
+    """1, 2, 4, ... and ``limit`` itself."""
+    values = [1 << k for k in range(limit.bit_length()) if 1 << k < limit]
+    return [*values, limit]
 
 
 def _round_up(value: int, block: int) -> int:

@@ -171,11 +171,12 @@ class ContinuousBatcher:
             return max(0, self._in_flight - self.stats.running)
 
     def warm_up(self, max_sequence_tokens: int) -> None:
-        """Before serving: give every batch row room for ``max_sequence_tokens`` and, on CUDA, capture the
-        decode step of every batch and length bucket (``RowKVCache.warm_up``), so that no request waits
-        for a capture or for the cache to grow."""
+        """Before serving: give every batch row room for ``max_sequence_tokens`` and, on CUDA, capture
+        every decode and prefill shape this scheduler can run (``RowKVCache.warm_up``), so that no
+        request waits for a capture or for the cache to grow."""
         started = time.perf_counter()
-        self.cache.warm_up(max_sequence_tokens, with_slots=bool(self._lora_layers))
+        self.cache.warm_up(max_sequence_tokens, with_slots=bool(self._lora_layers),
+                           prefill_chunk_tokens=self.prefill_chunk_tokens)
         self.stats.warm_up_s = time.perf_counter() - started
 
     def start(self) -> None:

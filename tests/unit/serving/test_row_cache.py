@@ -98,3 +98,36 @@ def test_after_warm_up_the_buffers_grow_no_further_than_the_longest_sequence_all
     other = cache.acquire_row()
     cache.prefill([other], [list(range(1, 60))], None, pad_id=0)  # longer than allowed: grows, to what it needs
     assert cache.columns == 64
+
+
+def test_warm_up_knows_every_shape_a_scheduler_runs_and_the_gpu_floors_keep_answers_exact(model):
+    # The GPU's shape floors (at least 256 tokens and 512 columns a prefill pass) on the CPU: padding
+    # must not change an answer, and every shape the forwards take must be among those warm-up captures.
+    cache = RowKVCache(model, max_rows=4, column_block=16, initial_columns=16)
+    cache.prefill_min_tokens, cache.prefill_min_span = 256, 512
+    cache.warm_up(100, with_slots=False)
+    chunk_tokens = 24
+    expected_shapes = set(cache._decode_shapes(False)) | set(cache._prefill_shapes(chunk_tokens, False))
+    ran = []
+    forward = cache._forward
+    cache._forward = lambda shape: (ran.append(shape), forward(shape))
+    generator = torch.Generator().manual_seed(5)
+    sequences = [torch.randint(1, 97, (n,), generator=generator).tolist() for n in (9, 31, 50, 70)]
+    rows = [cache.acquire_row() for _ in sequences]
+    prompts, done = [ids[:-4] for ids in sequences], [0] * 4
+    while any(d < len(p) for d, p in zip(done, prompts, strict=True)):  # the scheduler's sharing of a chunk
+        live = [i for i in range(4) if done[i] < len(prompts[i])]
+        share = max(1, chunk_tokens // len(live))
+        chunks = [prompts[i][done[i]:done[i] + share] for i in live]
+        logits = cache.prefill([rows[i] for i in live], chunks, None, pad_id=0)
+        for j, i in enumerate(live):
+            done[i] += len(chunks[j])
+            torch.testing.assert_close(logits[j], reference(model, sequences[i])[done[i] - 1], rtol=1e-4, atol=1e-5)
+    for step in range(4):
+        logits = cache.decode(rows, [ids[len(prompt) + step] for ids, prompt in zip(sequences, prompts, strict=True)],
+                              None)
+        for i in range(4):
+            torch.testing.assert_close(logits[i], reference(model, sequences[i])[len(prompts[i]) + step],
+                                       rtol=1e-4, atol=1e-5)
+    assert ran and set(ran) <= expected_shapes, set(ran) - expected_shapes
+    assert any(shape[0] == "prefill" and shape[1] * shape[2] >= 256 and shape[3] >= 100 for shape in ran)

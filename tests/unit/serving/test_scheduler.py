@@ -81,6 +81,7 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
         assert (batcher.cache.rows, batcher.cache.columns) == (4, 256)
         decode_shapes = {shape for shape in batcher.cache._graphs if shape[0] == "decode"}
         assert len(decode_shapes) == (3 * 2 if device == "cuda" else 0)  # batches 1, 2, 4 x spans 128, 256
+        captured_at_warm_up = batcher.cache.graph_captures
     sinks = [Collector() for _ in CASES]
     # The first two start together; the others arrive while those decode, one per step.
     for i in (0, 1):
@@ -100,6 +101,7 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
     if warm:  # nothing grew and no decode shape was captured while serving
         assert (batcher.cache.rows, batcher.cache.columns) == (4, 256)
         assert {shape for shape in batcher.cache._graphs if shape[0] == "decode"} == decode_shapes
+        assert batcher.cache.graph_captures == captured_at_warm_up  # prefill shapes too
     assert all(sink.finish in ("stop", "length") for sink in sinks)
 
 
