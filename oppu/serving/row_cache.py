@@ -92,17 +92,21 @@ class RowKVCache:
             self._allocate(self.rows, grown)
 
     def warm_up(self, columns: int, with_slots: bool, prefill_chunk_tokens: int | None = None,
-                memory_fraction: float = 0.5) -> int:
+                memory_fraction: float = 0.5, allocate: bool | None = None) -> int:
         """Allocate every row with room for ``columns`` tokens and capture every decode shape now, and
         every prefill shape of chunks of at most ``prefill_chunk_tokens`` tokens shared among the rows.
 
         A replica that captures on first use pays each capture (an eager forward plus the capture) in
         the middle of serving, and the buffers' growth drops the graphs to capture them again: on the
         GPU machine a short HTTP phase saw a dozen captures. On CUDA the columns are cut to what fits
-        in ``memory_fraction`` of the free device memory. Returns the columns allocated.
+        in ``memory_fraction`` of the free device memory. ``allocate`` (default: on CUDA only) allocates
+        the rows and columns now; otherwise they grow as needed (on a CPU, without graphs to keep,
+        growing costs little and memory is scarcer). Returns the columns allocated.
         """
         columns = _round_up(max(columns, self.column_block), self.column_block)
         self.max_columns = columns
+        if not (self.device.type == "cuda" if allocate is None else allocate):
+            return self.columns
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             per_column = self.max_rows * self.n_layers * 2 * self.kv_heads * self.head_dim * self.keys[0].element_size()

@@ -74,7 +74,7 @@ def test_a_sliding_window_model_is_refused_by_name():
 
 def test_warm_up_allocates_every_row_and_the_columns_asked_and_answers_stay_exact(model):
     cache = RowKVCache(model, max_rows=6, column_block=16, initial_columns=16)
-    assert cache.warm_up(40, with_slots=False) == 48  # rounded up to the column block
+    assert cache.warm_up(40, with_slots=False, allocate=True) == 48  # rounded up to the column block
     assert (cache.rows, cache.columns) == (6, 48) and cache.graph_captures == 0  # no graphs on the CPU
     ids = torch.randint(1, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = reference(model, ids)
@@ -89,7 +89,7 @@ def test_warm_up_allocates_every_row_and_the_columns_asked_and_answers_stay_exac
 
 def test_after_warm_up_the_buffers_grow_no_further_than_the_longest_sequence_allowed(model):
     cache = RowKVCache(model, max_rows=2, column_block=16, initial_columns=16)
-    cache.warm_up(40, with_slots=False)
+    cache.warm_up(40, with_slots=False, allocate=True)
     row = cache.acquire_row()
     ids = list(range(1, 46))  # 45 tokens: a prefill span of 64 (a power of two) would not fit 48 columns
     logits = cache.prefill([row], [ids], None, pad_id=0)
@@ -105,7 +105,7 @@ def test_warm_up_knows_every_shape_a_scheduler_runs_and_the_gpu_floors_keep_answ
     # must not change an answer, and every shape the forwards take must be among those warm-up captures.
     cache = RowKVCache(model, max_rows=4, column_block=16, initial_columns=16)
     cache.prefill_min_tokens, cache.prefill_min_span = 256, 512
-    cache.warm_up(100, with_slots=False)
+    cache.warm_up(100, with_slots=False, allocate=True)
     chunk_tokens = 24
     expected_shapes = set(cache._decode_shapes(False)) | set(cache._prefill_shapes(chunk_tokens, False))
     ran = []
