@@ -50,6 +50,11 @@ class RowKVCache:
         self.set_slots = set_slots
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.max_graphs = max_graphs
+        # Architectures whose logits are exactly the output embedding of the decoder's last hidden states
+        # (no soft-capping or scaling after it): for them the head runs on the rows' last tokens only.
+        head_only = config.model_type in HEAD_ONLY_MODEL_TYPES and hasattr(model, "get_decoder")
+        self._decoder = model.get_decoder() if head_only else None
+        self._head = model.get_output_embeddings() if head_only else None
         # Prefill shape floors (see _prefill_shape): only where shapes are captured; on a CPU padding costs.
         self.prefill_min_tokens = 256 if self.cuda_graphs else 16
         self.prefill_min_span = 512 if self.cuda_graphs else column_block
@@ -246,15 +251,22 @@ class RowKVCache:
             self._view.target = ("prefill", per_row[:, 0], cols, span)
         self._set_slots(slots if with_slots else None)
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=self._view, use_cache=True).logits
+            if self._head is None:  # a model whose logits are more than the head of its last hidden states
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=self._view, use_cache=True).logits
+                last = logits[:, -1] if kind == "decode" else logits[self._row_index[:batch], per_row[:, 2]]
+            else:  # the head only over each row's last token, not the whole padded chunk's
+                hidden = self._decoder(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                       past_key_values=self._view, use_cache=True).last_hidden_state
+                hidden = hidden[:, -1] if kind == "decode" else hidden[self._row_index[:batch], per_row[:, 2]]
+                last = self._head(hidden)
         finally:
             self._set_slots(None)
             self._view.target = None
         if kind == "decode":
-            self._logits[:batch].copy_(logits[:, -1])
+            self._logits[:batch].copy_(last)
         else:
-            self._prefill_buffers(batch, width)[2].copy_(logits[self._row_index[:batch], per_row[:, 2]])
+            self._prefill_buffers(batch, width)[2].copy_(last)
 
     def _prefill_shape(self, n_rows: int, longest_chunk: int, needed_columns: int) -> tuple[int, int, int]:
         """The bucketed (rows, tokens a row, columns read) of a prefill: few shapes, so few graphs.
@@ -347,6 +359,9 @@ class RowKVCache:
         self._prefill_io: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         vocab = self.model.get_output_embeddings().weight.shape[0]
         self._logits = torch.zeros((rows, vocab), dtype=self.dtype, device=self.device)
+
+
+HEAD_ONLY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 
 
 def _powers_of_two_up_to(limit: int) -> list[int]:

@@ -23,8 +23,12 @@ def reference(model, ids: list[int]) -> torch.Tensor:
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def test_rows_of_different_lengths_prefilled_in_chunks_then_decoded_equal_each_sequence_alone(model):
+@pytest.mark.parametrize("head_only", [True, False], ids=["head-on-last-tokens", "whole-logits"])
+def test_rows_of_different_lengths_prefilled_in_chunks_then_decoded_equal_each_sequence_alone(model, head_only):
     cache = RowKVCache(model, max_rows=4, column_block=16, initial_columns=16)
+    assert cache._head is not None  # a Llama: the output head runs on each row's last token only ...
+    if not head_only:  # ... as other architectures' whole forward (logits of every token) would
+        cache._head = None
     generator = torch.Generator().manual_seed(1)
     sequences = [torch.randint(1, 97, (n,), generator=generator).tolist() for n in (5, 23, 40)]
     expected = [reference(model, ids) for ids in sequences]
