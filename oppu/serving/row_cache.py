@@ -204,8 +204,13 @@ class RowKVCache:
         return buffers[2][:n_real].clone()
 
     @torch.no_grad()
-    def decode(self, rows: Sequence[int], tokens: Sequence[int], slot_ids: Sequence[int] | None) -> torch.Tensor:
-        """Feed ``tokens[i]`` to row ``rows[i]``; the next-token logits of each (``[len(rows), vocab]``)."""
+    def decode(self, rows: Sequence[int], tokens: Sequence[int], slot_ids: Sequence[int] | None,
+               carried: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Feed ``tokens[i]`` to row ``rows[i]``; the next-token logits of each (``[len(rows), vocab]``).
+
+        ``carried`` = (rows, token ids), both on the device: those rows' tokens come from there instead
+        (a token chosen on the device by the previous step and not yet read back to the host).
+        """
         span = _round_up(max(self.lengths[row] for row in rows) + 1, self.column_block)
         self.reserve_columns(span)
         batch = min(1 << max(rows).bit_length(), self.rows)  # rows 0..batch-1 run; the others among them idle
@@ -215,6 +220,8 @@ class RowKVCache:
         for i, row in enumerate(rows):
             step[row] = [tokens[i], self.lengths[row], self.lengths[row], slot_ids[i] if slot_ids is not None else -1]
         self._step_inputs[:batch].copy_(torch.tensor(step, dtype=torch.long), non_blocking=True)
+        if carried is not None:
+            self._step_inputs[carried[0], 0] = carried[1]
         self._run(("decode", batch, 1, span, slot_ids is not None))
         for row in rows:
             self.lengths[row] += 1

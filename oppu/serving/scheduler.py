@@ -81,11 +81,22 @@ class _Seq:
     prefilled: int = 0  # prompt tokens in the cache
     generated: int = 0
     last_token: int = 0
+    ahead: int = 0  # tokens chosen on the device and not yet read back (a step run ahead)
     done: bool = False
 
     @property
     def cache_id(self) -> str | None:
         return self.request.adapter.cache_id if self.request.adapter is not None else None
+
+
+@dataclass
+class _StepAhead:
+    """A decode step whose greedy tokens were chosen on the device and are still being copied back."""
+
+    seqs: list[_Seq]
+    tokens: Any  # [len(seqs)] on the device: the next step's inputs for those that go on
+    host: Any  # their copy on the host (pinned on CUDA), complete once ``ready`` is
+    ready: Any  # torch.cuda.Event, or None on a CPU (the copy was synchronous)
 
 
 @dataclass
@@ -111,7 +122,7 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: Any, *, max_batch_size: int, max_waiting: int, prefill_chunk_tokens: int = 512,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, run_ahead: bool | None = None):
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_waiting = max_waiting
@@ -136,6 +147,12 @@ class ContinuousBatcher:
             self._lora_layers = list(multi_lora_layers(engine.model).values())
         self.cache = RowKVCache(engine.model, max_rows=max_batch_size, cuda_graphs=cuda_graphs,
                                 set_slots=self._set_slots if self._lora_layers else None)
+        # Greedy steps run one ahead of the host (default: on CUDA): a step's tokens are chosen on the
+        # device and fed to the next step there, which is launched before they are read back, so the
+        # GPU does not wait while the host delivers tokens, builds inputs or waits for the interpreter
+        # lock. A sequence that ended (end of sequence) is known one step late; that step's token is dropped.
+        self.run_ahead = self.cache.device.type == "cuda" if run_ahead is None else run_ahead
+        self._ahead: _StepAhead | None = None
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -221,12 +238,13 @@ class ContinuousBatcher:
                 self._prefill_chunk()
                 self.stats.prefill_s += time.perf_counter() - started
                 worked = True
-            if self._running:
+            if self._running or self._ahead is not None:
                 started = time.perf_counter()
                 self._decode_step()
                 self.stats.decode_s += time.perf_counter() - started
                 worked = True
         except Exception as exc:  # a failed forward fails the sequences in it, never the thread
+            self._ahead = None
             for seq in self._active():
                 self._finish(seq, error=exc)
             self._prefilling, self._running = [], []
@@ -344,16 +362,68 @@ class ContinuousBatcher:
 
     def _decode_step(self) -> None:
         seqs = self._running = [seq for seq in self._running if not seq.done]
-        if not seqs:
-            return
+        if self.run_ahead and all(seq.sampler.params.plain_greedy for seq in seqs):
+            self._decode_ahead(seqs)
+        else:
+            self._settle_ahead()  # tokens still on the device first: they are these rows' inputs
+            seqs = self._running = [seq for seq in self._running if not seq.done]
+            if seqs:
+                logits = self._launch_decode(seqs)
+                self._emit(seqs, logits)
+        self._running = [seq for seq in self._running if not seq.done]
+        self.stats.running = len(self._running)
+
+    def _launch_decode(self, seqs: list[_Seq], carried: tuple | None = None) -> Any:
         logits = self.cache.decode([seq.row for seq in seqs], [seq.last_token for seq in seqs],
-                                   self._slot_ids(seqs))
+                                   self._slot_ids(seqs), carried=carried)
         self.stats.steps += 1
         self.stats.max_running = max(self.stats.max_running, len(seqs))
         self.stats.history = [*self.stats.history[-999:], len(seqs)]
-        self._emit(seqs, logits)
-        self._running = [seq for seq in seqs if not seq.done]
-        self.stats.running = len(self._running)
+        return logits
+
+    def _decode_ahead(self, seqs: list[_Seq]) -> None:
+        """Launch the next greedy step, its inputs taken on the device from the step before, then read
+        back and deliver that earlier step's tokens while this one runs."""
+        import torch
+
+        previous = self._ahead
+        # A sequence whose token in flight is its last allowed one takes no further step.
+        stepping = [seq for seq in seqs if seq.generated + seq.ahead < seq.request.max_new_tokens]
+        self._ahead = None
+        if stepping:
+            carried = None
+            if previous is not None:
+                index = {id(seq): i for i, seq in enumerate(previous.seqs)}
+                going_on = [seq for seq in stepping if seq.ahead]
+                if going_on:
+                    device = previous.tokens.device
+                    carried = (torch.tensor([seq.row for seq in going_on], device=device),
+                               previous.tokens[torch.tensor([index[id(seq)] for seq in going_on], device=device)])
+            tokens = self._launch_decode(stepping, carried).argmax(-1)
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=tokens.is_cuda)
+            host.copy_(tokens, non_blocking=tokens.is_cuda)
+            ready = None
+            if tokens.is_cuda:
+                ready = torch.cuda.Event()
+                ready.record()
+            for seq in stepping:
+                seq.ahead += 1
+            self._ahead = _StepAhead(stepping, tokens, host, ready)
+        if previous is not None:
+            self._deliver_ahead(previous)
+
+    def _settle_ahead(self) -> None:
+        if self._ahead is not None:
+            ahead, self._ahead = self._ahead, None
+            self._deliver_ahead(ahead)
+
+    def _deliver_ahead(self, ahead: _StepAhead) -> None:
+        if ahead.ready is not None:
+            ahead.ready.synchronize()
+        for seq, token in zip(ahead.seqs, ahead.host.tolist(), strict=True):
+            seq.ahead -= 1
+            if not seq.done:  # not ended meanwhile (its row may already serve another sequence)
+                self._accept(seq, token, None)
 
     def _slot_ids(self, seqs: list[_Seq]) -> list[int] | None:
         return [seq.slot for seq in seqs] if self._lora_layers else None
@@ -366,15 +436,21 @@ class ContinuousBatcher:
     def _emit(self, seqs: list[_Seq], logits: Any) -> None:
         tokens, logprobs = choose_tokens(logits, [seq.sampler for seq in seqs])
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
-            if token in self._eos:
-                self._finish(seq, reason="stop")
-                continue
-            seq.generated += 1
-            self.stats.generated += 1
-            seq.last_token = token
-            self._deliver(seq, TokenEvent(token, logprob))
-            if seq.generated >= seq.request.max_new_tokens:
-                self._finish(seq, reason="length")
+            self._accept(seq, token, logprob, counted=True)
+
+    def _accept(self, seq: _Seq, token: int, logprob: Any, counted: bool = False) -> None:
+        """``token`` is ``seq``'s next: deliver it, or end the sequence."""
+        if not counted:  # choose_tokens counts what it chooses (the penalties read the counts)
+            seq.sampler.counts[token] += 1
+        if token in self._eos:
+            self._finish(seq, reason="stop")
+            return
+        seq.generated += 1
+        self.stats.generated += 1
+        seq.last_token = token
+        self._deliver(seq, TokenEvent(token, logprob))
+        if seq.generated >= seq.request.max_new_tokens:
+            self._finish(seq, reason="length")
 
     def _finish(self, seq: _Seq, reason: str | None = None, error: Exception | None = None) -> None:
         if seq.done:

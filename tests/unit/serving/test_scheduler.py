@@ -69,13 +69,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("run_ahead", [False, True], ids=["step-by-step", "run-ahead"])
 @pytest.mark.parametrize("chunk,warm", [(512, False), (3, False), (3, True)],
                          ids=["whole-prefill", "chunked-prefill", "warmed-up"])
 def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, offline_answers, chunk,  # noqa: F811
-                                                                        warm, device):
+                                                                        warm, run_ahead, device):
     base, _, loaded = setup
     engine = engine_on(base, device)
-    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=chunk)
+    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8, prefill_chunk_tokens=chunk,
+                                run_ahead=run_ahead)
     if warm:  # as a replica starts: every row allocated and, on CUDA, every decode shape captured
         batcher.warm_up(200)
         allocated = (4, 256) if device == "cuda" else (batcher.cache.rows, batcher.cache.columns)  # CPU: grows
@@ -105,6 +107,7 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
         assert {shape for shape in batcher.cache._graphs if shape[0] == "decode"} == decode_shapes
         assert batcher.cache.graph_captures == captured_at_warm_up  # prefill shapes too
     assert all(sink.finish in ("stop", "length") for sink in sinks)
+    assert batcher._ahead is None and all(not seq.ahead for seq in batcher._running)  # nothing left on the device
 
 
 def test_a_long_prompt_prefills_in_chunks_while_running_rows_keep_emitting(setup):  # noqa: F811
@@ -123,13 +126,14 @@ def test_a_long_prompt_prefills_in_chunks_while_running_rows_keep_emitting(setup
     assert len(running.tokens) - before >= 10 or running.done  # one decode step per prefill chunk
 
 
-def test_seeded_sampling_repeats_alone_and_in_a_mix_and_rows_keep_their_own_options(setup):  # noqa: F811
+@pytest.mark.parametrize("run_ahead", [False, True], ids=["step-by-step", "run-ahead"])
+def test_seeded_sampling_repeats_alone_and_in_a_mix_and_rows_keep_their_own_options(setup, run_ahead):  # noqa: F811
     base, _, loaded = setup
     engine = make_engine(base)
     sampled = SamplingParams(temperature=1.5, top_p=0.95, seed=1234)
 
     def run(requests):
-        batcher = ContinuousBatcher(engine, max_batch_size=8, max_waiting=8)
+        batcher = ContinuousBatcher(engine, max_batch_size=8, max_waiting=8, run_ahead=run_ahead)
         sinks = [Collector() for _ in requests]
         for req, sink in zip(requests, sinks, strict=True):
             batcher.submit(req, sink)
@@ -204,3 +208,41 @@ def test_a_waiting_sequences_adapter_is_loaded_into_a_slot_before_its_turn(setup
     assert loaded["u2"].cache_id in engine.slots.resident()  # ... with its adapter already in a slot
     drain(batcher, [running, waiting])
     assert waiting.finish in ("stop", "length")
+
+
+def test_running_ahead_changes_no_token_and_no_ending(setup):  # noqa: F811
+    # Endings known one step late on the host (end of sequence, max_tokens, a cancel) must not show:
+    # every sequence gets the same tokens and the same finish as stepping one step at a time.
+    base, _, loaded = setup
+    engine = make_engine(base)
+    eos = engine.eos_ids[0]
+    cases = [("u1", PROMPTS[0], 1), ("u2", PROMPTS[1], 2), ("u3", PROMPTS[2], 9), (None, PROMPTS[0], 30),
+             ("u1", PROMPTS[1], 17), ("u2", PROMPTS[2], 5)]
+
+    def run(run_ahead: bool, stop_token: int | None = None, cancel: bool = False):
+        batcher = ContinuousBatcher(engine, max_batch_size=3, max_waiting=8, run_ahead=run_ahead)
+        if stop_token is not None:  # a token the model does emit, taken as end of sequence
+            batcher._eos = {eos, stop_token}
+        sinks = [Collector() for _ in cases]
+        ids = [batcher.submit(request(engine, loaded, user, prompt, max_new), sink)
+               for (user, prompt, max_new), sink in zip(cases, sinks, strict=True)]
+        if cancel:
+            while len(sinks[4].tokens) < 2:
+                batcher.step()
+            batcher.cancel(ids[4])
+        drain(batcher, sinks)
+        assert batcher._ahead is None
+        return [(sink.tokens, sink.finish) for sink in sinks]
+
+    plain = run(False)
+    assert run(True) == plain
+    assert {"length", "stop"} <= {finish for _, finish in plain}  # max_tokens and the model's own end both seen
+    stop_token = plain[3][0][5]  # the 6th token of the long one: it now ends there, found a step late
+    stopped = run(False, stop_token)
+    assert stopped[3][1] == "stop" and stop_token not in stopped[3][0]
+    assert run(True, stop_token) == stopped
+    for run_ahead in (False, True):  # a cancel ends its sequence at a step boundary; the others go on unchanged
+        cancelled = run(run_ahead, cancel=True)
+        tokens, finish = cancelled[4]
+        assert finish == "cancelled" and 2 <= len(tokens) < len(plain[4][0]) and plain[4][0][:len(tokens)] == tokens
+        assert cancelled[:4] + cancelled[5:] == plain[:4] + plain[5:]
