@@ -13,6 +13,7 @@ from oppu.errors import AdapterError, AdapterNotFound, ConfigError, DataError, O
 from oppu.serving.auth import AuthError, ForbiddenError
 from oppu.serving.openai_api import ApiError, error_body
 from oppu.serving.replica import QueueFull, RequestTimeout, RequestTooLarge
+from oppu.serving.scheduler import SequenceTooLong
 
 
 class ModelNotFound(OppuError):
@@ -27,6 +28,7 @@ class UnknownHistory(OppuError):
 ERROR_STATUS: list[tuple[type[Exception], int, str, str | None]] = [
     (UserIdError, 400, "invalid_user_id", "model"),
     (RequestTooLarge, 400, "request_too_large", None),
+    (SequenceTooLong, 400, "request_too_large", "max_tokens"),
     (DataError, 400, "invalid_input", "input"),
     (ConfigError, 400, "invalid_request", None),
     (AuthError, 401, "unauthorized", None),

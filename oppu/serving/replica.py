@@ -38,6 +38,7 @@ from oppu.serving.scheduler import (
     QueueFull,
     RequestTimeout,
     SequenceRequest,
+    SequenceTooLong,
     TokenEvent,
 )
 from oppu.serving.textstream import ChoiceText
@@ -281,6 +282,7 @@ class ModelReplica:
                         continue  # tokens or the "cancelled" notice after a stop string matched
                     if isinstance(event, ErrorEvent):
                         self.metrics.error("timeout" if isinstance(event.error, RequestTimeout)
+                                           else "request_too_large" if isinstance(event.error, SequenceTooLong)
                                            else "adapter_unusable")
                         if not isinstance(event.error, OppuError):
                             raise event.error  # a fault, not a refusal: Serve logs it
@@ -349,6 +351,11 @@ class ModelReplica:
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise RequestTooLarge(f"the prompt has {len(prompt_ids)} tokens; the limit is "
                                   f"{self.config.max_prompt_tokens}", request.prompt_field)
+        limit = self.batcher.cache.token_limit  # set where GPU memory cut the KV cache at warm-up
+        if limit is not None and len(prompt_ids) + request.max_tokens > limit:
+            raise RequestTooLarge(f"the prompt's {len(prompt_ids)} tokens and max_tokens {request.max_tokens} "
+                                  f"need more than the {limit} tokens this replica's KV cache holds a sequence",
+                                  "max_tokens")
         return prompt_ids, adapter
 
     def _encode(self, request: GenerateRequest, adapter: LoadedAdapter | None) -> list[int]:

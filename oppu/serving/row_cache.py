@@ -64,6 +64,7 @@ class RowKVCache:
         self._pool = None
         self.rows, self.columns = 0, 0
         self.max_columns: int | None = None  # set by warm_up: the longest sequence a request may make
+        self.token_limit: int | None = None  # set by warm_up where memory cut the columns: a row holds no more
         self.graph_captures = 0
         self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
         self._allocate(1, max(column_block, initial_columns))
@@ -88,6 +89,8 @@ class RowKVCache:
 
     def reserve_columns(self, columns: int) -> None:
         """Make room for ``columns`` tokens in a row (doubling the buffers' columns as needed)."""
+        if self.token_limit is not None and columns > self.token_limit:
+            raise RuntimeError(f"a sequence needs {columns} tokens of KV cache; rows hold {self.token_limit}")
         if columns > self.columns:
             grown = self.columns
             while grown < columns:
@@ -115,8 +118,12 @@ class RowKVCache:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             per_column = self.max_rows * self.n_layers * 2 * self.kv_heads * self.head_dim * self.keys[0].element_size()
-            fits = int(free * memory_fraction) // per_column - 1
-            columns = max(self.column_block, min(columns, fits // self.column_block * self.column_block))
+            fits = max(self.column_block, int(free * memory_fraction) // per_column - 1
+                       ) // self.column_block * self.column_block
+            if fits < columns:
+                log.warning("the KV cache holds %d tokens a row, not the %d asked, in %.0f%% of the free GPU "
+                            "memory; longer requests are refused", fits, columns, 100 * memory_fraction)
+                columns = self.max_columns = self.token_limit = fits
         if self.max_rows > self.rows or columns > self.columns:
             self._allocate(self.max_rows, max(columns, self.columns))
         if not self.cuda_graphs:

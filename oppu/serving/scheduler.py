@@ -39,6 +39,12 @@ class RequestTimeout(OppuError):
     """The request ran past ``request_timeout_s`` (HTTP 504)."""
 
 
+class SequenceTooLong(OppuError):
+    """A prompt and ``max_tokens`` longer than a row of the KV cache holds (HTTP 400)."""
+
+    param = "max_tokens"
+
+
 @dataclass(frozen=True)
 class SequenceRequest:
     """One sequence to generate: prompt ids, adapter (None: the base), budget and sampling."""
@@ -328,6 +334,11 @@ class ContinuousBatcher:
                 continue
             if not seq.request.prompt_ids:
                 self._finish(seq, error=ValueError("the prompt has no tokens"))
+                continue
+            limit, needed = self.cache.token_limit, len(seq.request.prompt_ids) + seq.request.max_new_tokens
+            if limit is not None and needed > limit:  # fail it alone, not the forward it would join
+                self._finish(seq, error=SequenceTooLong(
+                    f"the prompt and max_tokens need {needed} tokens; a sequence holds at most {limit} here"))
                 continue
             seq.row = self.cache.acquire_row()
             self._prefilling.append(seq)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oppu.serving.http_errors import as_api_error
 from oppu.serving.sampling import SamplingParams
 from oppu.serving.scheduler import (
     ContinuousBatcher,
@@ -13,6 +14,7 @@ from oppu.serving.scheduler import (
     QueueFull,
     RequestTimeout,
     SequenceRequest,
+    SequenceTooLong,
     TokenEvent,
 )
 from tests.unit.serving.test_engine import CASES, PROMPTS, make_engine, offline_answers, setup  # noqa: F401
@@ -246,3 +248,19 @@ def test_running_ahead_changes_no_token_and_no_ending(setup):  # noqa: F811
         tokens, finish = cancelled[4]
         assert finish == "cancelled" and 2 <= len(tokens) < len(plain[4][0]) and plain[4][0][:len(tokens)] == tokens
         assert cancelled[:4] + cancelled[5:] == plain[:4] + plain[5:]
+
+
+def test_a_sequence_longer_than_a_row_holds_fails_alone(setup):  # noqa: F811
+    # Where GPU memory cut the KV cache at warm-up, a row holds token_limit tokens: a request that could
+    # outgrow it is refused at admission, by name, and the sequences beside it go on.
+    base, _, loaded = setup
+    engine = make_engine(base)
+    batcher = ContinuousBatcher(engine, max_batch_size=4, max_waiting=8)
+    batcher.cache.token_limit = 128  # as warm-up sets it: a whole number of column blocks
+    short, long = Collector(), Collector()
+    batcher.submit(request(engine, loaded, "u1", PROMPTS[0], 8), short)
+    batcher.submit(request(engine, loaded, "u2", PROMPTS[0], 125), long)
+    drain(batcher, [short, long])
+    assert isinstance(long.error, SequenceTooLong) and "at most 128" in str(long.error) and not long.tokens
+    assert short.error is None and short.finish in ("stop", "length")
+    assert as_api_error(long.error).status == 400 and as_api_error(long.error).param == "max_tokens"
