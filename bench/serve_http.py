@@ -284,11 +284,10 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
         batcher.submit(SequenceRequest(ids, None, workload.max_tokens(), SamplingParams(temperature=0.0)), sink)
 
     batcher.warm_up(MAX_PROMPT_TOKENS + workload.shape.max_tokens[1])  # as the replica does before serving
-    for _ in range(1):  # a warm-up round: first kernels and allocations outside the window
-        for _ in range(rows):
-            submit()
-        while in_flight[0]:
-            batcher.step()
+    for _ in range(rows):  # a warm-up round: first kernels and allocations outside the window
+        submit()
+    while in_flight[0]:
+        batcher.step()
     times.clear()
     captures_before = batcher.cache.graph_captures
     before = dataclasses.replace(batcher.stats)

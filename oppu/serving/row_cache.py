@@ -1,19 +1,22 @@
-"""The running batch's KV cache: one row of static buffers per sequence, and graphed decode steps.
+"""The running batch's KV cache: one row of static buffers per sequence, and graphed forwards.
 
 Each sequence the scheduler runs owns a row of every layer's key and value buffers
 (``[rows, kv_heads, columns, head_dim]``) and keeps its tokens in columns ``0 .. length-1`` of that
 row, the column being the token's position. A newcomer's prompt is prefilled straight into its row;
 a decode step writes one column per row, at that row's own length; a row that leaves is handed to
 the next newcomer. No step copies the cache (the left-padded ``DynamicCache`` this replaces was
-re-concatenated whenever a row joined or left), and a decode step has one of a few shapes: rows
-rounded up to a power of two, columns up to a multiple of ``column_block``. On CUDA each shape is
-captured once as a CUDA graph and replayed, so that a 7B decode step costs the GPU's time for it
-(not yet shown inside the serve replica), not the Python and kernel launches of 32 layers (about 100 ms a step eager on the GPU machine,
-``bench/results/serve_http-eager-2026-12-07.json``; 7 ms graphed in ``bench/serve.py``).
+re-concatenated whenever a row joined or left), and every forward has one of a few shapes: rows
+rounded up to a power of two, decode columns up to a multiple of ``column_block``, prefill chunks
+padded as ``_prefill_shape`` says. On CUDA each shape is captured once as a CUDA graph and replayed,
+so that a 7B step costs the GPU's time for it, not the Python and kernel launches of 32 layers
+(about 100 ms a decode step eager on the GPU machine; graphed, 32 streams through the serve app got a
+token every ~13 ms, ``bench/results/serve_http-short-2026-12-07.json``).
 
-Buffers grow (rows and columns, by doubling) when a sequence needs more; growing drops the captured
-graphs, which are captured again on first use. One extra column per row takes the writes of rows
-that are not decoding (free rows, rows still being prefilled) and of a prefill's padding.
+``warm_up`` (a replica calls it before serving) allocates the buffers and captures every shape up
+front. Without it, buffers grow (rows and columns, by doubling) when a sequence needs more; growing
+drops the captured graphs, which are captured again on first use. One extra column per row takes
+the writes of rows that are not decoding (free rows, rows still being prefilled) and of a prefill's
+padding.
 """
 
 from __future__ import annotations
