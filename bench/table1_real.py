@@ -14,7 +14,7 @@ and config match), so the table can be built over several calls of at most 10 mi
 When ``evaluate`` has run, the run's record is added to ``--results`` (default
 ``bench/results/table1_real.json``, replacing an earlier record of the same task and seed) and,
 when ``$OUT`` is set, copied there. Shape: ``{"device", "command", "model", "tuning_seeds",
-"runs": [{"task", "seed", "methods", "reference", "population_gap_closed", "device_seconds",
+"runs": [{"task", "seed", "command", "methods", "reference", "population_gap_closed", "device_seconds",
 "stage_seconds"}]}``.
 """
 
@@ -121,7 +121,8 @@ def record(args, cfg, config: dict, stage_seconds: dict, log) -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if results.get("device") != device or results.get("model") != args.model:
         results = {}  # records of another device or model are not mixed into one file
-    run = {"task": metrics["task"], "seed": args.seed, "methods": metrics["methods"],
+    # The top-level command is the latest call's; each run keeps the call that evaluated it.
+    run = {"task": metrics["task"], "seed": args.seed, "command": command, "methods": metrics["methods"],
            "reference": metrics["reference"], "population_gap_closed": metrics.get("population_gap_closed"),
            "non_personalized_gap_closed": metrics.get("oppu_gap_closed"),
            "n_test_users": metrics["n_test_users"], "n_queries": metrics["n_queries"],
