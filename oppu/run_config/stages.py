@@ -107,7 +107,9 @@ class BaseStage:
     # flavours adapted at once, each its own Ray Train run (one GPU's worth of small models at
     # once keeps it busy where one run alone leaves it idle between steps)
     parallel_flavours: int = 1
-    deepspeed: str | None = None  # path to a DeepSpeed JSON config (GPU only), e.g. configs/deepspeed/zero2.json
+    # path to a DeepSpeed JSON config, e.g. configs/deepspeed/zero2.json; made for GPU workers (CPU
+    # workers run it on DeepSpeed's CPU accelerator over gloo: the tests' way to check it without a GPU)
+    deepspeed: str | None = None
     train_storage: str | None = None  # Ray Train checkpoint storage; default run_dir/ray-train (shared by all nodes)
     # optimiser steps between resumable checkpoints (adapter, optimiser, schedule, data position); 0: none
     checkpoint_every_steps: int = 50

@@ -40,6 +40,7 @@ from oppu.training.base_state import (
     absolute,
     checkpoint_position,
     full_parameters,
+    host_copy,
     load_train_state,
     rank0_decides,
     report_train_state,
@@ -245,9 +246,8 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
             if rank == 0:
                 merged = model.merge_and_unload()
                 # Gathered ZeRO-3 weights are views into shared buffers that go back to their
-                # partitions on leaving the block: the file gets copies.
-                state = ({k: v.detach().to("cpu", copy=True) for k, v in merged.state_dict().items()}
-                         if partitioned else None)
+                # partitions on leaving the block: the file gets copies (tied ones still shared).
+                state = host_copy(merged.state_dict()) if partitioned else None
                 merged.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if rank == 0:
             tokenizer.save_pretrained(tmp)
@@ -427,8 +427,6 @@ def _published_provenance(base_uri: str) -> dict | None:
 def _deepspeed_config(cfg: RunConfig) -> dict | None:
     if not cfg.base.deepspeed:
         return None
-    if not cfg.base.use_gpu:
-        raise ConfigError("base.deepspeed needs base.use_gpu=true (on CPU the trainer uses DDP)")
     ds_config = json.loads(fsutil.read_text(cfg.base.deepspeed))
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if cfg.base.base_precision != "bf16" and stage == 3:

@@ -64,6 +64,20 @@ def full_parameters(model, partitioned: bool):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+def host_copy(state: dict) -> dict:
+    """``state`` (name -> tensor) copied to host memory, a tensor shared under several names (tied
+    weights: a Llama's embedding and output head) copied once and still shared, so that
+    ``save_pretrained`` writes it once, as it does from the model itself."""
+    copies: dict[tuple, object] = {}
+    out = {}
+    for name, tensor in state.items():
+        key = (tensor.device, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() == 0 or key not in copies:  # empty tensors may all sit at address 0
+            copies[key] = tensor.detach().to("cpu", copy=True)
+        out[name] = copies[key]
+    return out
+
+
 def report_train_state(position: TrainPosition, flavour: str, rank: int, model, optimizer, scheduler, engine,
                         resumed_from: int, metrics: dict | None = None) -> None:
     """Report a resumable checkpoint from every rank (Ray Train merges their directories):

@@ -18,11 +18,14 @@ watched by ``tests.integration.base_runs.watch_base_workers``. Training runs in 
   first destroyed before the second starts from the pristine weights): plain's base equals the
   one of plain's run alone within the same tolerance.
 
-``OPPU_TEST_DEVICE=cpu`` runs the same checks on the CPU without DeepSpeed (the DDP path, float32).
+``OPPU_TEST_DEVICE=cpu`` runs the same checks on the CPU: the DDP path (float32) and, where
+DeepSpeed is installed, ZeRO-2 and ZeRO-3 too (DeepSpeed's CPU accelerator over gloo, bfloat16):
+how the ZeRO-3 publish was found writing a tied output head twice (2026-12-07).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -37,11 +40,13 @@ from tests.integration import base_runs
 prepared = base_runs.prepared  # the module's fixture: prepared data and a tiny model
 
 ON_CPU = os.environ.get("OPPU_TEST_DEVICE", "cuda") == "cpu"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.integration,
               pytest.mark.skipif(not ON_CPU and not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 if not ON_CPU:
     pytest.importorskip("deepspeed")
+STAGES = ([None] + ([2, 3] if HAS_DEEPSPEED else [])) if ON_CPU else [2, 3]
 
 
 LR, WEIGHT_DECAY, RANK, ALPHA = 1e-2, 0.05, 8, 32
@@ -53,7 +58,11 @@ SETTINGS = [f"base.use_gpu={str(not ON_CPU).lower()}", "base.num_workers=1", "ba
             "base.peft.target_modules=[q_proj,v_proj]"]
 TOTAL_STEPS, WARMUP_STEPS, FAIL_AT_STEP = 16, 4, 10
 RTOL, ATOL = 1e-2, 2e-3
-TRAIN_DTYPE = torch.float32 if ON_CPU else torch.bfloat16
+
+
+def train_dtype(stage: int | None):
+    """DeepSpeed trains in bfloat16, as shipped; the DDP path on the CPU in float32."""
+    return torch.float32 if stage is None else torch.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +70,13 @@ def watch(tmp_path_factory):
     yield from base_runs.watched_ray(tmp_path_factory, num_cpus=4, num_gpus=0 if ON_CPU else 1)
 
 
-@pytest.fixture(scope="module", params=[None] if ON_CPU else [2, 3], ids=["ddp"] if ON_CPU else ["zero2", "zero3"])
+@pytest.fixture(scope="module", params=STAGES, ids=[f"zero{s}" if s else "ddp" for s in STAGES])
 def runs(request, prepared, watch, tmp_path_factory) -> dict:
     """The stage's uninterrupted, resumed and two-flavour runs: their run dirs, rank 0's reports,
     AdamW steps and the adapter merged last."""
     data, model = prepared
     stage = request.param
-    runs = {}
+    runs = {"stage": stage}
     for kind, fail_at, flavours in (("clean", [], ["plain"]), ("resumed", [str(FAIL_AT_STEP)], ["plain"]),
                                     ("two", [], ["rag-k1", "plain"])):
         run_dir = tmp_path_factory.mktemp(f"zero{stage}-{kind}")
@@ -93,10 +102,10 @@ def runs(request, prepared, watch, tmp_path_factory) -> dict:
     return runs
 
 
-def expected_merge(pretrained: dict, adapter: dict) -> dict:
+def expected_merge(pretrained: dict, adapter: dict, dtype) -> dict:
     """``pretrained`` in the training dtype plus ``alpha / r * B @ A`` on each LoRA target, in float32.
     Adapter keys are the PEFT LoRA model's (``model.<module>.lora_A.default.weight``)."""
-    expected = {name: weight.to(TRAIN_DTYPE).to(torch.float32, copy=True) for name, weight in pretrained.items()}
+    expected = {name: weight.to(dtype).to(torch.float32, copy=True) for name, weight in pretrained.items()}
     for key, lora_a in adapter.items():
         if ".lora_A." not in key:
             continue
@@ -112,12 +121,13 @@ def test_the_published_base_is_the_pretrained_one_plus_the_trained_lora(prepared
     adapter = torch.load(runs["clean"]["dir"] / "merged-adapter.pt")
     assert len([k for k in adapter if ".lora_A." in k]) == 2 * 2  # q_proj, v_proj in 2 layers
     merged = base_runs.published_weights(runs["clean"]["dir"] / "base")
-    expected = expected_merge(pretrained, adapter)
+    dtype = train_dtype(runs["stage"])
+    expected = expected_merge(pretrained, adapter, dtype)
     assert merged.keys() == expected.keys()
     for name, weight in expected.items():
         assert merged[name].shape == weight.shape and merged[name].numel() > 0, f"{name} is not full-size"
         torch.testing.assert_close(merged[name].float(), weight, rtol=RTOL, atol=ATOL, msg=name)
-    lora_moved = max(float((expected[n] - pretrained[n].to(TRAIN_DTYPE).float()).abs().max()) for n in expected)
+    lora_moved = max(float((expected[n] - pretrained[n].to(dtype).float()).abs().max()) for n in expected)
     assert lora_moved > 10 * ATOL, "the LoRA is too small for this test to tell a merge from none"
 
 

@@ -56,3 +56,41 @@ def test_a_run_of_several_flavours_is_named_by_every_one():
     assert name.startswith("oppu-base-LaMP_2M-2-flavours-")
     assert run_name("LaMP_2M", {**both, "flavours": [flavour("plain"), flavour("rag-k1", samples=9)]}, 1) != name
     assert run_name("LaMP_2M", {**both, "flavours": [flavour("rag-k1"), flavour("plain")]}, 1) != name
+
+
+def tied_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        num_key_value_heads=2, intermediate_size=32, vocab_size=64,
+                                        tie_word_embeddings=True))
+
+
+def test_a_host_copy_keeps_tied_weights_shared_so_the_published_base_writes_them_once(tmp_path):
+    """ZeRO-3's merged state is copied out of the gathered buffers before saving; a plain copy per
+    name had untied a tied output head, and the published base got a second ``lm_head.weight``
+    (found running tests/gpu/test_base_gpu.py's ZeRO-3 case on the CPU)."""
+    from safetensors import safe_open
+
+    from oppu.training.base_state import host_copy
+
+    model = tied_llama()
+    state = model.state_dict()
+    copied = host_copy(state)
+    assert copied.keys() == state.keys()
+    assert copied["lm_head.weight"] is copied["model.embed_tokens.weight"]
+    for name, tensor in state.items():
+        assert copied[name].equal(tensor) and copied[name].data_ptr() != tensor.data_ptr(), name
+
+    def saved_keys(directory, **kwargs) -> set[str]:
+        model.save_pretrained(directory, safe_serialization=True, **kwargs)
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return set(f.keys())
+
+    as_the_model_saves = saved_keys(tmp_path / "model")
+    assert "lm_head.weight" not in as_the_model_saves
+    assert saved_keys(tmp_path / "copied", state_dict=copied) == as_the_model_saves
+    untied = {name: tensor.detach().clone() for name, tensor in state.items()}
+    assert saved_keys(tmp_path / "untied", state_dict=untied) == as_the_model_saves | {"lm_head.weight"}
