@@ -5,9 +5,10 @@ each actor loads the base once and trains many users, publishing each adapter to
 moment it is done (``oppu.training.publish``). The driver collects one ``UserResult`` a user and
 writes the report (``oppu.training.users_report``).
 
-Grouping by history length: the users are sorted by ``n_history``, longest first, and cut
-into blocks of ``users.users_per_batch`` consecutive users (``one_block_per_batch``); each
-block is one task on one actor. So the users an actor
+Grouping by history length: the users are sorted by ``n_history``, longest first, and taken
+in rounds of ``users.actors`` batches of ``users.users_per_batch`` users, each round's users
+dealt so that its batches hold the same number of history items (``balanced_batches``); each
+batch is one task on one actor. So the users an actor
 trains together have similar history lengths (what ``users.trainer: batched`` needs to keep
 its slots busy: no long-tail user trains alone for long while its batch-mates idle), and the
 longest users start first, so none of them stalls the end of the run.
@@ -58,8 +59,8 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
         log(f"[{stage} {variant}] {len(stored)} of {len(expected)} users already have this adapter in the "
             "store: skipped without starting the actor pool")
         users = users.filter(pa.array([u not in stored for u in expected], pa.bool_()))
-    # Sorted, each batch is a run of consecutive users in that order: similar history lengths on
-    # one actor, the longest first. An actor that dies is restarted (it loads the base again) and
+    # Sorted, each round of batches is a run of consecutive users in that order, dealt evenly:
+    # similar history lengths on one actor, the longest first, the actors done together. An actor that dies is restarted (it loads the base again) and
     # its batch re-run up to max_retries times; users it had published by then are skipped as
     # already present. A batch that failed every retry costs its users, not the job.
     results: list[UserResult] = list(stored.values())
@@ -68,7 +69,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
     rows = []
     if users.num_rows:
         _, results_ds = map_users(users, PersonalTrainer, start_failed, cfg.users, {"cfg": cfg, "variant": variant},
-                                  max_retries=cfg.users.max_retries)
+                                  max_retries=cfg.users.max_retries, balance_by="n_history")
         rows = results_ds.iter_rows()
     with logs.progress(users.num_rows, f"{stage} {variant}", unit="users") as bar:
         for row in rows:
