@@ -19,6 +19,10 @@ PeftMethod = Literal["lora", "ia3", "prompt_tuning"]
 # tensor (e5m2 gradients). LoRA stays in bf16/fp32 either way.
 BasePrecision = Literal["bf16", "fp8", "fp8-tensor"]
 BASE_PRECISIONS = ("bf16", "fp8", "fp8-tensor")
+# The base's RMSNorm, SwiGLU and RoPE in training: torch's eager modules, or liger-kernel's
+# fused Triton kernels (oppu.models.kernels).
+Kernels = Literal["torch", "liger"]
+KERNELS = ("torch", "liger")
 
 
 def check_base_precision(key: str, value: str, on_gpu: bool, gpu_key: str) -> None:
@@ -28,6 +32,15 @@ def check_base_precision(key: str, value: str, on_gpu: bool, gpu_key: str) -> No
     if value != "bf16" and not on_gpu:
         raise ConfigError(f"{key}={value} runs the base's GEMMs on a GPU's FP8 tensor cores (H100, L4, L40S, "
                           f"...), and {gpu_key} trains on CPU: give it GPUs, or set {key}=bf16")
+
+
+def check_kernels(key: str, value: str, on_gpu: bool, gpu_key: str) -> None:
+    """``ConfigError`` naming ``key`` when ``value`` is not a kernel choice, or is liger without a GPU."""
+    if value not in KERNELS:
+        raise ConfigError(f"{key} must be one of {list(KERNELS)}, got {value!r}")
+    if value == "liger" and not on_gpu:
+        raise ConfigError(f"{key}=liger runs liger-kernel's Triton kernels on CUDA GPUs only, and {gpu_key} "
+                          f"trains on CPU: give it GPUs, or set {key}=torch")
 
 
 @dataclass
@@ -119,6 +132,9 @@ class BaseStage:
     # the frozen base's GEMMs during adaptation: bf16, or fp8 / fp8-tensor (GPU workers; not with
     # DeepSpeed ZeRO-3, whose partitioned weights cannot be quantized once)
     base_precision: BasePrecision = "bf16"
+    # the base's RMSNorm, SwiGLU and RoPE during adaptation: torch's, or liger-kernel's fused
+    # kernels (liger: GPU workers only; oppu.models.kernels)
+    kernels: Kernels = "torch"
 
     def __post_init__(self) -> None:
         if self.rag_k < 1:
@@ -136,6 +152,7 @@ class BaseStage:
         for flavour in self.flavours:
             parse_flavour(flavour, self.rag_k)
         check_base_precision("base.base_precision", self.base_precision, self.use_gpu, "base.use_gpu=false")
+        check_kernels("base.kernels", self.kernels, self.use_gpu, "base.use_gpu=false")
 
 
 @dataclass
@@ -210,6 +227,10 @@ class UserStage:
     # fp8-tensor: per-tensor) on a GPU's FP8 tensor cores, weights quantized once per base load
     # (oppu.models.fp8); either trainer; not with quantize=nf4
     base_precision: BasePrecision = "bf16"
+    # the base's RMSNorm, SwiGLU and RoPE: torch's eager modules, or liger-kernel's fused Triton
+    # kernels (liger: CUDA GPU actors only, `pip install 'oppu[liger]'`; oppu.models.kernels);
+    # either trainer, the adapters the same up to floating-point order
+    kernels: Kernels = "torch"
     actors: int = 2  # Ray Data actor pool size; each actor loads the base once
     users_per_batch: int = 4  # users handed to an actor at a time (consecutive in history length)
     num_cpus_per_actor: float = 1.0
@@ -249,6 +270,8 @@ class UserStage:
                               "(set users.num_gpus_per_actor > 0, or users.quantize=none)")
         check_base_precision("users.base_precision", self.base_precision, self.num_gpus_per_actor > 0,
                              f"users.num_gpus_per_actor={self.num_gpus_per_actor}")
+        check_kernels("users.kernels", self.kernels, self.num_gpus_per_actor > 0,
+                      f"users.num_gpus_per_actor={self.num_gpus_per_actor}")
         if self.base_precision != "bf16" and self.quantize != "none":
             raise ConfigError(f"users.base_precision={self.base_precision} and users.quantize={self.quantize} "
                               "both replace the base's linear layers: pick one")

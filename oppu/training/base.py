@@ -119,6 +119,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
 
     from oppu.models import encode_sample
     from oppu.models.fp8 import restore_base_linears, set_base_precision
+    from oppu.models.kernels import use_kernels
     from oppu.models.samples import collate, target_loss
     from oppu.tasks.base import TrainingSample
 
@@ -132,6 +133,7 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     # FP8 for the frozen base's GEMMs (base.base_precision): quantized here, once per flavour, and
     # undone before the merge, which writes the LoRA into the bf16 weights.
     set_base_precision(model, config.get("base_precision", "bf16"))
+    use_kernels(model, config.get("kernels", "torch"), key="base.kernels")
     torch.manual_seed(config["seed"])
     model = peft_lib.get_peft_model(model, PeftSettings(**config["peft"]).to_peft_config())
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -307,6 +309,8 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
                       "peft": asdict(cfg.base.peft), "optim": asdict(cfg.base.optim), "seed": cfg.seed}
         if cfg.base.base_precision != "bf16":  # recorded only then: bf16 bases keep their provenance
             provenance["base_precision"] = cfg.base.base_precision
+        if cfg.base.kernels != "torch":  # the same: recorded only where not the default
+            provenance["kernels"] = cfg.base.kernels
         target = cfg.base_uri(flavour)
         spec = {"flavour": flavour, "n_samples": len(samples), "epochs": epochs, "provenance": provenance,
                 "target": absolute(target), "dataset": None}
@@ -328,6 +332,7 @@ def adapt_bases(cfg: RunConfig, flavours: list[str], log=logger.info) -> dict[st
         "checkpoint_every_steps": cfg.base.checkpoint_every_steps,
         "checkpoint_each_epoch": cfg.base.checkpoint_each_epoch,
         "deepspeed": _deepspeed_config(cfg), "flavours": specs, "base_precision": cfg.base.base_precision,
+        "kernels": cfg.base.kernels,
     }
     trainer = TorchTrainer(
         train_base_loop,

@@ -50,7 +50,8 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
     """What makes two adapters of one user the same training (the store hashes it for ``find``).
 
     ``trainer`` is recorded only when it is not ``per-user``, ``users.quantize`` only when it is
-    not ``none``, ``users.base_precision`` only when it is not ``bf16``, and ``prompt_format``
+    not ``none``, ``users.base_precision`` only when it is not ``bf16``, ``users.kernels`` only
+    when it is not ``torch``, and ``prompt_format``
     (which the manifest carries to serving, see
     ``oppu.models.prompting``) only when it is not ``plain``, so older manifests keep their hash: batched training gives the same adapter up to floating-point
     order and dropout masks, not bit for bit, so switching trainers trains afresh rather than
@@ -67,6 +68,8 @@ def adapter_train_config(cfg: RunConfig, variant: str, epochs: int, trainer: str
         config["quantize"] = cfg.users.quantize
     if cfg.users.base_precision != "bf16":
         config["base_precision"] = cfg.users.base_precision
+    if cfg.users.kernels != "torch":
+        config["kernels"] = cfg.users.kernels
     if prompt_format != "plain":
         config["prompt_format"] = prompt_format
     return config

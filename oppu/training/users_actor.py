@@ -37,6 +37,7 @@ class PersonalTrainer:
 
         from oppu.models import base_fingerprint, load_model
         from oppu.models.fp8 import set_base_precision
+        from oppu.models.kernels import use_kernels
         from oppu.models.prompting import resolve_prompt_format
         from oppu.tasks import get_task
         from oppu.training.publish import AdapterPublisher
@@ -52,6 +53,7 @@ class PersonalTrainer:
             parameter.requires_grad_(False)
         # Once per base load: the FP8 weights serve every user this actor trains, either trainer.
         set_base_precision(self.model, self.cfg.users.base_precision)
+        use_kernels(self.model, self.cfg.users.kernels)
         self.fingerprint = base_fingerprint(base_uri)
         self.trainer = self.cfg.users.trainer
         self.publisher = AdapterPublisher.for_run(
