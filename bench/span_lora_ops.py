@@ -1,5 +1,6 @@
-"""Host-side operator count of the per-token LoRA (packed batched training), before and after runs were
-batched: one LoRA layer (576 -> 576, r=16, SmolLM2-135M's q_proj), a 32k-token pass of 50 users' runs,
+"""Host-side operator count of the per-token LoRA (packed batched training): one matmul pair per run (before
+runs were batched), runs batched into padded groups (``SpanLora``), and one grouped GEMM per side over all
+runs (``grouped_update``, torch's grouped_mm): one LoRA layer (576 -> 576, r=16, SmolLM2-135M's q_proj), a 32k-token pass of 50 users' runs,
 forward and backward, counted with torch.profiler on the CPU (each op is a kernel launch on the GPU).
 
     python3 bench/span_lora_ops.py          # needs the git history: the earlier layer is read from commit 5e439eb
@@ -16,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from oppu.models.span_lora import SpanLora, SpanPlan  # noqa: E402
+from oppu.models.span_lora import SpanLora, SpanPlan, grouped_update  # noqa: E402
 
 BEFORE = "5e439eb"  # the last commit with one matmul pair per run (multi_lora._SpanLora)
 rng = random.Random(0)
@@ -47,11 +48,14 @@ def run(kind):
     b = torch.randn(50, dout, r, requires_grad=True)
     s = torch.full((50,), 2.0)
     base = torch.randn(1, T, dout)
+    plan = SpanPlan.build(spans, "cpu")  # once per pass for every layer: not counted
     with profile(activities=[ProfilerActivity.CPU]) as p:
         if kind == "old":
             out = old._SpanLora.apply(base.clone(), x, a, b, s, tuple(spans))
+        elif kind == "grouped":
+            out = grouped_update(base.clone(), x, a, b, s, plan.aligned)
         else:
-            out = SpanLora.apply(base.clone(), x, a, b, s, SpanPlan.build(spans, "cpu"))
+            out = SpanLora.apply(base.clone(), x, a, b, s, plan)
         out.sum().backward()
     # top-level aten ops: those not called from inside another aten op
     ops = [e for e in p.events() if e.name.startswith("aten::")
@@ -59,6 +63,10 @@ def run(kind):
     return len(ops), out.detach(), x.grad
 n_old, o1, g1 = run("old")
 n_new, o2, g2 = run("new")
+n_grouped, o3, g3 = run("grouped")
 print(f"top-level aten ops per LoRA layer (forward+backward), {len(spans)} users' runs in a {T}-token pass: "
-      f"one matmul pair per run {n_old}, runs batched {n_new} ({n_old / n_new:.1f}x fewer)")
-print(f"largest difference: output {(o1 - o2).abs().max().item():.2e}, input gradient {(g1 - g2).abs().max().item():.2e}")
+      f"one matmul pair per run {n_old}, runs batched {n_new} ({n_old / n_new:.1f}x fewer), "
+      f"grouped GEMM {n_grouped} ({n_new / n_grouped:.1f}x fewer than batched)")
+print(f"largest difference from one pair per run: output {(o1 - o2).abs().max().item():.2e} / "
+      f"{(o1 - o3).abs().max().item():.2e}, input gradient {(g1 - g2).abs().max().item():.2e} / "
+      f"{(g1 - g3).abs().max().item():.2e} (batched / grouped)")

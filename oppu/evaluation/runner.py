@@ -163,7 +163,7 @@ def pick_random_items(dataset, seed: int) -> dict[str, dict]:
 def evaluate(cfg: RunConfig) -> dict:
     """Answer and score every configured method; writes predictions, metrics.json and metrics.md."""
 
-    from oppu.actor_pools import map_users, read_test_users
+    from oppu.actor_pools import map_users, read_test_users, result_batches
     from oppu.data.dataset import read_dataset
     from oppu.erasure import tombstone_check
 
@@ -192,18 +192,20 @@ def evaluate(cfg: RunConfig) -> dict:
     failed: dict[str, dict[str, str]] = {m.name: {} for m in methods}  # method -> query id -> error
     users_done, users_failed = set(), set()
     with logs.progress(len(test_users), "evaluate", unit="users") as bar:
-        for row in answers_ds.iter_rows():  # a batch's rows come together, user by user
-            user = row["user_id"]
-            predictions[row["method"]][row["query_id"]] = str(row["prediction"])
-            raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
-            if row["error"]:
-                failed[row["method"]][str(row["query_id"])] = str(row["error"])
-            if user not in users_done:
+        for rows in result_batches(answers_ds):  # a batch's rows come together, user by user
+            done_before = len(users_done)
+            newly_failed = []
+            for row in rows:
+                user = row["user_id"]
+                predictions[row["method"]][row["query_id"]] = str(row["prediction"])
+                raw_outputs[row["method"]][row["query_id"]] = str(row["raw"])
+                if row["error"]:
+                    failed[row["method"]][str(row["query_id"])] = str(row["error"])
                 users_done.add(user)
-                bar.update(1)
-            if row["error"] and user not in users_failed:
-                users_failed.add(user)
-                bar.update(0, failed=user)
+                if row["error"] and user not in users_failed:
+                    users_failed.add(user)
+                    newly_failed.append(user)
+            bar.update(len(users_done) - done_before, failed=newly_failed)
     metrics = write_results(cfg, task, golds, predictions, raw_outputs, failed, len(test_users))
     check_failed_queries(cfg, metrics)
     return metrics

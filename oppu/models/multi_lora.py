@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from oppu.errors import AdapterError, ConfigError
-from oppu.models.span_lora import SpanLora, SpanPlan
+from oppu.models.span_lora import SpanPlan, lora_update
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -113,8 +113,8 @@ class MultiLoraLinear(nn.Module):
         if not isinstance(plan, SpanPlan):
             plan = SpanPlan.build(plan if plan is not None else slot_spans(slot_ids), x.device)
         result = self.base(x)
-        return SpanLora.apply(result, self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(result.dtype),
-                              self.scaling, plan)
+        return lora_update(result, self.dropout(x), self.lora_A.to(x.dtype), self.lora_B.to(result.dtype),
+                           self.scaling, plan)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

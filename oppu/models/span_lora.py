@@ -16,16 +16,28 @@ Isolation is kept: every batch entry of a group is one run of one slot, its padd
 are *selected* to zero (``torch.where``, never multiplied by zero: ``0 * NaN`` is NaN), and only
 the run's own positions are added back. So a slot's update and gradient read its own tokens
 and matrices and nothing else, and a diverged user's NaNs stay in its slot.
+
+Where torch's grouped GEMM runs natively (``torch.nn.functional.grouped_mm``: CUTLASS on an
+H100/B200 in bf16, and the CPU), :func:`grouped_update` does the same with one grouped GEMM each
+way over all runs at once, each run its own group and its own slot's matrices: 49 operators
+per layer forward and backward where the padded groups took 96 for a 50-user pass
+(``bench/span_lora_ops.py``), and no padding to a group's longest run. Each run is laid out
+from a multiple of ``GROUP_ALIGN`` tokens (its tail selected to zero, as above), which the
+weight-gradient GEMM needs: its groups split the token dimension it sums over.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 MAX_PADDING = 2.0  # a group's longest run is at most this many times its shortest
+GROUP_ALIGN = 16  # tokens: where each run starts in the grouped GEMM's layout (16 bf16 = 32 bytes)
 
 
 @dataclass(frozen=True)
@@ -40,11 +52,25 @@ class SpanGroup:
 
 
 @dataclass(frozen=True)
+class AlignedRuns:
+    """Every run in one layout for the grouped GEMM, each from a multiple of ``GROUP_ALIGN``: on the device."""
+
+    slots: torch.Tensor  # [R]: each run's slot
+    offsets: torch.Tensor  # [R] int32: where each run's stretch of the layout ends
+    sources: torch.Tensor  # [P]: each layout position's token index (0 on a run's padded tail)
+    valid: torch.Tensor  # [P, 1]: a run's own token (not its tail)
+    positions: torch.Tensor  # [n]: the valid layout positions, in order
+    targets: torch.Tensor  # [n]: the token index of each of those positions
+
+
+@dataclass(frozen=True)
 class SpanPlan:
-    """The runs of one pass, grouped for batched matmuls; built once, used by every layer."""
+    """The runs of one pass, grouped for batched matmuls and laid out for the grouped GEMM; built
+    once, used by every layer."""
 
     spans: tuple[tuple[int, int, int], ...]
     groups: tuple[SpanGroup, ...]
+    aligned: AlignedRuns | None = None
 
     @classmethod
     def build(cls, spans: Sequence[tuple[int, int, int]], device: torch.device | str) -> SpanPlan:
@@ -57,7 +83,98 @@ class SpanPlan:
             current.append(span)
         if current:
             groups.append(current)
-        return cls(tuple(spans), tuple(_group(runs, torch.device(device)) for runs in groups))
+        device = torch.device(device)
+        aligned = _aligned(spans, device) if spans and grouped_mm_available(device) else None
+        return cls(tuple(spans), tuple(_group(runs, device) for runs in groups), aligned)
+
+
+def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device) -> AlignedRuns:
+    slots = torch.tensor([slot for slot, _, _ in spans])
+    starts = torch.tensor([start for _, start, _ in spans])
+    lengths = torch.tensor([end - start for _, start, end in spans])
+    stretches = (lengths + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+    offsets = stretches.cumsum(0)
+    run_of = torch.repeat_interleave(torch.arange(len(spans)), stretches)
+    within = torch.arange(int(offsets[-1])) - (offsets - stretches)[run_of]
+    valid = within < lengths[run_of]
+    sources = torch.where(valid, starts[run_of] + within, 0)
+    positions = valid.nonzero().squeeze(1)
+    host = {"slots": slots, "offsets": offsets.to(torch.int32), "sources": sources, "valid": valid[:, None],
+            "positions": positions, "targets": sources[positions]}
+    return AlignedRuns(**_to_device(host, device))
+
+
+def _to_device(host: dict, device: torch.device) -> dict:
+    if device.type == "cuda":
+        host = {name: tensor.pin_memory() for name, tensor in host.items()}
+    return {name: tensor.to(device, non_blocking=True) for name, tensor in host.items()}
+
+
+_GROUPED_MM_BROKEN: set[tuple[str, torch.dtype]] = set()  # (device type, dtype) where it raised
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    """Whether torch's grouped GEMM runs natively on ``device`` (else it loops over groups with a
+    device sync, slower than the padded groups): the CPU, or a CUDA GPU of compute capability 9 or
+    10 (H100, H200, B200) for bf16. ``OPPU_GROUPED_LORA=0`` turns it off (the padded groups then)."""
+    import os
+
+    if os.environ.get("OPPU_GROUPED_LORA", "1") == "0" or not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def grouped_mm_fits(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether this layer's operands suit the grouped GEMM: a native dtype (bf16 on a GPU; float32
+    too on the CPU), every row stride a multiple of 16 bytes, and no earlier failure of it here."""
+    if (x.device.type, x.dtype) in _GROUPED_MM_BROKEN:
+        return False
+    native = (torch.bfloat16,) if x.device.type == "cuda" else (torch.bfloat16, torch.float32)
+    if x.dtype not in native or lora_a.dtype != x.dtype or lora_b.dtype != x.dtype:
+        return False
+    size = x.element_size()
+    return all(dim * size % 16 == 0 for dim in (lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]))
+
+
+def grouped_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   scaling: torch.Tensor, runs: AlignedRuns) -> torch.Tensor:
+    """``SpanLora``'s update through two grouped GEMMs, one group per run (autograd's own backward).
+
+    ``result`` (the base output) gains ``scaling[s] * B[s] @ (A[s] @ x[t])`` on every run's tokens,
+    in place. The scaling is folded into the run's ``B`` (exact for the usual power-of-two
+    ``alpha / r``; otherwise one rounding apart from scaling ``A x``). A run's tail in the layout
+    is selected to zero, so it adds nothing to its slot's gradients, and its outputs are dropped.
+    """
+    grouped_mm = torch.nn.functional.grouped_mm
+    out = result.view(-1, result.shape[-1])
+    rows = x.reshape(-1, x.shape[-1])
+    laid_out = torch.where(runs.valid, rows.index_select(0, runs.sources), 0)  # [P, in]
+    a = lora_a.index_select(0, runs.slots).transpose(1, 2)  # [R, in, r]
+    b = lora_b.index_select(0, runs.slots) * scaling.index_select(0, runs.slots).to(lora_b.dtype)[:, None, None]
+    hidden = grouped_mm(laid_out, a, offs=runs.offsets)  # [P, r]
+    delta = grouped_mm(hidden, b.transpose(1, 2), offs=runs.offsets)  # [P, out]
+    out.index_add_(0, runs.targets, delta.index_select(0, runs.positions))
+    return result
+
+
+def lora_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                scaling: torch.Tensor, plan: SpanPlan) -> torch.Tensor:
+    """The per-token LoRA update of ``plan``'s runs added to ``result`` in place: through the grouped
+    GEMM where it runs natively and the layer's operands suit it, else through ``SpanLora``.
+
+    Should the grouped GEMM raise (a build without its kernels, a layout it refuses), that device
+    and dtype go back to ``SpanLora`` for the rest of the process, with one warning.
+    """
+    if plan.aligned is not None and grouped_mm_fits(x, lora_a, lora_b):
+        try:
+            return grouped_update(result, x, lora_a, lora_b, scaling, plan.aligned)
+        except RuntimeError as exc:
+            _GROUPED_MM_BROKEN.add((x.device.type, x.dtype))
+            logger.warning("torch's grouped GEMM failed on %s %s (%s: %s): the LoRA runs go through padded "
+                           "batched matmuls from now on", x.device.type, x.dtype, type(exc).__name__, exc)
+    return SpanLora.apply(result, x, lora_a, lora_b, scaling, plan)
 
 
 def _group(runs: list[tuple[int, int, int]], device: torch.device) -> SpanGroup:
@@ -70,9 +187,7 @@ def _group(runs: list[tuple[int, int, int]], device: torch.device) -> SpanGroup:
     positions = valid.reshape(-1).nonzero().squeeze(1)
     host = {"slots": torch.tensor([slot for slot, _, _ in runs]), "tokens": tokens, "valid": valid[:, :, None],
             "positions": positions, "targets": tokens.reshape(-1)[positions]}
-    if device.type == "cuda":
-        host = {name: tensor.pin_memory() for name, tensor in host.items()}
-    return SpanGroup(**{name: tensor.to(device, non_blocking=True) for name, tensor in host.items()})
+    return SpanGroup(**_to_device(host, device))
 
 
 class SpanLora(torch.autograd.Function):

@@ -44,7 +44,7 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
     Progress (users done of all, ETA, failures by name) goes to ``oppu.logs.progress``; each
     user's line and the summary to ``log``. ``stage`` names the job in those lines and its report
     (``reports/<stage>-<variant>.json``): ``migrate_users`` for a base upgrade (``oppu.migration``)."""
-    from oppu.actor_pools import map_users, read_test_users
+    from oppu.actor_pools import map_users, read_test_users, result_batches
     from oppu.erasure import tombstone_check
     from oppu.ids import validate_user_id
     from oppu.training.users_actor import PersonalTrainer, start_failed
@@ -66,22 +66,23 @@ def train_personal_adapters(cfg: RunConfig, variant: str, log=logger.info,
     results: list[UserResult] = list(stored.values())
     started = time.perf_counter()
     first_done_s = None  # the pool's start (actors, base loads) shows as the wait for the first user
-    rows = []
+    batches = iter(())
     if users.num_rows:
         _, results_ds = map_users(users, PersonalTrainer, start_failed, cfg.users, {"cfg": cfg, "variant": variant},
                                   max_retries=cfg.users.max_retries, balance_by="n_history")
-        rows = results_ds.iter_rows()
+        batches = result_batches(results_ds)
     with logs.progress(users.num_rows, f"{stage} {variant}", unit="users") as bar:
-        for row in rows:
-            result = result_of_row(row)
+        for rows in batches:
             if first_done_s is None:
                 first_done_s = time.perf_counter() - started
-            results.append(result)
-            bar.update(1, failed=result.user_id if result.status == "failed" else None)
-            detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
-                      if result.status == "trained" else result.error or result.version)
-            log(f"[{stage} {variant}] {len(results)} users ({time.perf_counter() - started:.0f}s): "
-                f"{result.user_id} {result.status} — {detail}")
+            batch_results = [result_of_row(row) for row in rows]
+            for result in batch_results:
+                results.append(result)
+                detail = (f"loss {result.loss:.3f}, {result.samples} samples, {result.seconds:.1f}s"
+                          if result.status == "trained" else result.error or result.version)
+                log(f"[{stage} {variant}] {len(results)} users ({time.perf_counter() - started:.0f}s): "
+                    f"{result.user_id} {result.status} — {detail}")
+            bar.update(len(batch_results), failed=[r.user_id for r in batch_results if r.status == "failed"])
     seen = {r.user_id for r in results}
     for user_id in expected:
         if user_id not in seen:

@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from oppu.models.span_lora import MAX_PADDING, SpanLora, SpanPlan
+from oppu.models.span_lora import (
+    GROUP_ALIGN,
+    MAX_PADDING,
+    SpanLora,
+    SpanPlan,
+    grouped_mm_fits,
+    grouped_update,
+    lora_update,
+)
 
 SPANS = [(2, 0, 7), (0, 7, 8), (1, 10, 40), (2, 40, 43), (3, 43, 60), (0, 60, 61), (1, 61, 95)]  # 8, 9: no run
 
@@ -71,3 +79,86 @@ def test_a_nan_slot_stays_in_its_own_tokens_and_gradient():
     assert not torch.isnan(a.grad[[0, 1, 2]]).any() and not torch.isnan(b.grad[[0, 1, 2]]).any()
     clean = [t for t in range(100) if not 43 <= t < 60]
     assert not torch.isnan(x.grad[0, clean]).any()
+
+
+# The grouped-GEMM path (torch's grouped_mm; the CPU runs it natively): float32, shapes whose row
+# strides are multiples of 16 bytes, runs of lengths that are not multiples of GROUP_ALIGN.
+ALIGNED_SPANS = [(2, 0, 7), (0, 7, 8), (1, 10, 40), (2, 40, 43), (3, 43, 60), (0, 60, 61), (1, 61, 95)]
+
+
+def _aligned_inputs(nan_slot: int | None = None):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 100, 16, generator=g, requires_grad=True)
+    a = torch.randn(4, 4, 16, generator=g)
+    b = torch.randn(4, 8, 4, generator=g)
+    if nan_slot is not None:
+        a[nan_slot, 0, 0] = float("nan")
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    base = torch.randn(1, 100, 8, generator=g)
+    return x, a, b, torch.tensor([0.5, 1.0, 2.0, 0.25]), base
+
+
+def _through(path, x, a, b, scaling, base):
+    plan = SpanPlan.build(ALIGNED_SPANS, "cpu")
+    if path == "grouped":
+        assert plan.aligned is not None and grouped_mm_fits(x, a, b)
+        return grouped_update(base.clone(), x, a, b, scaling, plan.aligned)
+    return SpanLora.apply(base.clone(), x, a, b, scaling, plan)
+
+
+def test_grouped_gemm_path_equals_the_padded_groups_output_and_gradients():
+    grads = []
+    for path in ("spans", "grouped"):
+        x, a, b, scaling, base = _aligned_inputs()
+        out = _through(path, x, a, b, scaling, base)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), x.grad, a.grad, b.grad))
+    for expected, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(grads[1][0][0, 8:10], _aligned_inputs()[4][0, 8:10])  # tokens in no run: the base output
+
+
+def test_grouped_gemm_layout_starts_every_run_aligned_and_covers_each_token_once():
+    runs = SpanPlan.build(ALIGNED_SPANS, "cpu").aligned
+    ends = runs.offsets.tolist()
+    assert all(end % GROUP_ALIGN == 0 for end in ends) and len(ends) == len(ALIGNED_SPANS)
+    assert sorted(runs.targets.tolist()) == [t for _, start, end in ALIGNED_SPANS for t in range(start, end)]
+    assert runs.slots.tolist() == [slot for slot, _, _ in ALIGNED_SPANS]
+
+
+def test_grouped_gemm_path_keeps_a_nan_slot_in_its_own_tokens_and_gradient():
+    x, a, b, scaling, base = _aligned_inputs(nan_slot=3)
+    out = _through("grouped", x, a, b, scaling, base)
+    out.sum().backward()
+    assert torch.isnan(out[0]).any(-1).nonzero().squeeze(1).tolist() == list(range(43, 60))
+    assert not torch.isnan(a.grad[[0, 1, 2]]).any() and not torch.isnan(b.grad[[0, 1, 2]]).any()
+    clean = [t for t in range(100) if not 43 <= t < 60]
+    assert not torch.isnan(x.grad[0, clean]).any()
+
+
+def test_layers_whose_shapes_the_grouped_gemm_refuses_take_the_padded_groups(monkeypatch):
+    x, a, b, scaling, base = _inputs()  # float64, rank 3: not a grouped-GEMM dtype or stride
+    assert not grouped_mm_fits(x, a, b)
+    monkeypatch.setenv("OPPU_GROUPED_LORA", "0")
+    assert SpanPlan.build(SPANS, "cpu").aligned is None
+    expected = _loop(x, a, b, scaling, base)
+    torch.testing.assert_close(lora_update(base.clone(), x, a, b, scaling, SpanPlan.build(SPANS, "cpu")), expected)
+
+
+def test_a_grouped_gemm_failure_falls_back_for_good_with_one_warning(monkeypatch, caplog):
+    from oppu.models import span_lora
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grouped gemm kernels are not built")
+
+    monkeypatch.setattr(span_lora, "_GROUPED_MM_BROKEN", set())
+    monkeypatch.setattr(torch.nn.functional, "grouped_mm", broken)
+    x, a, b, scaling, base = _aligned_inputs()
+    plan = SpanPlan.build(ALIGNED_SPANS, "cpu")
+    expected = SpanLora.apply(base.clone(), x, a, b, scaling, plan)
+    with caplog.at_level("WARNING", logger="oppu.models.span_lora"):
+        torch.testing.assert_close(lora_update(base.clone(), x, a, b, scaling, plan), expected)
+        torch.testing.assert_close(lora_update(base.clone(), x, a, b, scaling, plan), expected)
+    assert [r.message for r in caplog.records if "grouped GEMM failed" in r.message].__len__() == 1
+    assert not grouped_mm_fits(x, a, b)
