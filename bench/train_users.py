@@ -25,6 +25,9 @@ capitals of meaning; the JSON's ``tokens_per_s`` / ``final_loss`` keys):
                      per-tensor recipe (fp8-tensor)
   qlora              batched (+ liger) over a bitsandbytes 4-bit base (must come last: the bf16
                      model is released)
+batched_padded and batched_liger_padded are batched and batched_liger with the per-token LoRA through
+padded batched matmuls (oppu.models.span_lora.SpanLora) instead of torch's grouped GEMM, which the
+trainer takes where it is native (OPPU_GROUPED_LORA=0 for the run).
 Also: sequential_packed and packed_peft (the two anchors without liger: they run on a CPU),
 batched_grouped (one sample per row, rows length-grouped: the trainer before packing),
 reference_default_sdpa (the reference with PyTorch's default SDPA choice, cuDNN on an H100),
@@ -60,6 +63,7 @@ import gzip
 import importlib.metadata
 import json
 import math
+import os
 import platform
 import random
 import shutil
@@ -73,6 +77,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from oppu.models.span_lora import grouped_mm_available  # noqa: E402
 from oppu.run_config import OptimSettings  # noqa: E402
 from oppu.training.batched import fixed_plan_attention, step_plan, train_users_batched  # noqa: E402
 from oppu.training.packing import IGNORE_INDEX, Row, collate, collate_packed, group_by_length, pack_rows  # noqa: E402
@@ -84,7 +89,7 @@ TOKENS_PER_USER = 60_000  # the issue's yardstick for users per GPU-hour
 ISSUE_CONFIGS = ("reference_loop", "sequential", "sequential_liger", "packed_peft_liger", "batched",
                  "batched_liger", "batched_fp8", "qlora")
 TINY_EXTRA = ("sequential_packed", "packed_peft")  # the anchors' loops without liger: a CPU runs them
-NEEDS_LIGER = {"sequential_liger", "packed_peft_liger", "batched_liger"}
+NEEDS_LIGER = {"sequential_liger", "packed_peft_liger", "batched_liger", "batched_liger_padded"}
 TAKES_LIGER = {"batched_fp8", "batched_fp8_tensor", "profile"}  # run with liger where it is usable
 FP8_CONFIGS = {"batched_fp8": "fp8", "batched_fp8_tensor": "fp8-tensor"}
 POOLED_ROWS_PER_STEP = 4  # packed_peft: rows of max_length tokens per optimiser step (4 x 2,048)
@@ -306,7 +311,12 @@ def measure(m: Measured, device: torch.device):
 
 def run_batched(name, model, users, hparams, epochs, device, args, warm_up: bool,
                 tokens_per_forward: int | None = None, packed: bool = True,
-                max_active_users: int | None = None) -> Measured:
+                max_active_users: int | None = None, padded_lora: bool = False) -> Measured:
+    if padded_lora:  # the trainer reads it as each pass's plan is built
+        with env_set("OPPU_GROUPED_LORA", "0"):
+            m = run_batched(name, model, users, hparams, epochs, device, args, warm_up, tokens_per_forward,
+                            packed, max_active_users)
+        return m
     m = Measured(name)
     tokens_per_forward = tokens_per_forward or args.tokens_per_forward
     active = max_active_users or args.max_active_users
@@ -328,8 +338,22 @@ def run_batched(name, model, users, hparams, epochs, device, args, warm_up: bool
                             max_active_users=active, tokens_per_forward=tokens_per_forward,
                             packed=packed, on_user_done=done)
     m.count_plan(users, epochs)
-    m.extra = {"max_active_users": active, "tokens_per_forward": tokens_per_forward, "packed": packed}
+    m.extra = {"max_active_users": active, "tokens_per_forward": tokens_per_forward, "packed": packed,
+               "lora_kernel": "grouped GEMM" if grouped_mm_available(device) else "padded batched matmuls"}
     return m
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str):
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _peft_steps(peft_model, steps, hparams, step_losses):
@@ -986,7 +1010,8 @@ def main() -> int:
                 once = functools.partial(run_per_user, name, model, users, hparams, args.epochs, device, args)
             elif kind in ("packed_peft", "packed_peft_liger"):
                 once = functools.partial(run_packed_peft, name, model, users, hparams, args.epochs, device, args)
-            elif kind in ("batched", "batched_grouped", "batched_liger", *FP8_CONFIGS):
+            elif kind in ("batched", "batched_grouped", "batched_liger", "batched_padded", "batched_liger_padded",
+                          *FP8_CONFIGS):
                 if kind in FP8_CONFIGS:
                     from oppu.models.fp8 import set_base_precision
 
@@ -999,7 +1024,7 @@ def main() -> int:
                                        if device.type == "cpu" else {})}
                 once = functools.partial(run_batched, name, model, users, hparams, args.epochs, device, args,
                                          tokens_per_forward=tokens_per_forward, packed=kind != "batched_grouped",
-                                         max_active_users=max_active_users)
+                                         max_active_users=max_active_users, padded_lora=kind.endswith("_padded"))
             elif kind == "varlen_check":
                 results["varlen_check"] = check_varlen(device)
                 print(f"[bench] varlen_check: {json.dumps(results['varlen_check'])}", flush=True)
