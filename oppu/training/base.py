@@ -242,7 +242,9 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     seconds = {"engine_init_s": round(engine_init_s, 2), "train_s": round(train_s, 2)}
     if setup_s is not None:
         seconds = {"setup_s": round(setup_s, 2), **seconds}
-    stats = {**seconds, **{k: metrics[k] for k in ("loss", "tokens_per_s", "step", "resumed_from_step")}}
+    stats = {**seconds, **{k: metrics[k] for k in ("loss", "tokens_per_s", "step", "resumed_from_step")},
+             # where the last epoch's time went: waiting on the data shard, tokenizing, the model step
+             "last_epoch_s": {part: metrics[f"{part}_s"] for part in ("data", "encode", "step", "checkpoint")}}
     with tempfile.TemporaryDirectory() as tmp:
         with full_parameters(model, partitioned):  # every rank enters: ZeRO-3 gathers collectively
             if rank == 0:
@@ -406,9 +408,12 @@ def _stats_line(base_uri: str) -> str:
         return "no training stats"
     stats = fsutil.read_json(uri)
     setup = f"worker set-up {stats['setup_s']:.0f}s, " if "setup_s" in stats else ""
-    return (f"{setup}engine init {stats['engine_init_s']:.0f}s, train {stats['train_s']:.0f}s, merge+save "
+    parts = stats.get("last_epoch_s")
+    split = (" (last epoch: " + ", ".join(f"{part} {value:.1f}s" for part, value in parts.items()) + ")"
+             if parts else "")
+    return (f"{setup}engine init {stats['engine_init_s']:.0f}s, train {stats['train_s']:.0f}s{split}, merge+save "
             f"{stats['merge_s']:.0f}s; {stats['step']} steps (resumed from {stats['resumed_from_step']}), "
-            f"last epoch's loss {stats['loss']:.4f}")
+            f"{stats['tokens_per_s']:,.0f} tokens/s, last epoch's loss {stats['loss']:.4f}")
 
 
 def _samples_digest(samples) -> str:

@@ -94,3 +94,21 @@ def test_a_host_copy_keeps_tied_weights_shared_so_the_published_base_writes_them
     assert saved_keys(tmp_path / "copied", state_dict=copied) == as_the_model_saves
     untied = {name: tensor.detach().clone() for name, tensor in state.items()}
     assert saved_keys(tmp_path / "untied", state_dict=untied) == as_the_model_saves | {"lm_head.weight"}
+
+
+def test_a_published_bases_stats_line_says_where_the_last_epoch_went(tmp_path):
+    import json
+
+    from oppu.training.base import BASE_TRAIN_STATS, _stats_line
+
+    stats = {"setup_s": 7.0, "engine_init_s": 2.0, "train_s": 43.0, "merge_s": 0.4, "loss": 0.2551,
+             "tokens_per_s": 61234.5, "step": 126, "resumed_from_step": 0,
+             "last_epoch_s": {"data": 1.5, "encode": 6.25, "step": 12.0, "checkpoint": 0.0}}
+    (tmp_path / BASE_TRAIN_STATS).write_text(json.dumps(stats))
+    line = _stats_line(str(tmp_path))
+    assert "train 43s (last epoch: data 1.5s, encode 6.2s, step 12.0s, checkpoint 0.0s)" in line
+    assert "61,234 tokens/s" in line and "126 steps" in line
+    del stats["last_epoch_s"]  # a base published before the split was kept
+    (tmp_path / BASE_TRAIN_STATS).write_text(json.dumps(stats))
+    assert "train 43s, merge+save" in _stats_line(str(tmp_path))
+    assert _stats_line(str(tmp_path / "nowhere")) == "no training stats"
