@@ -117,10 +117,9 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from oppu.models import encode_sample
     from oppu.models.fp8 import restore_base_linears, set_base_precision
     from oppu.models.kernels import use_kernels
-    from oppu.models.samples import collate, target_loss
+    from oppu.models.samples import collate, encode_samples, target_loss
     from oppu.tasks.base import TrainingSample
 
     spec = config["flavours"][index]
@@ -188,9 +187,9 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
                 mark = time.perf_counter()
                 continue
             fetched = time.perf_counter()
-            encoded = [encode_sample(tokenizer, TrainingSample(str(p), str(t)), optim.max_length,
-                                     prompt_format)
-                       for p, t in zip(rows["prompt"], rows["target"], strict=True)]
+            encoded = encode_samples(tokenizer, [TrainingSample(str(p), str(t)) for p, t in
+                                                 zip(rows["prompt"], rows["target"], strict=True)],
+                                     optim.max_length, prompt_format)
             batch = {k: v.to(device) for k, v in collate(encoded, tokenizer.pad_token_id).items()}
             encoded_at = time.perf_counter()
             loss = target_loss(train_model, batch)

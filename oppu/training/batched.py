@@ -335,7 +335,7 @@ def _plan_users(tokenizer, users, hparams: OptimSettings, seed: int,
                 epochs: int | Mapping[str, int] | None) -> list[_UserRun]:
     import torch
 
-    from oppu.models.samples import encode_sample
+    from oppu.models.samples import encode_samples
 
     runs: list[_UserRun] = []
     seen: set[str] = set()
@@ -351,7 +351,11 @@ def _plan_users(tokenizer, users, hparams: OptimSettings, seed: int,
         if user_epochs is None or user_epochs < 1:
             raise ConfigError(f"no epoch count for user {user_id!r}: pass epochs= or set optim.epochs "
                               f"(got {user_epochs!r})")
-        encoded = [s if isinstance(s, dict) else encode_sample(tokenizer, s, hparams.max_length) for s in samples]
+        raw = [i for i, s in enumerate(samples) if not isinstance(s, dict)]
+        encoded = list(samples)
+        for i, sample in zip(raw, encode_samples(tokenizer, [samples[i] for i in raw], hparams.max_length),
+                             strict=True):
+            encoded[i] = sample
         for i, sample in enumerate(encoded):
             if len(sample["input_ids"]) > hparams.max_length:
                 raise ValueError(f"user {user_id!r} sample {i} has {len(sample['input_ids'])} tokens, "

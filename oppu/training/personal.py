@@ -66,11 +66,11 @@ def train_user_adapter(base_model, tokenizer, samples: list[TrainingSample], pef
     import peft
     import torch
 
-    from oppu.models import encode_sample
+    from oppu.models.samples import encode_samples
 
     if not samples:
         raise ValueError(f"user {user_id!r} has no training samples")
-    encoded = [encode_sample(tokenizer, s, optim.max_length, prompt_format) for s in samples]
+    encoded = encode_samples(tokenizer, samples, optim.max_length, prompt_format)
     torch.manual_seed(user_seed(seed, user_id))
     shuffler = torch.Generator().manual_seed(user_seed(seed + 1, user_id))
     # PEFT writes into the config it is given (the base's name, at times target_modules) and keeps

@@ -127,7 +127,7 @@ class PersonalTrainer:
         unaffected, see ``oppu.training.batched``). Should the batched pass itself raise,
         the users it had not finished are retried one by one, so a bad user fails only itself.
         """
-        from oppu.models import encode_sample
+        from oppu.models.samples import encode_samples
         from oppu.training.batched import train_users_batched
 
         optim = self.cfg.users.optim
@@ -135,9 +135,8 @@ class PersonalTrainer:
         encoded: list[tuple[str, list[dict]]] = []
         for job in pending:
             try:
-                encoded.append((job.user.user_id, [
-                    encode_sample(self.tokenizer, s, optim.max_length, self.publisher.prompt_format)
-                    for s in job.samples]))
+                encoded.append((job.user.user_id, encode_samples(
+                    self.tokenizer, job.samples, optim.max_length, self.publisher.prompt_format)))
                 jobs[job.user.user_id] = job
             except Exception as exc:
                 self._finish(results, job.index, _failed(job.user.user_id, exc))

@@ -102,3 +102,17 @@ def test_generation_uses_the_same_chat_ids(tiny_model, chat_tokenizer):
         continuation = continuation[:continuation.index(chat_tokenizer.eos_token_id)]
     assert chat == [chat_tokenizer.decode(continuation, skip_special_tokens=True)]
     assert isinstance(plain[0], str)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "chat"])
+def test_encoding_many_samples_at_once_equals_one_at_a_time(plain_tokenizer, chat_tokenizer, fmt):
+    from oppu.models.samples import encode_samples
+
+    tokenizer = chat_tokenizer if fmt == "chat" else plain_tokenizer
+    samples = [TrainingSample(PROMPT, TARGET), TrainingSample("", "the whole history text"),
+               TrainingSample(PROMPT * 6, TARGET), TrainingSample("tag:", "comedy"),
+               TrainingSample("description: a love story about war", " romance " * 20), TrainingSample("x", "")]
+    for max_length in ((12, 40, 256) if fmt == "plain" else (48, 80, 256)):  # the chat frame: 41 tokens
+        assert encode_samples(tokenizer, samples, max_length, fmt) == [
+            encode_sample(tokenizer, s, max_length, fmt) for s in samples]
+    assert encode_samples(tokenizer, [], 40, fmt) == []
