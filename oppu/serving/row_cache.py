@@ -137,11 +137,23 @@ class RowKVCache:
         if len(shapes) > self.max_graphs:
             log.warning("warm-up: %d shapes but room for %d graphs; the rest are captured on first use",
                         len(shapes), self.max_graphs)
-        for shape in shapes[:self.max_graphs]:
+        for done, shape in enumerate(shapes[:self.max_graphs]):
+            low = _low_memory(self.device)
+            if low is not None:
+                # Seen on an H100 with a 7B model (2026-12-07): warm-up captures ran the device out of
+                # memory, and then the eager forward of the same shape failed too, killing the replica.
+                log.warning("warm-up stops capturing after %d of %d shapes: %s; the rest are captured on "
+                            "first use", done, len(shapes), low)
+                break
             self._idle_inputs(shape)
             self._run(shape)
             if not self.cuda_graphs:  # a capture failed: eager from now on, nothing more to capture
                 break
+        if self.device.type == "cuda":
+            log.info("warm-up: %d rows x %d columns of KV cache, %d graphs captured; %.1f GiB allocated, "
+                     "%.1f GiB free", self.rows, self.columns, len(self._graphs),
+                     torch.cuda.memory_allocated(self.device) / 2**30,
+                     torch.cuda.mem_get_info(self.device)[0] / 2**30)
         return self.columns
 
     def _decode_shapes(self, with_slots: bool) -> list[tuple]:
@@ -379,6 +391,20 @@ class RowKVCache:
 
 
 HEAD_ONLY_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+
+
+WARM_UP_MEMORY_RESERVE = 0.1  # of the device's memory, left free by warm-up captures
+
+
+def _low_memory(device: torch.device, reserve: float = WARM_UP_MEMORY_RESERVE) -> str | None:
+    """Why ``device`` has too little free memory for another warm-up capture (None: it has enough)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    if free >= reserve * total:
+        return None
+    return (f"{free / 2**30:.1f} GiB of {total / 2**30:.1f} GiB free, below the {100 * reserve:.0f}% kept for "
+            f"serving ({torch.cuda.memory_allocated(device) / 2**30:.1f} GiB allocated)")
 
 
 def _powers_of_two_up_to(limit: int) -> list[int]:

@@ -135,3 +135,18 @@ def test_warm_up_knows_every_shape_a_scheduler_runs_and_the_gpu_floors_keep_answ
                                        rtol=1e-4, atol=1e-5)
     assert ran and set(ran) <= expected_shapes, set(ran) - expected_shapes
     assert any(shape[0] == "prefill" and shape[1] * shape[2] >= 256 and shape[3] >= 100 for shape in ran)
+
+
+def test_warm_up_stops_capturing_below_the_memory_reserve(monkeypatch):
+    import torch
+
+    from oppu.serving import row_cache
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 70 * gib)
+    why = row_cache._low_memory(torch.device("cuda", 0))
+    assert why == "5.0 GiB of 80.0 GiB free, below the 10% kept for serving (70.0 GiB allocated)"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * gib, 80 * gib))
+    assert row_cache._low_memory(torch.device("cuda", 0)) is None
+    assert row_cache._low_memory(torch.device("cpu")) is None
