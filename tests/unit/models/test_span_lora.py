@@ -4,6 +4,7 @@ no run, and a NaN slot that reaches nothing but its own tokens and gradient."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from oppu.models.span_lora import (
@@ -82,8 +83,10 @@ def test_a_nan_slot_stays_in_its_own_tokens_and_gradient():
 
 
 # The grouped-GEMM path (torch's grouped_mm; the CPU runs it natively): float32, shapes whose row
-# strides are multiples of 16 bytes, runs of lengths that are not multiples of GROUP_ALIGN.
+# strides are multiples of 16 bytes, runs of lengths that are not multiples of GROUP_ALIGN; with tokens
+# in no run between runs, and (PREFIX_SPANS) as packed training lays them: the pass's first tokens, in order.
 ALIGNED_SPANS = [(2, 0, 7), (0, 7, 8), (1, 10, 40), (2, 40, 43), (3, 43, 60), (0, 60, 61), (1, 61, 95)]
+PREFIX_SPANS = [(2, 0, 7), (0, 7, 8), (1, 8, 40), (2, 40, 43), (3, 43, 60), (0, 60, 61), (1, 61, 95)]
 
 
 def _aligned_inputs(nan_slot: int | None = None):
@@ -99,24 +102,27 @@ def _aligned_inputs(nan_slot: int | None = None):
     return x, a, b, torch.tensor([0.5, 1.0, 2.0, 0.25]), base
 
 
-def _through(path, x, a, b, scaling, base):
-    plan = SpanPlan.build(ALIGNED_SPANS, "cpu")
+def _through(path, x, a, b, scaling, base, spans=ALIGNED_SPANS):
+    plan = SpanPlan.build(spans, "cpu")
     if path == "grouped":
         assert plan.aligned is not None and grouped_mm_fits(x, a, b)
         return grouped_update(base.clone(), x, a, b, scaling, plan.aligned)
     return SpanLora.apply(base.clone(), x, a, b, scaling, plan)
 
 
-def test_grouped_gemm_path_equals_the_padded_groups_output_and_gradients():
+@pytest.mark.parametrize("spans", [ALIGNED_SPANS, PREFIX_SPANS], ids=["gaps", "prefix"])
+def test_grouped_gemm_path_equals_the_padded_groups_output_and_gradients(spans):
+    assert (SpanPlan.build(spans, "cpu").aligned.prefix_tokens == 95) == (spans is PREFIX_SPANS)
     grads = []
     for path in ("spans", "grouped"):
         x, a, b, scaling, base = _aligned_inputs()
-        out = _through(path, x, a, b, scaling, base)
+        out = _through(path, x, a, b, scaling, base, spans)
         (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads.append((out.detach(), x.grad, a.grad, b.grad))
     for expected, got in zip(*grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(grads[1][0][0, 8:10], _aligned_inputs()[4][0, 8:10])  # tokens in no run: the base output
+    untouched = [8, 9] if spans is ALIGNED_SPANS else list(range(95, 100))  # tokens in no run: the base output
+    assert torch.equal(grads[1][0][0, untouched], _aligned_inputs()[4][0, untouched])
 
 
 def test_grouped_gemm_layout_starts_every_run_aligned_and_covers_each_token_once():
@@ -127,9 +133,10 @@ def test_grouped_gemm_layout_starts_every_run_aligned_and_covers_each_token_once
     assert runs.slots.tolist() == [slot for slot, _, _ in ALIGNED_SPANS]
 
 
-def test_grouped_gemm_path_keeps_a_nan_slot_in_its_own_tokens_and_gradient():
+@pytest.mark.parametrize("spans", [ALIGNED_SPANS, PREFIX_SPANS], ids=["gaps", "prefix"])
+def test_grouped_gemm_path_keeps_a_nan_slot_in_its_own_tokens_and_gradient(spans):
     x, a, b, scaling, base = _aligned_inputs(nan_slot=3)
-    out = _through("grouped", x, a, b, scaling, base)
+    out = _through("grouped", x, a, b, scaling, base, spans)
     out.sum().backward()
     assert torch.isnan(out[0]).any(-1).nonzero().squeeze(1).tolist() == list(range(43, 60))
     assert not torch.isnan(a.grad[[0, 1, 2]]).any() and not torch.isnan(b.grad[[0, 1, 2]]).any()
