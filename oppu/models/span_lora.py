@@ -28,6 +28,7 @@ weight-gradient GEMM needs: its groups split the token dimension it sums over.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,16 +66,23 @@ class AlignedRuns:
 
 @dataclass(frozen=True)
 class SpanPlan:
-    """The runs of one pass, grouped for batched matmuls and laid out for the grouped GEMM; built
-    once, used by every layer."""
+    """The runs of one pass, laid out for the grouped GEMM and (on first use: only where a layer
+    cannot take the grouped GEMM) grouped for padded batched matmuls; built once, used by every layer."""
 
     spans: tuple[tuple[int, int, int], ...]
-    groups: tuple[SpanGroup, ...]
+    device: torch.device
     aligned: AlignedRuns | None = None
 
     @classmethod
     def build(cls, spans: Sequence[tuple[int, int, int]], device: torch.device | str) -> SpanPlan:
-        ordered = sorted(spans, key=lambda span: span[2] - span[1], reverse=True)
+        device = torch.device(device)
+        aligned = _aligned(spans, device) if spans and grouped_mm_available(device) else None
+        return cls(tuple(spans), device, aligned)
+
+    @functools.cached_property
+    def groups(self) -> tuple[SpanGroup, ...]:
+        """The runs in groups of similar length (at most ``MAX_PADDING`` apart), for ``SpanLora``."""
+        ordered = sorted(self.spans, key=lambda span: span[2] - span[1], reverse=True)
         groups, current = [], []
         for span in ordered:
             if current and (current[0][2] - current[0][1]) > MAX_PADDING * (span[2] - span[1]):
@@ -83,9 +91,7 @@ class SpanPlan:
             current.append(span)
         if current:
             groups.append(current)
-        device = torch.device(device)
-        aligned = _aligned(spans, device) if spans and grouped_mm_available(device) else None
-        return cls(tuple(spans), tuple(_group(runs, device) for runs in groups), aligned)
+        return tuple(_group(runs, self.device) for runs in groups)
 
 
 def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device) -> AlignedRuns:
