@@ -143,7 +143,12 @@ def _adapt_flavour(config: dict, index: int, model, tokenizer, prompt_format: st
     scheduler = get_linear_schedule_with_warmup(optimizer, int(optim.warmup_ratio * total_steps), total_steps)
     engine = None
     if config.get("deepspeed"):
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError as exc:
+            raise ConfigError(f"base.deepspeed is set, and DeepSpeed cannot be imported on this worker ({exc}): "
+                              "pip install 'oppu[gpu]' (or deepspeed) where the workers run, or unset "
+                              "base.deepspeed") from exc
 
         # base.optim rules under DeepSpeed too: the JSON's own optimizer and scheduler sections
         # would silently replace its lr, weight decay, warmup and decay, so they are dropped.
