@@ -15,6 +15,7 @@ _EXPORTS = {
     "TinyModelConfig": "oppu.models.tiny",
     "build_tiny_base": "oppu.models.tiny",
     "encode_sample": "oppu.models.samples",
+    "encode_samples": "oppu.models.samples",
     "encode_prompt": "oppu.models.samples",
     "collate": "oppu.models.samples",
     "IGNORE_INDEX": "oppu.models.samples",
@@ -23,14 +24,14 @@ _EXPORTS = {
 
 __all__ = [
     "IGNORE_INDEX", "TinyModelConfig", "base_fingerprint", "build_tiny_base", "collate", "encode_prompt",
-    "encode_sample", "generate_greedy", "load_model", "resolve_model_dir",
+    "encode_sample", "encode_samples", "generate_greedy", "load_model", "resolve_model_dir",
 ]
 
 if TYPE_CHECKING:
     from oppu.models.fingerprint import base_fingerprint
     from oppu.models.generation import generate_greedy
     from oppu.models.loading import load_model, resolve_model_dir
-    from oppu.models.samples import IGNORE_INDEX, collate, encode_prompt, encode_sample
+    from oppu.models.samples import IGNORE_INDEX, collate, encode_prompt, encode_sample, encode_samples
     from oppu.models.tiny import TinyModelConfig, build_tiny_base
 
 
