@@ -21,15 +21,16 @@ Where torch's grouped GEMM runs natively (``torch.nn.functional.grouped_mm``: CU
 H100/B200 in bf16, and the CPU), :func:`grouped_update` does the same with one grouped GEMM each
 way over all runs at once, each run its own group and its own slot's matrices: 51 operators
 per layer forward and backward where the padded groups took 96 for a 50-user pass
-(``bench/span_lora_ops.py``), and no padding to a group's longest run. Each run is laid out
-from a multiple of ``GROUP_ALIGN`` tokens (its tail selected to zero, as above), which the
-weight-gradient GEMM needs: its groups split the token dimension it sums over.
+(``bench/span_lora_ops.py``), and no padding to a group's longest run. Each run is copied into a
+layout from a multiple of ``GROUP_ALIGN`` tokens (its tail zeros), which the weight-gradient GEMM
+needs: its groups split the token dimension it sums over.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,8 +125,6 @@ def grouped_mm_available(device: torch.device) -> bool:
     """Whether torch's grouped GEMM runs natively on ``device`` (else it loops over groups with a
     device sync, slower than the padded groups): the CPU, or a CUDA GPU of compute capability 9 or
     10 (H100, H200, B200) for bf16. ``OPPU_GROUPED_LORA=0`` turns it off (the padded groups then)."""
-    import os
-
     if os.environ.get("OPPU_GROUPED_LORA", "1") == "0" or not hasattr(torch.nn.functional, "grouped_mm"):
         return False
     if device.type == "cpu":
