@@ -6,7 +6,10 @@ in its GEMMs (0.41 s), and every one of those small kernels is a launch the host
 (``bench/train_users.py --shape smollm2-135m``, profile, 2026-12-06). liger-kernel replaces each
 with one fused Triton kernel, forward and backward. It patches the model's modules in place (and
 its model family's RoPE function for the whole process), so it is applied once per base load,
-in the process that trains, and is never undone.
+in the process that trains, and is never undone. Measured since (H100, 2026-12-07,
+``bench/results/train_users_smollm2-kernels.json``, one run each): at 16,384-token passes of 25 users
+the batched trainer ran no faster with it (37,666 against 37,769 tokens/s), the host's launches
+being the limit there; so the packaged configs leave it off.
 
 The LM head's cross-entropy is left alone: both trainers run the head on trained positions only
 and compute the loss themselves. The multi-LoRA and PEFT wrappers of ``q/k/v/o/gate/up/down``
