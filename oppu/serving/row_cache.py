@@ -265,6 +265,7 @@ class RowKVCache:
         self._graphs.move_to_end(shape)
         graph.replay()
 
+    @torch.no_grad()  # warm-up runs it outside prefill/decode: a graph kept by an output buffer kept every activation
     def _forward(self, shape: tuple) -> None:
         kind, batch, width, span, with_slots = shape
         if kind == "decode":

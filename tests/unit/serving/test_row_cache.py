@@ -150,3 +150,18 @@ def test_warm_up_stops_capturing_below_the_memory_reserve(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * gib, 80 * gib))
     assert row_cache._low_memory(torch.device("cuda", 0)) is None
     assert row_cache._low_memory(torch.device("cpu")) is None
+
+
+def test_a_warm_up_forward_outside_serving_keeps_no_autograd_graph(model):
+    # Warm-up runs forwards outside prefill/decode (which are no_grad). On an H100 a 7B warm-up ran out
+    # of memory with ~45 GiB unexplained: each prefill shape's output buffer, written from a forward
+    # that recorded autograd, kept that forward's every activation alive.
+    assert any(p.requires_grad for p in model.parameters())
+    cache = RowKVCache(model, max_rows=4, column_block=16, initial_columns=16)
+    cache.warm_up(64, with_slots=False, allocate=True)
+    shapes = cache._decode_shapes(False)[:1] + cache._prefill_shapes(32, False)[-1:]
+    for shape in shapes:
+        cache._idle_inputs(shape)
+        cache._run(shape)
+    outputs = [cache._logits] + [buffers[2] for buffers in cache._prefill_io.values()]
+    assert len(outputs) >= 2 and not any(output.requires_grad for output in outputs)
