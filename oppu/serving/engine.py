@@ -66,6 +66,7 @@ class GenerationEngine:
                                          rank=lora.max_rank, alpha=lora.max_rank)
             use_serving_layers(model)  # the fused one-token decode path; eval mode
             self.slots = AdapterSlots(model, lora.n_slots, host_adapters)
+        model.requires_grad_(False)  # serving never trains: no forward records autograd, slots included
         self._torch = torch
 
     @classmethod
