@@ -14,6 +14,8 @@ drawn from a seeded generator.
 
 Phases, in order, in one run:
 - the engine alone (``ContinuousBatcher`` on the same model, no HTTP): 32 sequences in flight, closed loop;
+- the same with the replica's LoRA slots injected (every row a base row), the one-token update eager and
+  then compiled: what the slots cost apart from HTTP and Ray (``engine_slots*``);
 - base model over HTTP, closed loop at concurrency 1, 8, 32, 64 (concurrency 1 gives the unloaded TTFT);
 - Zipf(1.0) mix over the first 1,000 adapters at concurrency 32, from a cold host cache;
 - uniform mix over the other 1,000 adapters at concurrency 32, from a cold host cache;
@@ -22,7 +24,8 @@ Phases, in order, in one run:
 
 Figures: tokens/s counts tokens streamed inside the phase's window; TTFT is from sending the request to
 its first token; ITL is the gap between consecutive tokens of one request; goodput is requests per
-second that met both TTFT <= 500 ms and a mean ITL <= 50 ms. The log goes to stdout and, when the
+second that met both TTFT <= 500 ms and a mean ITL <= 50 ms. ``--compile-lora`` serves with the app's
+``compile_lora_decode`` (recorded as ``replica_compile_lora_decode``). The log goes to stdout and, when the
 environment has ``OUT``, to ``$OUT/serve_http.log`` (the JSON is copied there too).
 """
 
@@ -55,6 +58,7 @@ TASK = "LaMP-2M"
 ADMIN_TOKEN = "bench-admin-token"
 TTFT_SLO_S, ITL_SLO_S = 0.5, 0.05
 MAX_PROMPT_TOKENS = 1024  # the serve app's max_prompt_tokens
+SERVED_MODULES = ("q_proj", "v_proj")  # the adapters' target modules, as the app is configured
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,8 @@ def main() -> int:
     parser.add_argument("--phase-s", type=float, help="seconds per load phase (default: the shape's)")
     parser.add_argument("--engine-only", action="store_true",
                         help="only the engine-alone phase (no adapters, no HTTP): a quick check of the decode path")
+    parser.add_argument("--compile-lora", action="store_true",
+                        help="the serve app's compile_lora_decode (the adapters' one-token update compiled)")
     parser.add_argument("--stream-interval-ms", type=float,
                         help="the serve app's stream_interval_ms (default: the app's default, 25)")
     args = parser.parse_args()
@@ -134,7 +140,7 @@ def main() -> int:
     results: dict = {}
     signal.signal(signal.SIGTERM, _stop_on_sigterm)  # `timeout` cuts a run: keep its partial figures
     try:
-        run(shape, results, engine_only=args.engine_only)
+        run(shape, results, engine_only=args.engine_only, compile_lora=args.compile_lora)
     except BaseException as exc:  # keep what was measured for the log, never as the results file
         results["error"] = f"{type(exc).__name__}: {exc}"
         if out_dir:
@@ -156,7 +162,7 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def run(shape: HttpShape, out: dict, engine_only: bool = False) -> None:
+def run(shape: HttpShape, out: dict, engine_only: bool = False, compile_lora: bool = False) -> None:
     """Every phase in order; figures go into ``out`` as they are measured."""
     import torch
 
@@ -172,21 +178,33 @@ def run(shape: HttpShape, out: dict, engine_only: bool = False) -> None:
     log(f"random {shape.layers}-layer model saved to {base}")
     workload = Workload(shape, seed=0)
 
-    out["engine_base_batch32"] = engine_closed_loop(model, tokenizer, workload, rows=min(32, shape.max_batch_size),
-                                                    seconds=shape.phase_s)
+    from oppu.serving.engine import GenerationEngine, LoraSlotsConfig
+    from oppu.serving.lora import use_serving_layers
+
+    rows = min(32, shape.max_batch_size)
+    out["engine_base_batch32"] = engine_closed_loop(GenerationEngine(model, tokenizer, None), workload, rows,
+                                                    shape.phase_s, "base model without LoRA slots")
+    free_device_memory()
     out["engine_base_batch32_tokens_per_s"] = out["engine_base_batch32"]["tokens_per_s"]
-    engine = out["engine_base_batch32"]
-    log(f"engine alone, 32 in flight: {engine['tokens_per_s']:.0f} tokens/s (cuda_graphs={engine['cuda_graphs']}, "
-        f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window; "
-        f"decode {engine['decode_ms_per_step']:.1f} ms a step, prefill {engine['prefill_ms_per_chunk']:.1f} ms a chunk, "
-        f"{100 * engine['prefill_share_of_window']:.0f}% of the window in prefill; warm-up {engine['warm_up_s']:.1f} s"
-        + (f"; capture failed: {engine['graph_capture_error']}" if engine["graph_capture_error"] else "") + ")")
+    log_engine("engine alone, 32 in flight", out["engine_base_batch32"])
+    # The replica's graphs carry its LoRA slots' per-row update in every layer, base rows included:
+    # the same engine with the replica's slots (every row a base row), eager and compiled, says what
+    # that costs apart from HTTP and Ray.
+    slotted = GenerationEngine(model, tokenizer, LoraSlotsConfig(shape.gpu_slots, shape.rank, SERVED_MODULES))
+    for key, compiled in (("engine_slots_batch32", False), ("engine_slots_compiled_batch32", True)):
+        use_serving_layers(slotted.model, compile_one_token=compiled)
+        out[key] = engine_closed_loop(slotted, workload, rows, shape.phase_s,
+                                      f"with the replica's {shape.gpu_slots} LoRA slots, base rows, "
+                                      f"one-token update {'compiled (on CUDA)' if compiled else 'eager'}")
+        out[f"{key}_tokens_per_s"] = out[key]["tokens_per_s"]
+        free_device_memory()
+        log_engine(f"engine with {shape.gpu_slots} LoRA slots ({'compiled' if compiled else 'eager'} update), "
+                   "32 in flight", out[key])
+    del slotted
     if engine_only:
         return
     del model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    free_device_memory()
 
     from oppu.models import base_fingerprint
     from oppu.store import AdapterStore
@@ -202,7 +220,8 @@ def run(shape: HttpShape, out: dict, engine_only: bool = False) -> None:
     out["publish_s"] = time.perf_counter() - started
     log(f"published 2 x {shape.n_adapters} adapters in {out['publish_s']:.0f} s")
 
-    url = start_app(shape, base, store_uri, device)
+    out["replica_compile_lora_decode"] = compile_lora
+    url = start_app(shape, base, store_uri, device, compile_lora)
     try:
         asyncio.run(load_phases(shape, url, workload, out))
         out["replica_stats"] = replica_stats()
@@ -259,13 +278,19 @@ class Workload:
         return f"base:uniform{int(self.rng.integers(self.shape.n_adapters)):05d}"
 
 
-def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds: float) -> dict:
-    """The replica's scheduler on the same model, no HTTP: ``rows`` sequences always in flight."""
-    from oppu.serving.engine import GenerationEngine
+def log_engine(name: str, engine: dict) -> None:
+    log(f"{name}: {engine['tokens_per_s']:.0f} tokens/s (cuda_graphs={engine['cuda_graphs']}, "
+        f"{engine['graph_captures']} graphs captured, {engine['graph_captures_in_window']} in the window; "
+        f"decode {engine['decode_ms_per_step']:.1f} ms a step, prefill {engine['prefill_ms_per_chunk']:.1f} ms a chunk, "
+        f"{100 * engine['prefill_share_of_window']:.0f}% of the window in prefill; warm-up {engine['warm_up_s']:.1f} s"
+        + (f"; capture failed: {engine['graph_capture_error']}" if engine["graph_capture_error"] else "") + ")")
+
+
+def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, what: str) -> dict:
+    """The replica's scheduler over ``engine``, no HTTP: ``rows`` sequences always in flight."""
     from oppu.serving.sampling import SamplingParams
     from oppu.serving.scheduler import ContinuousBatcher, FinishEvent, SequenceRequest, TokenEvent
 
-    engine = GenerationEngine(model, tokenizer, None)
     batcher = ContinuousBatcher(engine, max_batch_size=rows, max_waiting=rows,
                                 prefill_chunk_tokens=workload.shape.prefill_chunk_tokens)
     times: list[float] = []
@@ -297,7 +322,7 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
             submit()
         batcher.step()
     window = time.perf_counter() - started
-    return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
+    result = {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
             "warm_up_s": batcher.stats.warm_up_s, "kv_rows": batcher.cache.rows, "kv_columns": batcher.cache.columns,
             "decode_steps": batcher.stats.steps - before.steps,
             "prefill_chunks": batcher.stats.prefill_chunks - before.prefill_chunks,
@@ -310,10 +335,20 @@ def engine_closed_loop(model, tokenizer, workload: Workload, rows: int, seconds:
             "graph_captures_in_window": batcher.cache.graph_captures - captures_before,
             "graph_capture_error": batcher.cache.capture_error,
             "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
-            "same prompt/output distributions, base model without LoRA slots"}
+            f"same prompt/output distributions, {what}"}
+    return result
 
 
-def start_app(shape: HttpShape, base: Path, store_uri: str, device: str) -> str:
+def free_device_memory() -> None:
+    """After a phase: its KV rows and graph pool go back before the next phase allocates its own."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def start_app(shape: HttpShape, base: Path, store_uri: str, device: str, compile_lora: bool = False) -> str:
     import ray
     from ray import serve
 
@@ -329,12 +364,13 @@ def start_app(shape: HttpShape, base: Path, store_uri: str, device: str) -> str:
             "task": TASK, "model_id": "base", "device": device,
             "dtype": "bfloat16" if device == "cuda" else "float32", "gpu_slots": shape.gpu_slots,
             "host_cache_adapters": shape.host_cache_adapters, "max_lora_rank": shape.rank,
-            "target_modules": "q_proj,v_proj", "max_batch_size": shape.max_batch_size,
+            "target_modules": ",".join(SERVED_MODULES), "max_batch_size": shape.max_batch_size,
             "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "prefill_chunk_tokens": shape.prefill_chunk_tokens, "stream_interval_ms": shape.stream_interval_ms,
             "max_tokens_limit": shape.max_tokens[1], "default_max_tokens": shape.max_tokens[0],
             "max_queued_requests": 512, "model_max_ongoing_requests": 512, "ingress_max_ongoing_requests": 1024,
             "request_timeout_s": 600, "adapter_check_ttl_s": 3600, "default_temperature": 0.0,
+            "compile_lora_decode": compile_lora,
             "num_gpus_per_replica": 1 if device == "cuda" else 0, "num_cpus_per_replica": 4 if device == "cuda" else 1}
     started = time.perf_counter()
     serve.run(build({key: str(value) for key, value in args.items()}), name="oppu", route_prefix="/")
@@ -574,6 +610,8 @@ async def load_phases(shape: HttpShape, url: str, workload: Workload, out: dict)
 def print_summary(results: dict) -> None:
     print(f"\n{'device':40s} {results['device']}")
     print(f"{'engine alone, 32 in flight (tokens/s)':40s} {results['engine_base_batch32_tokens_per_s']:10.0f}")
+    print(f"{'  with LoRA slots, eager update':40s} {results['engine_slots_batch32_tokens_per_s']:10.0f}")
+    print(f"{'  with LoRA slots, compiled update':40s} {results['engine_slots_compiled_batch32_tokens_per_s']:10.0f}")
     if "concurrency_32" not in results:  # --engine-only
         return
     c32 = results["concurrency_32"]

@@ -41,7 +41,7 @@ class GenerationEngine:
 
     def __init__(self, model: Any, tokenizer: Any, lora: LoraSlotsConfig | None, *, static_cache: bool = False,
                  cuda_graphs: bool = False, compile_step: bool = False, max_static_decoders: int = 4,
-                 cache_block: int = 32, host_adapters: int = 0):
+                 cache_block: int = 32, host_adapters: int = 0, compile_lora: bool = False):
         import torch
 
         self.model = model.eval()
@@ -64,7 +64,7 @@ class GenerationEngine:
 
             multi_lora.inject_multi_lora(model, list(lora.target_modules), n_slots=lora.n_slots,
                                          rank=lora.max_rank, alpha=lora.max_rank)
-            use_serving_layers(model)  # the fused one-token decode path; eval mode
+            use_serving_layers(model, compile_one_token=compile_lora)  # the fused one-token decode path; eval mode
             self.slots = AdapterSlots(model, lora.n_slots, host_adapters)
         model.requires_grad_(False)  # serving never trains: no forward records autograd, slots included
         self._torch = torch
@@ -72,7 +72,7 @@ class GenerationEngine:
     @classmethod
     def from_pretrained(cls, model_uri: str, lora: LoraSlotsConfig | None, *, device: str = "auto",
                         dtype: str = "auto", compile_decode: bool = False,
-                        host_adapters: int = 0) -> GenerationEngine:
+                        host_adapters: int = 0, compile_lora: bool = False) -> GenerationEngine:
         import torch
 
         from oppu.models import load_model
@@ -84,7 +84,7 @@ class GenerationEngine:
         model, tokenizer = load_model(model_uri, device=device, dtype=getattr(torch, dtype))
         on_cuda = compile_decode and device.startswith("cuda")
         return cls(model, tokenizer, lora, static_cache=on_cuda, cuda_graphs=on_cuda, compile_step=on_cuda,
-                   host_adapters=host_adapters)
+                   host_adapters=host_adapters, compile_lora=compile_lora)
 
     def prepare_adapter(self, adapter: LoadedAdapter) -> None:
         """``AdapterCache``'s ``prepare`` hook: pack a new host-cached adapter for the GPU slots."""

@@ -150,7 +150,8 @@ class ModelReplica:
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,
                                                        dtype=self.config.dtype,
-                                                       host_adapters=self.config.host_cache_adapters)
+                                                       host_adapters=self.config.host_cache_adapters,
+                                                       compile_lora=self.config.compile_lora_decode)
         self.fingerprint = base_fingerprint(self.config.model)
         self.prompt_format = resolve_prompt_format(self.config.prompt_format, self.engine.tokenizer)
         self.metrics = ServingMetrics()

@@ -99,12 +99,13 @@ def engine(base, **options):
     return GenerationEngine(model, tokenizer, LoraSlotsConfig(len(USERS), 8, TARGETS), **options)
 
 
-def test_the_continuous_batcher_answers_each_user_as_peft_generate_does(served, peft_answers):
+@pytest.mark.parametrize("compile_lora", [False, True], ids=["eager-lora", "compiled-lora"])
+def test_the_continuous_batcher_answers_each_user_as_peft_generate_does(served, peft_answers, compile_lora):
     from oppu.serving.sampling import SamplingParams
     from oppu.serving.scheduler import ContinuousBatcher, FinishEvent, SequenceRequest, TokenEvent
 
     base, _, loaded = served
-    eng = engine(base)
+    eng = engine(base, compile_lora=compile_lora)  # compiled: the replica's compile_lora_decode, CUDA only
     batcher = ContinuousBatcher(eng, max_batch_size=len(USERS), max_waiting=len(USERS))
     tokens = {user: [] for user in USERS}
     finished = set()

@@ -4,6 +4,7 @@ equals the batched matmuls; bad adapters are refused with the problem named."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -158,6 +159,29 @@ def test_one_token_path_equals_the_batched_matmuls():
         assert torch.equal(layer(prompt), MultiLoraLinear.forward(layer, prompt))
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler")
+def test_the_compiled_one_token_update_equals_the_eager_one_at_every_width_and_batch():
+    # compile_lora_decode compiles once with dynamic shapes: layers of other widths and batches of
+    # other sizes must reuse it and answer as the eager form does (a base row's zero included).
+    from oppu.serving import lora as serving_lora
+
+    compiled = serving_lora._compiled_delta_one_token()
+    assert serving_lora._compiled_delta_one_token() is compiled
+    generator = torch.Generator().manual_seed(1)
+    for batch, width_in, width_out in ((6, 24, 40), (2, 24, 40), (9, 40, 16)):
+        lora_a = torch.randn(5, 8, width_in, generator=generator)
+        lora_b = torch.randn(5, width_out, 8, generator=generator)
+        scaling = torch.tensor([0.5, 1.0, 2.0, 4.0, 8.0])
+        slot_ids = torch.randint(-1, 5, (batch,), generator=generator)
+        slot_ids[0] = -1
+        rows = torch.randn(batch, width_in, generator=generator)
+        expected = lora_delta_one_token(rows, lora_a, lora_b, scaling, slot_ids)
+        actual = compiled(rows, lora_a, lora_b, scaling, slot_ids)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+        assert torch.count_nonzero(actual[0]) == 0
+
+
 def test_use_serving_layers_swaps_every_layer_in_place(setup):
     base, _ = setup
     model = slots_model(base)
@@ -165,6 +189,9 @@ def test_use_serving_layers_swaps_every_layer_in_place(setup):
     assert use_serving_layers(model) == 4
     after = multi_lora_layers(model)
     assert all(type(layer) is ServingLoraLinear and layer.lora_A is before[name] for name, layer in after.items())
+    assert not any(layer.compile_one_token for layer in after.values())
+    use_serving_layers(model, compile_one_token=True)
+    assert all(layer.compile_one_token for layer in multi_lora_layers(model).values())
 
 
 def test_prepare_packs_once_and_refuses_what_does_not_fit(tmp_path):
