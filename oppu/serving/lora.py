@@ -16,6 +16,8 @@ activations' dtype, then scaled and added.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from oppu.models.multi_lora import MultiLoraLinear, multi_lora_layers
@@ -45,16 +47,12 @@ class ServingLoraLinear(MultiLoraLinear):
         return self.base(x) + delta(x[:, 0, :], self.lora_A, self.lora_B, self.scaling, slot_ids)[:, None, :]
 
 
-_COMPILED: list = []
-
-
+@functools.cache
 def _compiled_delta_one_token():
     """``lora_delta_one_token`` through ``torch.compile``, made once per process. Dynamic shapes:
     one compilation serves every batch size and layer width (a 7B model's q/v projections and a
     GQA model's narrower k/v alike), instead of one per shape up to dynamo's recompile limit."""
-    if not _COMPILED:
-        _COMPILED.append(torch.compile(lora_delta_one_token, dynamic=True, fullgraph=True))
-    return _COMPILED[0]
+    return torch.compile(lora_delta_one_token, dynamic=True, fullgraph=True)
 
 
 def lora_delta_one_token(rows: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
