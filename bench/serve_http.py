@@ -117,7 +117,8 @@ def main() -> int:
                         "with --engine-only serve_http-engine.json)")
     parser.add_argument("--phase-s", type=float, help="seconds per load phase (default: the shape's)")
     parser.add_argument("--engine-only", action="store_true",
-                        help="only the engine-alone phase (no adapters, no HTTP): a quick check of the decode path")
+                        help="only the engine phases (without and with LoRA slots; no adapters, no HTTP): "
+                        "a quick check of the decode path")
     parser.add_argument("--compile-lora", action="store_true",
                         help="the serve app's compile_lora_decode (the adapters' one-token update compiled)")
     parser.add_argument("--stream-interval-ms", type=float,
@@ -322,7 +323,7 @@ def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, wh
             submit()
         batcher.step()
     window = time.perf_counter() - started
-    result = {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
+    return {"tokens_per_s": sum(1 for t in times if t >= started) / window, "rows": rows, "window_s": window,
             "warm_up_s": batcher.stats.warm_up_s, "kv_rows": batcher.cache.rows, "kv_columns": batcher.cache.columns,
             "decode_steps": batcher.stats.steps - before.steps,
             "prefill_chunks": batcher.stats.prefill_chunks - before.prefill_chunks,
@@ -336,7 +337,6 @@ def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, wh
             "graph_capture_error": batcher.cache.capture_error,
             "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
             f"same prompt/output distributions, {what}"}
-    return result
 
 
 def free_device_memory() -> None:
