@@ -80,6 +80,7 @@ class HttpShape:
     max_tokens: tuple[int, int]  # uniform range
     prefill_chunk_tokens: int
     stream_interval_ms: float = 25.0  # the serve app's default
+    gil_switch_interval_ms: float = 0.5  # the serve app's default
 
 
 FULL = HttpShape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, n_adapters=1000, rank=8,
@@ -123,6 +124,8 @@ def main() -> int:
                         help="the serve app's compile_lora_decode (the adapters' one-token update compiled)")
     parser.add_argument("--stream-interval-ms", type=float,
                         help="the serve app's stream_interval_ms (default: the app's default, 25)")
+    parser.add_argument("--gil-switch-interval-ms", type=float,
+                        help="the serve app's gil_switch_interval_ms (default: the app's default, 0.5; Python's is 5)")
     args = parser.parse_args()
     args.out = args.out or str(ROOT / "bench" / "results"
                                / ("serve_http-engine.json" if args.engine_only else "serve_http.json"))
@@ -135,6 +138,8 @@ def main() -> int:
         shape = HttpShape(**(shape.__dict__ | {"phase_s": args.phase_s}))
     if args.stream_interval_ms is not None:
         shape = HttpShape(**(shape.__dict__ | {"stream_interval_ms": args.stream_interval_ms}))
+    if args.gil_switch_interval_ms is not None:
+        shape = HttpShape(**(shape.__dict__ | {"gil_switch_interval_ms": args.gil_switch_interval_ms}))
     out_dir = os.environ.get("OUT")
     if out_dir:
         _LOG = open(Path(out_dir) / "serve_http.log", "w")  # noqa: SIM115 (open for the whole run)
@@ -367,6 +372,7 @@ def start_app(shape: HttpShape, base: Path, store_uri: str, device: str, compile
             "target_modules": ",".join(SERVED_MODULES), "max_batch_size": shape.max_batch_size,
             "max_prompt_tokens": MAX_PROMPT_TOKENS,
             "prefill_chunk_tokens": shape.prefill_chunk_tokens, "stream_interval_ms": shape.stream_interval_ms,
+            "gil_switch_interval_ms": shape.gil_switch_interval_ms,
             "max_tokens_limit": shape.max_tokens[1], "default_max_tokens": shape.max_tokens[0],
             "max_queued_requests": 512, "model_max_ongoing_requests": 512, "ingress_max_ongoing_requests": 1024,
             "request_timeout_s": 600, "adapter_check_ttl_s": 3600, "default_temperature": 0.0,

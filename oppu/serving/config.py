@@ -58,6 +58,10 @@ class ServeConfig(BaseModel):
     stream_interval_ms: float = Field(25.0, ge=0, description="a stream sends what was generated at most this "
                                       "often (the first token at once): each chunk costs Ray and HTTP work in the "
                                       "replica's process, which at many streams one chunk a token would make the limit")
+    gil_switch_interval_ms: float = Field(0.5, gt=0, description="the replica process's interpreter switch "
+                                          "interval (Python's default is 5): the scheduler thread gives up the "
+                                          "lock at every torch call and, with the event loop busy, waits up to "
+                                          "this long to get it back, several times a decode step")
     max_queued_requests: int = Field(64, ge=0, description="sequences a replica holds waiting for a batch row; "
                                      "more get HTTP 429 with Retry-After")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After header of a 429")

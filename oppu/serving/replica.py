@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -146,6 +147,7 @@ class ModelReplica:
 
         self.config = ServeConfig(**config)
         logs.follow_serve_logging(self.config.log_level)
+        sys.setswitchinterval(self.config.gil_switch_interval_ms / 1000)  # this process is the replica's alone
         lora = LoraSlotsConfig(self.config.gpu_slots, self.config.max_lora_rank,
                                tuple(self.config.target_modules))
         self.engine = GenerationEngine.from_pretrained(self.config.model, lora, device=self.config.device,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import types
 
 import pytest
@@ -123,14 +124,22 @@ def replica(tmp_path, monkeypatch):
               "gpu_slots": 2, "host_cache_adapters": 4, "max_batch_size": 2, "max_lora_rank": 8,
               "target_modules": ["q_proj", "v_proj"], "max_tokens_limit": 8, "default_max_tokens": 4, "log_level": "DEBUG",
               "routing_buckets": 4}
+    switch_interval = sys.getswitchinterval()
     model = ModelReplica(config)
     try:
         yield model, capture
     finally:
+        sys.setswitchinterval(switch_interval)  # the replica sets its process's; here that is pytest's
         model.batcher.stop()
         serve_logger.removeHandler(capture)
         serve_logger.setLevel(saved[0])
         oppu_logger.handlers[:], oppu_logger.propagate, oppu_logger.level = saved[1], saved[2], saved[3]
+
+
+def test_the_replica_shortens_its_interpreter_switch_interval(replica):
+    # The scheduler thread gives up the interpreter lock at each torch call; with Python's default
+    # 5 ms a busy event loop could keep it that long each time, several times a decode step.
+    assert sys.getswitchinterval() == pytest.approx(0.0005)
 
 
 def test_no_user_id_in_metric_labels_or_logs_above_debug(replica):
