@@ -295,7 +295,8 @@ def log_engine(name: str, engine: dict) -> None:
 def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, what: str) -> dict:
     """The replica's scheduler over ``engine``, no HTTP: ``rows`` sequences always in flight."""
     from oppu.serving.sampling import SamplingParams
-    from oppu.serving.scheduler import ContinuousBatcher, FinishEvent, SequenceRequest, TokenEvent
+    from oppu.serving.scheduler import ContinuousBatcher
+    from oppu.serving.sequences import FinishEvent, SequenceRequest, TokenEvent
 
     batcher = ContinuousBatcher(engine, max_batch_size=rows, max_waiting=rows,
                                 prefill_chunk_tokens=workload.shape.prefill_chunk_tokens)
@@ -320,7 +321,7 @@ def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, wh
     while in_flight[0]:
         batcher.step()
     times.clear()
-    captures_before = batcher.cache.graph_captures
+    captures_before = batcher.cache.graphs.captures
     before = dataclasses.replace(batcher.stats)
     started = time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -337,10 +338,10 @@ def engine_closed_loop(engine, workload: Workload, rows: int, seconds: float, wh
             "prefill_ms_per_chunk": 1000 * (batcher.stats.prefill_s - before.prefill_s)
             / max(1, batcher.stats.prefill_chunks - before.prefill_chunks),
             "prefill_share_of_window": (batcher.stats.prefill_s - before.prefill_s) / window,
-            "graph_captures": batcher.cache.graph_captures,
-            "graph_captures_in_window": batcher.cache.graph_captures - captures_before,
-            "graph_capture_error": batcher.cache.capture_error,
-            "cuda_graphs": batcher.cache.cuda_graphs, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
+            "graph_captures": batcher.cache.graphs.captures,
+            "graph_captures_in_window": batcher.cache.graphs.captures - captures_before,
+            "graph_capture_error": batcher.cache.graphs.error,
+            "cuda_graphs": batcher.cache.graphs.enabled, "note": "ContinuousBatcher (the replica's scheduler), no HTTP, "
             f"same prompt/output distributions, {what}"}
 
 

@@ -13,7 +13,7 @@ from oppu.errors import AdapterError, AdapterNotFound, ConfigError, DataError, O
 from oppu.serving.auth import AuthError, ForbiddenError
 from oppu.serving.openai_api import ApiError, error_body
 from oppu.serving.replica import QueueFull, RequestTimeout, RequestTooLarge
-from oppu.serving.scheduler import SequenceTooLong
+from oppu.serving.sequences import SequenceTooLong
 
 
 class ModelNotFound(OppuError):

@@ -32,8 +32,8 @@ from oppu.serving.event_buffer import EventBuffer
 from oppu.serving.openai_api import TokenInfo
 from oppu.serving.privacy import routing_key, user_ref
 from oppu.serving.sampling import SamplingParams
-from oppu.serving.scheduler import (
-    ContinuousBatcher,
+from oppu.serving.scheduler import ContinuousBatcher
+from oppu.serving.sequences import (
     ErrorEvent,
     FinishEvent,
     QueueFull,
@@ -176,8 +176,8 @@ class ModelReplica:
         self.batcher.warm_up(self.config.max_prompt_tokens + self.config.max_tokens_limit)
         log.info("scheduler warmed up in %.1f s: %d rows x %d columns, %d CUDA graphs captured%s",
                  self.batcher.stats.warm_up_s, self.batcher.cache.rows, self.batcher.cache.columns,
-                 self.batcher.cache.graph_captures,
-                 f" (capture failed: {self.batcher.cache.capture_error})" if self.batcher.cache.capture_error else "")
+                 self.batcher.cache.graphs.captures,
+                 f" (capture failed: {self.batcher.cache.graphs.error})" if self.batcher.cache.graphs.error else "")
         self.batcher.start()
 
         # Decorated here, not on the class, because its capacity comes from the config. It loads
@@ -214,8 +214,8 @@ class ModelReplica:
                 "host_misses": self.host_lookups.misses, "decode_steps": scheduler.steps,
                 "prefill_chunks": scheduler.prefill_chunks, "joined_running_batch": scheduler.joined_running_batch,
                 "max_running": scheduler.max_running, "waiting": self.batcher.waiting(),
-                "graph_captures": self.batcher.cache.graph_captures, "cuda_graphs": self.batcher.cache.cuda_graphs,
-                "graph_capture_error": self.batcher.cache.capture_error,
+                "graph_captures": self.batcher.cache.graphs.captures, "cuda_graphs": self.batcher.cache.graphs.enabled,
+                "graph_capture_error": self.batcher.cache.graphs.error,
                 "kv_rows": self.batcher.cache.rows, "kv_columns": self.batcher.cache.columns,
                 "warm_up_s": scheduler.warm_up_s, "prefill_s": scheduler.prefill_s, "decode_s": scheduler.decode_s}
 

@@ -22,11 +22,12 @@ padding.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from oppu.serving.shape_graphs import ShapeGraphs
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +52,21 @@ class RowKVCache:
         self.max_rows = max_rows
         self.column_block = column_block
         self.set_slots = set_slots
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.max_graphs = max_graphs
+        self.graphs = ShapeGraphs(self._forward, max_graphs=max_graphs,
+                                  enabled=self.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
         # Architectures whose logits are exactly the output embedding of the decoder's last hidden states
         # (no soft-capping or scaling after it): for them the head runs on the rows' last tokens only.
         head_only = config.model_type in HEAD_ONLY_MODEL_TYPES and hasattr(model, "get_decoder")
         self._decoder = model.get_decoder() if head_only else None
         self._head = model.get_output_embeddings() if head_only else None
         # Prefill shape floors (see _prefill_shape): only where shapes are captured; on a CPU padding costs.
-        self.prefill_min_tokens = 256 if self.cuda_graphs else 16
-        self.prefill_min_span = 512 if self.cuda_graphs else column_block
+        self.prefill_min_tokens = 256 if self.graphs.enabled else 16
+        self.prefill_min_span = 512 if self.graphs.enabled else column_block
         self.lengths: list[int] = []  # tokens in each row's cache (host truth)
         self._free: list[int] = []
-        self._graphs: OrderedDict[tuple, Any] = OrderedDict()  # shape -> torch.cuda.CUDAGraph
-        self._pool = None
         self.rows, self.columns = 0, 0
         self.max_columns: int | None = None  # set by warm_up: the longest sequence a request may make
         self.token_limit: int | None = None  # set by warm_up where memory cut the columns: a row holds no more
-        self.graph_captures = 0
-        self.capture_error: str | None = None  # why graphs were turned off, if a capture failed
         self._allocate(1, max(column_block, initial_columns))
         self._view = _cache_view(self)
 
@@ -129,15 +126,15 @@ class RowKVCache:
                 columns = self.max_columns = self.token_limit = fits
         if self.max_rows > self.rows or columns > self.columns:
             self._allocate(self.max_rows, max(columns, self.columns))
-        if not self.cuda_graphs:
+        if not self.graphs.enabled:
             return self.columns
         shapes = self._decode_shapes(with_slots)
         if prefill_chunk_tokens:
             shapes += self._prefill_shapes(prefill_chunk_tokens, with_slots)
-        if len(shapes) > self.max_graphs:
+        if len(shapes) > self.graphs.max_graphs:
             log.warning("warm-up: %d shapes but room for %d graphs; the rest are captured on first use",
-                        len(shapes), self.max_graphs)
-        for done, shape in enumerate(shapes[:self.max_graphs]):
+                        len(shapes), self.graphs.max_graphs)
+        for done, shape in enumerate(shapes[:self.graphs.max_graphs]):
             low = _low_memory(self.device)
             if low is not None:
                 # Seen on an H100 with a 7B model (2026-12-07): warm-up captures ran the device out of
@@ -146,12 +143,12 @@ class RowKVCache:
                             "first use", done, len(shapes), low)
                 break
             self._idle_inputs(shape)
-            self._run(shape)
-            if not self.cuda_graphs:  # a capture failed: eager from now on, nothing more to capture
+            self.graphs.run(shape)
+            if not self.graphs.enabled:  # a capture failed: eager from now on, nothing more to capture
                 break
         if self.device.type == "cuda":
             log.info("warm-up: %d rows x %d columns of KV cache, %d graphs captured; %.1f GiB allocated, "
-                     "%.1f GiB free", self.rows, self.columns, len(self._graphs),
+                     "%.1f GiB free", self.rows, self.columns, len(self.graphs),
                      torch.cuda.memory_allocated(self.device) / 2**30,
                      torch.cuda.mem_get_info(self.device)[0] / 2**30)
         return self.columns
@@ -220,7 +217,7 @@ class RowKVCache:
         buffers = self._prefill_buffers(n, width)
         buffers[0].copy_(tokens, non_blocking=True)
         buffers[1].copy_(per_row, non_blocking=True)
-        self._run(("prefill", n, width, span, slot_ids is not None))
+        self.graphs.run(("prefill", n, width, span, slot_ids is not None))
         for row, start, chunk in zip(rows, starts, chunks, strict=True):
             self.lengths[row] = start + len(chunk)
         return buffers[2][:n_real].clone()
@@ -244,26 +241,12 @@ class RowKVCache:
         self._step_inputs[:batch].copy_(torch.tensor(step, dtype=torch.long), non_blocking=True)
         if carried is not None:
             self._step_inputs[carried[0], 0] = carried[1]
-        self._run(("decode", batch, 1, span, slot_ids is not None))
+        self.graphs.run(("decode", batch, 1, span, slot_ids is not None))
         for row in rows:
             self.lengths[row] += 1
         return self._logits[torch.tensor(list(rows), device=self.device)]
 
     # -- internals --------------------------------------------------------------------------------
-
-    def _run(self, shape: tuple) -> None:
-        """The forward of ``shape`` over the inputs already in its buffers: a graph replay on CUDA."""
-        if not self.cuda_graphs:
-            self._forward(shape)
-            return
-        graph = self._graphs.get(shape)
-        if graph is None:
-            graph = self._capture(shape)
-            if graph is None:  # capture failed: eager from now on
-                self._forward(shape)
-                return
-        self._graphs.move_to_end(shape)
-        graph.replay()
 
     @torch.no_grad()  # warm-up runs it outside prefill/decode: a graph kept by an output buffer kept every activation
     def _forward(self, shape: tuple) -> None:
@@ -323,45 +306,6 @@ class RowKVCache:
                                      torch.zeros((rows, self._logits.shape[1]), dtype=self.dtype, device=self.device))
         return self._prefill_io[key]
 
-    def _capture(self, shape: tuple):
-        while len(self._graphs) >= self.max_graphs:
-            self._graphs.popitem(last=False)
-        if not self._graphs:
-            # A fresh pool once no graph is left: the caching allocator frees a pool when its last graph
-            # goes, and capturing into that freed pool fails its use-count assertion
-            # (CUDACachingAllocator.cpp "it->second->use_count > 0", torch 2.11 on the GPU machine).
-            self._pool = None
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # a warm-up run (it writes what the replay writes again)
-                self._forward(shape)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            # capture_begin/end, not ``torch.cuda.graph``: that context synchronizes, empties the device
-            # and pinned-host caches (and on some releases collects garbage) before every capture, which
-            # a replica capturing dozens of shapes while serving pays each time. thread_local: the
-            # replica's other threads (pinning a newly fetched adapter's buffers) may call CUDA meanwhile.
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
-                try:
-                    self._forward(shape)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream().wait_stream(side)
-        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager forwards
-            log.warning("CUDA graph capture of a %s forward %s failed, running eagerly from now on: %s",
-                        shape[0], shape[1:], exc)
-            self.cuda_graphs = False
-            self.capture_error = f"{shape[0]} {shape[1:]}: {type(exc).__name__}: {exc}"
-            self._graphs.clear()
-            return None
-        self.graph_captures += 1
-        self._graphs[shape] = graph
-        return graph
-
     def _set_slots(self, slot_ids: torch.Tensor | None) -> None:
         if self.set_slots is not None:
             self.set_slots(slot_ids)
@@ -379,10 +323,7 @@ class RowKVCache:
         self._free.extend(range(self.rows, rows))
         self.lengths.extend([0] * (rows - self.rows))
         self.keys, self.values, self.rows, self.columns = keys, values, rows, columns
-        if self._graphs:
-            self._graphs.clear()  # they read the old buffers
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # hands back their pool (freed with its last graph, not released)
+        self.graphs.clear()  # they read the old buffers
         self._row_index = torch.arange(rows, device=self.device)
         self._column_index = torch.arange(columns + 1, device=self.device)
         self._step_inputs = torch.zeros((rows, 4), dtype=torch.long, device=self.device)

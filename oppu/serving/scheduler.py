@@ -22,102 +22,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from oppu.errors import AdapterError, OppuError
+from oppu.errors import AdapterError
 from oppu.serving.adapters import LoadedAdapter
 from oppu.serving.row_cache import RowKVCache
-from oppu.serving.sampling import RowSampler, SamplingParams, TokenLogprob, choose_tokens
-
-
-class QueueFull(OppuError):
-    """The replica's waiting queue is full (HTTP 429 with Retry-After)."""
-
-
-class RequestTimeout(OppuError):
-    """The request ran past ``request_timeout_s`` (HTTP 504)."""
-
-
-class SequenceTooLong(OppuError):
-    """A prompt and ``max_tokens`` longer than a row of the KV cache holds (HTTP 400)."""
-
-    param = "max_tokens"
-
-
-@dataclass(frozen=True)
-class SequenceRequest:
-    """One sequence to generate: prompt ids, adapter (None: the base), budget and sampling."""
-
-    prompt_ids: list[int]
-    adapter: LoadedAdapter | None
-    max_new_tokens: int
-    params: SamplingParams = SamplingParams(temperature=0.0)
-    timeout_s: float | None = None
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    token_id: int
-    logprob: TokenLogprob | None
-
-
-@dataclass(frozen=True)
-class FinishEvent:
-    reason: str  # "stop" (end of sequence), "length" (max_new_tokens) or "cancelled"
-
-
-@dataclass(frozen=True)
-class ErrorEvent:
-    error: Exception
-
-
-Sink = Callable[[TokenEvent | FinishEvent | ErrorEvent], None]
-
-
-@dataclass(eq=False)
-class _Seq:
-    id: int
-    request: SequenceRequest
-    sink: Sink
-    sampler: RowSampler
-    deadline: float | None
-    slot: int | None = None  # -1: the base; None: not assigned yet
-    row: int | None = None  # its row of the KV cache, from admission until it finishes
-    prefilled: int = 0  # prompt tokens in the cache
-    generated: int = 0
-    last_token: int = 0
-    ahead: int = 0  # tokens chosen on the device and not yet read back (a step run ahead)
-    done: bool = False
-
-    @property
-    def cache_id(self) -> str | None:
-        return self.request.adapter.cache_id if self.request.adapter is not None else None
-
-
-@dataclass
-class _StepAhead:
-    """A decode step whose greedy tokens were chosen on the device and are still being copied back."""
-
-    seqs: list[_Seq]
-    tokens: Any  # [len(seqs)] on the device: the next step's inputs for those that go on
-    host: Any  # their copy on the host (pinned on CUDA), complete once ``ready`` is
-    ready: Any  # torch.cuda.Event, or None on a CPU (the copy was synchronous)
-
-
-@dataclass
-class SchedulerStats:
-    steps: int = 0
-    prefill_chunks: int = 0
-    joined_running_batch: int = 0  # sequences that joined while other rows were decoding
-    max_running: int = 0
-    generated: int = 0  # tokens emitted, all sequences
-    running: int = 0
-    waiting: int = 0
-    history: list[int] = field(default_factory=list)  # running rows per decode step (tests, last 1,000)
-    prefill_s: float = 0.0  # wall time in prefill chunks, sampling and delivery included
-    decode_s: float = 0.0  # wall time in decode steps, likewise
-    warm_up_s: float = 0.0
+from oppu.serving.sampling import RowSampler, choose_tokens
+from oppu.serving.sequences import (
+    ErrorEvent,
+    FinishEvent,
+    QueueFull,
+    RequestTimeout,
+    SchedulerStats,
+    SequenceRequest,
+    SequenceState,
+    SequenceTooLong,
+    Sink,
+    StepAhead,
+    TokenEvent,
+)
 
 
 class ContinuousBatcher:
@@ -141,9 +64,9 @@ class ContinuousBatcher:
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._waiting: deque[_Seq] = deque()
-        self._prefilling: list[_Seq] = []  # admitted, prompt not yet all in the cache
-        self._running: list[_Seq] = []  # decoding
+        self._waiting: deque[SequenceState] = deque()
+        self._prefilling: list[SequenceState] = []  # admitted, prompt not yet all in the cache
+        self._running: list[SequenceState] = []  # decoding
         self._deferred_release: list[LoadedAdapter] = []
         self._eos = set(engine.eos_ids)
         self._lora_layers = []
@@ -158,7 +81,7 @@ class ContinuousBatcher:
         # GPU does not wait while the host delivers tokens, builds inputs or waits for the interpreter
         # lock. A sequence that ended (end of sequence) is known one step late; that step's token is dropped.
         self.run_ahead = self.cache.device.type == "cuda" if run_ahead is None else run_ahead
-        self._ahead: _StepAhead | None = None
+        self._ahead: StepAhead | None = None
 
     # -- any thread -------------------------------------------------------------------------------
 
@@ -173,7 +96,7 @@ class ContinuousBatcher:
             seq_id = next(self._ids)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s is not None else None
         sampler = RowSampler.create(request.params, self.engine.device)
-        self._post("submit", _Seq(seq_id, request, sink, sampler, deadline))
+        self._post("submit", SequenceState(seq_id, request, sink, sampler, deadline))
         return seq_id
 
     def cancel(self, seq_id: int) -> None:
@@ -283,14 +206,14 @@ class ContinuousBatcher:
                     f"the request ran past its timeout of {seq.request.timeout_s} s "
                     f"({seq.generated} tokens generated)"))
 
-    def _active(self) -> list[_Seq]:
+    def _active(self) -> list[SequenceState]:
         return [*self._prefilling, *self._running]
 
     def _pinned(self) -> set[str]:
         return {seq.cache_id for seq in [*self._active(), *self._waiting]
                 if seq.cache_id is not None and seq.slot is not None and not seq.done}
 
-    def _assign_slot(self, seq: _Seq) -> bool:
+    def _assign_slot(self, seq: SequenceState) -> bool:
         """Give ``seq`` its adapter's slot, loading it if needed; False if every slot is in use."""
         if seq.slot is not None:
             return True
@@ -384,7 +307,7 @@ class ContinuousBatcher:
         self._running = [seq for seq in self._running if not seq.done]
         self.stats.running = len(self._running)
 
-    def _launch_decode(self, seqs: list[_Seq], carried: tuple | None = None) -> Any:
+    def _launch_decode(self, seqs: list[SequenceState], carried: tuple | None = None) -> Any:
         logits = self.cache.decode([seq.row for seq in seqs], [seq.last_token for seq in seqs],
                                    self._slot_ids(seqs), carried=carried)
         self.stats.steps += 1
@@ -392,7 +315,7 @@ class ContinuousBatcher:
         self.stats.history = [*self.stats.history[-999:], len(seqs)]
         return logits
 
-    def _decode_ahead(self, seqs: list[_Seq]) -> None:
+    def _decode_ahead(self, seqs: list[SequenceState]) -> None:
         """Launch the next greedy step, its inputs taken on the device from the step before, then read
         back and deliver that earlier step's tokens while this one runs."""
         import torch
@@ -419,7 +342,7 @@ class ContinuousBatcher:
                 ready.record()
             for seq in stepping:
                 seq.ahead += 1
-            self._ahead = _StepAhead(stepping, tokens, host, ready)
+            self._ahead = StepAhead(stepping, tokens, host, ready)
         if previous is not None:
             self._deliver_ahead(previous)
 
@@ -428,7 +351,7 @@ class ContinuousBatcher:
             ahead, self._ahead = self._ahead, None
             self._deliver_ahead(ahead)
 
-    def _deliver_ahead(self, ahead: _StepAhead) -> None:
+    def _deliver_ahead(self, ahead: StepAhead) -> None:
         if ahead.ready is not None:
             ahead.ready.synchronize()
         for seq, token in zip(ahead.seqs, ahead.host.tolist(), strict=True):
@@ -436,7 +359,7 @@ class ContinuousBatcher:
             if not seq.done:  # not ended meanwhile (its row may already serve another sequence)
                 self._accept(seq, token, None)
 
-    def _slot_ids(self, seqs: list[_Seq]) -> list[int] | None:
+    def _slot_ids(self, seqs: list[SequenceState]) -> list[int] | None:
         return [seq.slot for seq in seqs] if self._lora_layers else None
 
     def _set_slots(self, slot_ids: Any) -> None:
@@ -444,12 +367,12 @@ class ContinuousBatcher:
         for layer in self._lora_layers:
             layer.slot_ids, layer.slot_spans = slot_ids, None
 
-    def _emit(self, seqs: list[_Seq], logits: Any) -> None:
+    def _emit(self, seqs: list[SequenceState], logits: Any) -> None:
         tokens, logprobs = choose_tokens(logits, [seq.sampler for seq in seqs])
         for seq, token, logprob in zip(seqs, tokens, logprobs, strict=True):
             self._accept(seq, token, logprob, counted=True)
 
-    def _accept(self, seq: _Seq, token: int, logprob: Any, counted: bool = False) -> None:
+    def _accept(self, seq: SequenceState, token: int, logprob: Any, counted: bool = False) -> None:
         """``token`` is ``seq``'s next: deliver it, or end the sequence."""
         if not counted:  # choose_tokens counts what it chooses (the penalties read the counts)
             seq.sampler.counts[token] += 1
@@ -463,13 +386,13 @@ class ContinuousBatcher:
         if seq.generated >= seq.request.max_new_tokens:
             self._finish(seq, reason="length")
 
-    def _finish(self, seq: _Seq, reason: str | None = None, error: Exception | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: str | None = None, error: Exception | None = None) -> None:
         if seq.done:
             return
         self._mark_done(seq)
         self._deliver(seq, ErrorEvent(error) if error is not None else FinishEvent(reason))
 
-    def _mark_done(self, seq: _Seq) -> None:
+    def _mark_done(self, seq: SequenceState) -> None:
         seq.done = True
         if seq.row is not None:
             self.cache.release_row(seq.row)
@@ -477,7 +400,7 @@ class ContinuousBatcher:
         with self._lock:
             self._in_flight -= 1
 
-    def _deliver(self, seq: _Seq, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
+    def _deliver(self, seq: SequenceState, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
         try:
             seq.sink(event)
         except Exception:  # the receiver is gone (its event loop closed): stop generating for it

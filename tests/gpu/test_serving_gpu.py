@@ -102,7 +102,8 @@ def engine(base, **options):
 @pytest.mark.parametrize("compile_lora", [False, True], ids=["eager-lora", "compiled-lora"])
 def test_the_continuous_batcher_answers_each_user_as_peft_generate_does(served, peft_answers, compile_lora):
     from oppu.serving.sampling import SamplingParams
-    from oppu.serving.scheduler import ContinuousBatcher, FinishEvent, SequenceRequest, TokenEvent
+    from oppu.serving.scheduler import ContinuousBatcher
+    from oppu.serving.sequences import FinishEvent, SequenceRequest, TokenEvent
 
     base, _, loaded = served
     eng = engine(base, compile_lora=compile_lora)  # compiled: the replica's compile_lora_decode, CUDA only
@@ -132,7 +133,7 @@ def test_the_continuous_batcher_answers_each_user_as_peft_generate_does(served, 
     assert batcher.stats.prefill_chunks == 1
     assert batcher.stats.max_running == sum(1 for answer in peft_answers if answer)
     if DEVICE == "cuda":  # ... through replayed CUDA graphs, not the eager fallback of a failed capture
-        assert batcher.cache.cuda_graphs and batcher.cache.graph_captures >= 2, batcher.cache.capture_error
+        assert batcher.cache.graphs.enabled and batcher.cache.graphs.captures >= 2, batcher.cache.graphs.error
 
 
 @pytest.mark.parametrize("options", [

@@ -168,3 +168,21 @@ def test_the_check_fails_for_an_import_that_breaks_the_plan(module, source):
 def test_the_loop_check_finds_the_old_tasks_metrics_loop():
     edges = {("tasks", "metrics"): ["oppu.tasks.lamp:12"], ("metrics", "tasks"): ["oppu.metrics.scoring:27"]}
     assert loops(edges) == [["metrics", "tasks", "metrics"]]
+
+
+MAX_MODULE_LINES = 450  # the house plan's bound: a longer module mixes concerns or wants splitting
+
+
+def modules_over(limit: int, root: Path = OPPU) -> dict[str, int]:
+    lengths = {str(path.relative_to(root)): len(path.read_text().splitlines()) for path in root.rglob("*.py")}
+    return {name: n for name, n in lengths.items() if n > limit}
+
+
+def test_no_library_module_is_over_the_plans_length():
+    assert modules_over(MAX_MODULE_LINES) == {}
+
+
+def test_the_length_check_names_a_long_module(tmp_path):
+    (tmp_path / "short.py").write_text("x = 1\n")
+    (tmp_path / "long.py").write_text("x = 1\n" * (MAX_MODULE_LINES + 1))
+    assert modules_over(MAX_MODULE_LINES, tmp_path) == {"long.py": MAX_MODULE_LINES + 1}

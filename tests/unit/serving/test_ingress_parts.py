@@ -17,7 +17,7 @@ from oppu.serving import user_routes
 from oppu.serving.model_calls import REPLICA_LOST_RETRIES, ModelCalls
 from oppu.serving.openai_api import ApiError
 from oppu.serving.replica import ChoiceEnd, Delta, GenerateRequest, GenerateResult, Refused, StreamStart
-from oppu.serving.scheduler import QueueFull
+from oppu.serving.sequences import QueueFull
 
 REQUEST = GenerateRequest(prompt="hi", user="u1", max_tokens=4)
 RESULT = GenerateResult(choices=(), prompt_tokens=2, adapter_version="v1")

@@ -79,7 +79,7 @@ def test_a_sliding_window_model_is_refused_by_name():
 def test_warm_up_allocates_every_row_and_the_columns_asked_and_answers_stay_exact(model):
     cache = RowKVCache(model, max_rows=6, column_block=16, initial_columns=16)
     assert cache.warm_up(40, with_slots=False, allocate=True) == 48  # rounded up to the column block
-    assert (cache.rows, cache.columns) == (6, 48) and cache.graph_captures == 0  # no graphs on the CPU
+    assert (cache.rows, cache.columns) == (6, 48) and cache.graphs.captures == 0  # no graphs on the CPU
     ids = torch.randint(1, 97, (30,), generator=torch.Generator().manual_seed(3)).tolist()
     expected = reference(model, ids)
     rows = [cache.acquire_row() for _ in range(6)]
@@ -113,8 +113,8 @@ def test_warm_up_knows_every_shape_a_scheduler_runs_and_the_gpu_floors_keep_answ
     chunk_tokens = 24
     expected_shapes = set(cache._decode_shapes(False)) | set(cache._prefill_shapes(chunk_tokens, False))
     ran = []
-    forward = cache._forward
-    cache._forward = lambda shape: (ran.append(shape), forward(shape))
+    forward = cache.graphs.forward
+    cache.graphs.forward = lambda shape: (ran.append(shape), forward(shape))
     generator = torch.Generator().manual_seed(5)
     sequences = [torch.randint(1, 97, (n,), generator=generator).tolist() for n in (9, 31, 50, 70)]
     rows = [cache.acquire_row() for _ in sequences]
@@ -162,6 +162,6 @@ def test_a_warm_up_forward_outside_serving_keeps_no_autograd_graph(model):
     shapes = cache._decode_shapes(False)[:1] + cache._prefill_shapes(32, False)[-1:]
     for shape in shapes:
         cache._idle_inputs(shape)
-        cache._run(shape)
+        cache.graphs.run(shape)
     outputs = [cache._logits] + [buffers[2] for buffers in cache._prefill_io.values()]
     assert len(outputs) >= 2 and not any(output.requires_grad for output in outputs)

@@ -7,8 +7,8 @@ import torch
 
 from oppu.serving.http_errors import as_api_error
 from oppu.serving.sampling import SamplingParams
-from oppu.serving.scheduler import (
-    ContinuousBatcher,
+from oppu.serving.scheduler import ContinuousBatcher
+from oppu.serving.sequences import (
     ErrorEvent,
     FinishEvent,
     QueueFull,
@@ -84,9 +84,9 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
         batcher.warm_up(200)
         allocated = (4, 256) if device == "cuda" else (batcher.cache.rows, batcher.cache.columns)  # CPU: grows
         assert (batcher.cache.rows, batcher.cache.columns) == allocated
-        decode_shapes = {shape for shape in batcher.cache._graphs if shape[0] == "decode"}
+        decode_shapes = {shape for shape in batcher.cache.graphs.shapes() if shape[0] == "decode"}
         assert len(decode_shapes) == (3 * 2 if device == "cuda" else 0)  # batches 1, 2, 4 x spans 128, 256
-        captured_at_warm_up = batcher.cache.graph_captures
+        captured_at_warm_up = batcher.cache.graphs.captures
     sinks = [Collector() for _ in CASES]
     # The first two start together; the others arrive while those decode, one per step.
     for i in (0, 1):
@@ -102,12 +102,12 @@ def test_sequences_joining_mid_decode_equal_each_users_peft_model_alone(setup, o
     if chunk == 3:  # running rows kept decoding while a newcomer's prompt was prefilled in chunks
         assert batcher.stats.prefill_chunks > len(CASES)
     if device == "cuda":  # every forward a replayed CUDA graph (a failed capture would run eagerly)
-        assert batcher.cache.cuda_graphs and batcher.cache.graph_captures >= 2, batcher.cache.capture_error
+        assert batcher.cache.graphs.enabled and batcher.cache.graphs.captures >= 2, batcher.cache.graphs.error
     if warm:  # nothing grew and no decode shape was captured while serving
         if device == "cuda":
             assert (batcher.cache.rows, batcher.cache.columns) == allocated
-        assert {shape for shape in batcher.cache._graphs if shape[0] == "decode"} == decode_shapes
-        assert batcher.cache.graph_captures == captured_at_warm_up  # prefill shapes too
+        assert {shape for shape in batcher.cache.graphs.shapes() if shape[0] == "decode"} == decode_shapes
+        assert batcher.cache.graphs.captures == captured_at_warm_up  # prefill shapes too
     assert all(sink.finish in ("stop", "length") for sink in sinks)
     assert batcher._ahead is None and all(not seq.ahead for seq in batcher._running)  # nothing left on the device
 
