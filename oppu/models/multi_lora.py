@@ -241,7 +241,7 @@ def model_adapters(model: nn.Module, slot_ids: torch.Tensor | Sequence[int],
     if spans is not None and any(not 0 <= slot < n_slots for slot, _, _ in spans):
         raise ValueError(f"slot spans must name slots in [0, {n_slots - 1}], got {spans}")
     if spans is not None:  # grouped once for every layer of the pass
-        spans = SpanPlan.build(spans, device)
+        spans = SpanPlan.build(spans, device, n_slots)
     previous = [(layer.slot_ids, layer.slot_spans) for layer in layers]
     for layer in layers:
         layer.slot_ids, layer.slot_spans = slot_tensor, spans

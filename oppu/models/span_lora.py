@@ -59,10 +59,16 @@ class AlignedRuns:
 
     slots: torch.Tensor  # [R]: each run's slot
     offsets: torch.Tensor  # [R] int32: where each run's stretch of the layout ends
-    positions: torch.Tensor  # [n]: the valid layout positions, in order
-    targets: torch.Tensor  # [n]: the token index of each of those positions
+    positions: torch.Tensor | None  # [n]: the valid layout positions, in order (None: in place)
+    targets: torch.Tensor | None  # [n]: the token index of each of those positions (None: in place)
     layout_tokens: int = 0  # P
     prefix_tokens: int | None = None  # n, when the runs are tokens 0..n-1 in order (packed training)
+    # The runs already lie as the layout would put them (contiguous from token 0, each a multiple of
+    # GROUP_ALIGN long: ``collate_packed(..., owner_align=GROUP_ALIGN)``): the tokens are read in place.
+    in_place: bool = False
+    # With ``in_place`` and one run per slot in slot order: where each of the ``n_slots`` slots' runs
+    # ends, absent slots as empty groups, so the GEMMs read every slot's matrices without gathering them.
+    slot_offsets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -75,9 +81,11 @@ class SpanPlan:
     aligned: AlignedRuns | None = None
 
     @classmethod
-    def build(cls, spans: Sequence[tuple[int, int, int]], device: torch.device | str) -> SpanPlan:
+    def build(cls, spans: Sequence[tuple[int, int, int]], device: torch.device | str,
+              n_slots: int | None = None) -> SpanPlan:
+        """``n_slots``: how many slots the layers hold (lets runs laid out in place skip gathering them)."""
         device = torch.device(device)
-        aligned = _aligned(spans, device) if spans and grouped_mm_available(device) else None
+        aligned = _aligned(spans, device, n_slots) if spans and grouped_mm_available(device) else None
         return cls(tuple(spans), device, aligned)
 
     @functools.cached_property
@@ -95,7 +103,21 @@ class SpanPlan:
         return tuple(_group(runs, self.device) for runs in groups)
 
 
-def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device) -> AlignedRuns:
+def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device, n_slots: int | None = None) -> AlignedRuns:
+    if _lie_in_place(spans):
+        host = {"slots": torch.tensor([slot for slot, _, _ in spans]),
+                "offsets": torch.tensor([end for _, _, end in spans], dtype=torch.int32)}
+        slot_order = [slot for slot, _, _ in spans]
+        if n_slots is not None and slot_order == sorted(set(slot_order)) and slot_order[-1] < n_slots:
+            ends, offsets, running = {slot: end for slot, _, end in spans}, [], 0
+            for slot in range(n_slots):  # an absent slot: an empty group where the previous run ended
+                running = ends.get(slot, running)
+                offsets.append(running)
+            host["slot_offsets"] = torch.tensor(offsets, dtype=torch.int32)
+        on_device = _to_device(host, device)
+        n = spans[-1][2]
+        return AlignedRuns(on_device["slots"], on_device["offsets"], positions=None, targets=None, layout_tokens=n,
+                           prefix_tokens=n, in_place=True, slot_offsets=on_device.get("slot_offsets"))
     slots = torch.tensor([slot for slot, _, _ in spans])
     starts = torch.tensor([start for _, start, _ in spans])
     lengths = torch.tensor([end - start for _, start, end in spans])
@@ -110,6 +132,16 @@ def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device) -> Ali
     prefix = len(targets) if torch.equal(targets, torch.arange(len(targets))) else None
     host = {"slots": slots, "offsets": offsets.to(torch.int32), "positions": positions, "targets": targets}
     return AlignedRuns(**_to_device(host, device), layout_tokens=int(offsets[-1]), prefix_tokens=prefix)
+
+
+def _lie_in_place(spans: Sequence[tuple[int, int, int]]) -> bool:
+    """Whether the runs are contiguous from token 0, each a multiple of ``GROUP_ALIGN`` tokens long."""
+    expected_start = 0
+    for _, start, end in spans:
+        if start != expected_start or (end - start) % GROUP_ALIGN or end <= start:
+            return False
+        expected_start = end
+    return True
 
 
 def _to_device(host: dict, device: torch.device) -> dict:
@@ -161,6 +193,8 @@ def grouped_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, 
     grouped_mm = torch.nn.functional.grouped_mm
     out = result.view(-1, result.shape[-1])
     rows = x.reshape(-1, x.shape[-1])
+    if runs.in_place:
+        return _in_place_update(result, out, rows, lora_a, lora_b, scaling, runs)
     prefix = runs.prefix_tokens
     own = rows[:prefix] if prefix is not None else _UniqueRows.apply(rows, runs.targets)
     laid_out = own.new_zeros(runs.layout_tokens, own.shape[1]).index_copy(0, runs.positions, own)  # [P, in]
@@ -173,6 +207,56 @@ def grouped_update(result: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, 
     else:
         out.index_add_(0, runs.targets, delta)
     return result
+
+
+def _in_place_update(result, out, rows, lora_a, lora_b, scaling, runs: AlignedRuns) -> torch.Tensor:
+    """``grouped_update`` for runs that already lie in the layout: the tokens are the GEMM's rows,
+    and with ``slot_offsets`` every slot is a group (absent ones empty), so no slot's matrices are
+    gathered. About half the operators of the general path, forward and backward."""
+    grouped_mm = torch.nn.functional.grouped_mm
+    n = runs.layout_tokens
+    own = rows if n == rows.shape[0] else rows[:n]
+    if runs.slot_offsets is not None and empty_groups_work(rows.device, rows.dtype):
+        a, b, scale, offsets = lora_a, lora_b, scaling, runs.slot_offsets
+    else:
+        a, b, scale, offsets = (lora_a.index_select(0, runs.slots), lora_b.index_select(0, runs.slots),
+                                scaling.index_select(0, runs.slots), runs.offsets)
+    b = b * scale.to(b.dtype)[:, None, None]
+    delta = grouped_mm(grouped_mm(own, a.transpose(1, 2), offs=offsets), b.transpose(1, 2), offs=offsets)
+    (out if n == out.shape[0] else out[:n]).add_(_ContiguousGrad.apply(delta))
+    return result
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose gradient is made contiguous: the grouped GEMM's backward refuses a gradient
+    with zero strides (an ``expand``, as ``out.sum().backward()`` hands down)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+@functools.cache
+def empty_groups_work(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM takes empty groups here (an absent slot's): checked once, on a small
+    case against plain matmuls, forward and weight gradient; where it does not, slots are gathered."""
+    try:
+        x = torch.randn(2 * GROUP_ALIGN, GROUP_ALIGN, device=device, dtype=dtype)
+        w = torch.randn(3, GROUP_ALIGN, GROUP_ALIGN, device=device, dtype=dtype, requires_grad=True)
+        offsets = torch.tensor([GROUP_ALIGN, GROUP_ALIGN, 2 * GROUP_ALIGN], device=device, dtype=torch.int32)
+        out = torch.nn.functional.grouped_mm(x, w, offs=offsets)
+        out.backward(torch.ones_like(out))
+        expected = torch.cat([x[:GROUP_ALIGN] @ w[0], x[GROUP_ALIGN:] @ w[2]]).float()
+        tolerance = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        return bool(torch.allclose(out.float(), expected, rtol=tolerance, atol=tolerance)
+                    and torch.count_nonzero(w.grad[1]) == 0 and torch.isfinite(w.grad).all())
+    except RuntimeError as exc:
+        logger.info("torch's grouped GEMM refuses empty groups on %s %s (%s): slots are gathered", device, dtype, exc)
+        return False
 
 
 class _UniqueRows(torch.autograd.Function):

@@ -143,6 +143,7 @@ def train_users_batched(
         remove_multi_lora,
     )
     from oppu.models.slot_export import snapshot_slot
+    from oppu.models.span_lora import GROUP_ALIGN, grouped_mm_available
     from oppu.training.varlen import packed_attention, packed_attention_calls, packed_forward_kwargs
 
     started = time.perf_counter()
@@ -165,6 +166,8 @@ def train_users_batched(
             base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base_model.train()
         device = layers[0].lora_A.device
+        # Each user's block of a pass padded to where the grouped GEMM reads it in place (span_lora).
+        owner_align = GROUP_ALIGN if packed and grouped_mm_available(device) else 1
         decoder, head = base_model.get_decoder(), base_model.get_output_embeddings()
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 
@@ -232,13 +235,14 @@ def train_users_batched(
                     flat.grad.zero_()  # not None: the layers' gradients are views of it
                     slot_losses = torch.zeros(n_slots, device=device)
                     if packed:
-                        micro_batches = pack_rows(rows, tokens_per_forward, width_multiple)
+                        micro_batches = pack_rows(rows, tokens_per_forward, width_multiple, owner_align)
                     else:
                         micro_batches = group_by_length(rows, tokens_per_forward, batch_overhead_tokens,
                                                         width_multiple)
                 for micro_batch in micro_batches:
                     with phase("collate"):
-                        batch = (collate_packed if packed else collate)(micro_batch, pad_id, device)
+                        batch = (collate_packed(micro_batch, pad_id, device, owner_align) if packed
+                                 else collate(micro_batch, pad_id, device))
                     with model_adapters(base_model, batch["owners"], batch.get("owner_spans")), phase("pass"):
                         if packed:
                             calls = packed_attention_calls()

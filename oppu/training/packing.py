@@ -155,9 +155,12 @@ class PackedBatch:
         return self.width - self.real_tokens
 
 
-def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> list[PackedBatch]:
+def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1, owner_align: int = 1) -> list[PackedBatch]:
     """Pack ``rows`` into as few sequences of at most ``max_tokens`` tokens as first-fit decreasing
     finds, with the tokens spread evenly over them.
+
+    ``owner_align`` > 1 counts each owner's tokens in a pass rounded up to a multiple of it, the room
+    ``collate_packed(..., owner_align)`` pads each owner's block to.
 
     First-fit decreasing fixes the number of passes; the rows are then dealt, longest first, to
     the least loaded pass with room (kept only if every row fits), so a step does not end in
@@ -171,46 +174,68 @@ def pack_rows(rows: Sequence[Row], max_tokens: int, width_multiple: int = 1) -> 
         if len(row) > max_tokens:
             raise ValueError(f"sample {row.sample} of owner {row.owner} has {len(row)} tokens, "
                              f"more than max_tokens={max_tokens}")
-    bins = _first_fit_decreasing(ordered, max_tokens)
-    balanced = _least_loaded(ordered, len(bins), max_tokens)
+    bins = _first_fit_decreasing(ordered, max_tokens, owner_align)
+    balanced = _least_loaded(ordered, len(bins), max_tokens, owner_align)
     if balanced is not None:
         bins = balanced
     # Within a pass, each owner's samples side by side: the LoRA runs one owner's tokens at a
     # time (``collate_packed``'s ``owner_spans``), so fewer runs are fewer kernels.
-    return [PackedBatch(tuple(sorted(rows_in, key=lambda row: (row.owner, row.sample))),
-                        min(max_tokens, -(-sum(map(len, rows_in)) // width_multiple) * width_multiple))
-            for rows_in in bins]
+    return [PackedBatch(tuple(sorted(pass_bin.rows, key=lambda row: (row.owner, row.sample))),
+                        min(max_tokens, -(-pass_bin.load // width_multiple) * width_multiple))
+            for pass_bin in bins]
 
 
-def _first_fit_decreasing(ordered: Sequence[Row], max_tokens: int) -> list[list[Row]]:
-    bins: list[list[Row]] = []
-    loads: list[int] = []
+class _Bin:
+    """A pass being filled: its rows and its tokens, each owner's rounded up to ``owner_align``."""
+
+    def __init__(self, owner_align: int):
+        self.rows: list[Row] = []
+        self.load = 0
+        self._align = owner_align
+        self._owner_tokens: dict[int, int] = {}
+
+    def load_with(self, row: Row) -> int:
+        before = self._owner_tokens.get(row.owner, 0)
+        return self.load - _round_up(before, self._align) + _round_up(before + len(row), self._align)
+
+    def add(self, row: Row) -> None:
+        self.load = self.load_with(row)
+        self._owner_tokens[row.owner] = self._owner_tokens.get(row.owner, 0) + len(row)
+        self.rows.append(row)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _first_fit_decreasing(ordered: Sequence[Row], max_tokens: int, owner_align: int) -> list[_Bin]:
+    bins: list[_Bin] = []
     for row in ordered:
-        for i, load in enumerate(loads):
-            if load + len(row) <= max_tokens:
-                bins[i].append(row)
-                loads[i] += len(row)
+        for pass_bin in bins:
+            if pass_bin.load_with(row) <= max_tokens:
+                pass_bin.add(row)
                 break
         else:
-            bins.append([row])
-            loads.append(len(row))
+            if _round_up(len(row), owner_align) > max_tokens:
+                raise ValueError(f"sample {row.sample} of owner {row.owner} has {len(row)} tokens, more than "
+                                 f"max_tokens={max_tokens} once its owner's block is padded to {owner_align}")
+            bins.append(_Bin(owner_align))
+            bins[-1].add(row)
     return bins
 
 
-def _least_loaded(ordered: Sequence[Row], n_bins: int, max_tokens: int) -> list[list[Row]] | None:
+def _least_loaded(ordered: Sequence[Row], n_bins: int, max_tokens: int, owner_align: int) -> list[_Bin] | None:
     """``ordered`` dealt to ``n_bins`` bins, each row to the least loaded one; None if a row would overflow."""
-    bins: list[list[Row]] = [[] for _ in range(n_bins)]
-    loads = [0] * n_bins
+    bins = [_Bin(owner_align) for _ in range(n_bins)]
     for row in ordered:
-        target = min(range(n_bins), key=lambda i: (loads[i], i))
-        if loads[target] + len(row) > max_tokens:
+        target = min(bins, key=lambda pass_bin: pass_bin.load)  # min keeps the first of equal loads
+        if target.load_with(row) > max_tokens:
             return None
-        bins[target].append(row)
-        loads[target] += len(row)
+        target.add(row)
     return bins
 
 
-def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
+def collate_packed(batch: PackedBatch, pad_token_id: int, device=None, owner_align: int = 1) -> dict:
     """Tensors for one packed pass, built on the host and copied without a sync.
 
     ``input_ids``, ``position_ids`` (restarting at 0 in every sample) and ``owners`` (the row's
@@ -222,29 +247,51 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
     ``owner_spans`` (host ints, for ``multi_lora.model_adapters``) are the runs of one owner's
     tokens, ``(owner, start, end)``, padding left out: built here so the LoRA layers learn
     where each owner's tokens lie without reading ``owners`` back from the device.
+
+    ``owner_align`` > 1 pads each owner's block of samples to a multiple of it with a segment of
+    padding of that owner's (attending only to itself, predicting nothing): the owners' runs then
+    start at multiples of ``owner_align`` and follow one another, so the LoRA's grouped GEMM reads
+    the pass's tokens where they lie (``oppu.models.span_lora``) instead of copying them into a layout.
+    The pass's padding tail, where it is a multiple of ``owner_align``, is the last owner's too.
     """
     import itertools
 
     import torch
 
     width = batch.width
-    lengths = [len(row) for row in batch.rows]
+    # (owner, token ids, the label each position predicts): samples, and each owner's alignment padding.
+    segments: list[tuple[int, Sequence[int], Sequence[int]]] = []
+    for owner, rows in itertools.groupby(batch.rows, key=lambda row: row.owner):
+        block = 0
+        for row in rows:
+            segments.append((owner, row.input_ids,
+                             list(itertools.chain(itertools.islice(row.labels, 1, None), (IGNORE_INDEX,)))))
+            block += len(row)
+        if block % owner_align:
+            pad = owner_align - block % owner_align
+            segments.append((owner, [pad_token_id] * pad, [IGNORE_INDEX] * pad))
+    lengths = [len(ids) for _, ids, _ in segments]
     offset = sum(lengths)
+    if owner_align > 1 and segments and 0 < width - offset and (width - offset) % owner_align == 0:
+        # The pass's padding tail counted as the last owner's too: the runs then cover every token,
+        # and the LoRA adds its update to the whole output rather than to a slice of it.
+        segments.append((segments[-1][0], [pad_token_id] * (width - offset), [IGNORE_INDEX] * (width - offset)))
+        lengths.append(width - offset)
+        offset = width
     if offset > width:
-        raise ValueError(f"packed rows hold {offset} tokens, more than the width {width}")
+        raise ValueError(f"packed rows hold {offset} tokens (each owner's padded to {owner_align}), "
+                         f"more than the width {width}")
     # Built as whole lists and a few tensor ops, not per row: ~200 rows a step made this loop a
     # visible share of the host's time, with the GPU waiting on it.
-    ids = list(itertools.chain.from_iterable(row.input_ids for row in batch.rows))
-    # The label each position predicts: the next token's in its own sample (none for a sample's last).
-    next_labels = list(itertools.chain.from_iterable(
-        itertools.chain(itertools.islice(row.labels, 1, None), (IGNORE_INDEX,)) for row in batch.rows))
+    ids = list(itertools.chain.from_iterable(ids for _, ids, _ in segments))
+    next_labels = list(itertools.chain.from_iterable(labels for _, _, labels in segments))
     boundaries = [0, *itertools.accumulate(lengths)]
     spans: list[tuple[int, int, int]] = []
-    for row, start, end in zip(batch.rows, boundaries, boundaries[1:], strict=False):
-        if spans and spans[-1][0] == row.owner and spans[-1][2] == start:
-            spans[-1] = (row.owner, spans[-1][1], end)
+    for (owner, _, _), start, end in zip(segments, boundaries, boundaries[1:], strict=False):
+        if spans and spans[-1][0] == owner and spans[-1][2] == start:
+            spans[-1] = (owner, spans[-1][1], end)
         else:
-            spans.append((row.owner, start, end))
+            spans.append((owner, start, end))
     if offset < width:
         boundaries.append(width)  # the padding tail: one more segment
     segment_lengths = torch.tensor([end - start for start, end in zip(boundaries, boundaries[1:], strict=False)])
@@ -253,7 +300,7 @@ def collate_packed(batch: PackedBatch, pad_token_id: int, device=None) -> dict:
     input_ids = torch.full((1, width), pad_token_id, dtype=torch.long)
     input_ids[0, :offset] = torch.tensor(ids, dtype=torch.long)
     owners = torch.full((width,), -1, dtype=torch.long)
-    owners[:offset] = torch.repeat_interleave(torch.tensor([row.owner for row in batch.rows], dtype=torch.long),
+    owners[:offset] = torch.repeat_interleave(torch.tensor([owner for owner, _, _ in segments], dtype=torch.long),
                                               torch.tensor(lengths, dtype=torch.long))
     targets = torch.tensor(next_labels, dtype=torch.long)
     trained = (targets != IGNORE_INDEX).nonzero().squeeze(1)

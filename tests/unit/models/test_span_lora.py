@@ -103,7 +103,7 @@ def _aligned_inputs(nan_slot: int | None = None):
 
 
 def _through(path, x, a, b, scaling, base, spans=ALIGNED_SPANS):
-    plan = SpanPlan.build(spans, "cpu")
+    plan = SpanPlan.build(spans, "cpu", n_slots=a.shape[0])
     if path == "grouped":
         assert plan.aligned is not None and grouped_mm_fits(x, a, b)
         return grouped_update(base.clone(), x, a, b, scaling, plan.aligned)
@@ -169,3 +169,56 @@ def test_a_grouped_gemm_failure_falls_back_for_good_with_one_warning(monkeypatch
         torch.testing.assert_close(lora_update(base.clone(), x, a, b, scaling, plan), expected)
     assert [r.message for r in caplog.records if "grouped GEMM failed" in r.message].__len__() == 1
     assert not grouped_mm_fits(x, a, b)
+
+
+# Runs laid out in place (``collate_packed(..., owner_align=GROUP_ALIGN)``): contiguous from token 0,
+# each a multiple of GROUP_ALIGN long. IN_PLACE_SPANS has one run per slot in slot order, slot 2 absent
+# (an empty group, no gathering) and tokens after the last run (the pass's tail); UNORDERED_IN_PLACE
+# has slot 1 twice (its matrices gathered per run).
+IN_PLACE_SPANS = [(0, 0, 16), (1, 16, 48), (3, 48, 96)]
+UNORDERED_IN_PLACE = [(1, 0, 32), (0, 32, 48), (1, 48, 64), (3, 64, 96)]
+WHOLE_PASS = [(0, 0, 32), (1, 32, 48), (2, 48, 64), (3, 64, 100 - 100 % GROUP_ALIGN)]
+
+
+@pytest.mark.parametrize("spans", [IN_PLACE_SPANS, UNORDERED_IN_PLACE, WHOLE_PASS],
+                         ids=["slot-order", "unordered", "whole-pass"])
+def test_runs_laid_out_in_place_give_the_padded_groups_output_and_gradients(spans, monkeypatch):
+    from oppu.models import span_lora
+
+    plan = SpanPlan.build(spans, "cpu", n_slots=4)
+    assert plan.aligned.in_place and plan.aligned.layout_tokens == spans[-1][2]
+    assert (plan.aligned.slot_offsets is not None) == (spans is not UNORDERED_IN_PLACE)
+    gathered = []
+    original = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select",
+                        lambda self, *args, **kwargs: (gathered.append(1), original(self, *args, **kwargs))[1])
+    grads = []
+    for path in ("spans", "grouped"):
+        x, a, b, scaling, base = _aligned_inputs()
+        gathered.clear()
+        out = _through(path, x, a, b, scaling, base, spans)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append((out.detach(), x.grad, a.grad, b.grad))
+    assert bool(gathered) == (spans is UNORDERED_IN_PLACE)  # in slot order, no slot's matrices gathered
+    for expected, got in zip(*grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    tail = list(range(spans[-1][2], 100))
+    assert torch.equal(grads[1][0][0, tail], _aligned_inputs()[4][0, tail])  # after the last run: the base output
+    if spans is IN_PLACE_SPANS:
+        assert torch.count_nonzero(grads[1][2][2]) == 0 and torch.count_nonzero(grads[1][3][2]) == 0
+    assert span_lora.empty_groups_work(torch.device("cpu"), torch.float32)
+
+
+def test_runs_laid_out_in_place_keep_a_nan_slot_in_its_own_tokens_and_gradient():
+    x, a, b, scaling, base = _aligned_inputs(nan_slot=1)
+    out = _through("grouped", x, a, b, scaling, base, IN_PLACE_SPANS)
+    out.sum().backward()
+    assert torch.isnan(out[0]).any(-1).nonzero().squeeze(1).tolist() == list(range(16, 48))
+    assert not torch.isnan(a.grad[[0, 2, 3]]).any() and not torch.isnan(b.grad[[0, 2, 3]]).any()
+    clean = [t for t in range(100) if not 16 <= t < 48]
+    assert not torch.isnan(x.grad[0, clean]).any()
+
+
+def test_runs_not_in_place_take_the_layout():
+    for spans in ([(0, 0, 16), (1, 16, 40)], [(0, 0, 16), (1, 32, 48)], [(0, 16, 32)]):  # 24 long; a gap; not from 0
+        assert not SpanPlan.build(spans, "cpu", n_slots=2).aligned.in_place

@@ -109,6 +109,46 @@ def test_packing_places_every_sample_once_within_budget_and_nearly_full():
         pack_rows([Row(4, 0, list(range(9)), list(range(9)))], max_tokens=8)
 
 
+def test_packing_with_owner_alignment_counts_each_owners_padded_block_within_budget():
+    from oppu.training.packing import collate_packed, pack_rows
+
+    rows = long_tailed_rows(n_users=30, seed=5)
+    passes = pack_rows(rows, max_tokens=1024, width_multiple=64, owner_align=16)
+    placed = Counter((row.owner, row.sample) for batch in passes for row in batch.rows)
+    assert placed == Counter((row.owner, row.sample) for row in rows)
+    for batch in passes:
+        blocks = Counter()
+        for row in batch.rows:
+            blocks[row.owner] += len(row)
+        assert sum(-(-n // 16) * 16 for n in blocks.values()) <= batch.width <= 1024
+        spans = collate_packed(batch, pad_token_id=0, owner_align=16)["owner_spans"]
+        assert [owner for owner, _, _ in spans] == sorted(blocks)  # one run per owner, in owner order
+        assert spans[0][1] == 0 and all(prev[2] == nxt[1] for prev, nxt in zip(spans, spans[1:], strict=False))
+        assert all((end - start) % 16 == 0 for _, start, end in spans)
+    with pytest.raises(ValueError, match="owner 4 has 9 tokens"):
+        pack_rows([Row(4, 0, list(range(9)), list(range(9)))], max_tokens=12, owner_align=16)
+
+
+def test_owner_alignment_pads_each_owner_with_a_segment_that_predicts_nothing():
+    from oppu.training.packing import PackedBatch, collate_packed
+
+    rows = (Row(1, 0, [5, 6, 7], [IGNORE_INDEX, 6, 7]), Row(1, 1, [8, 9], [8, 9]), Row(3, 0, [10, 11, 12], [10, 11, 12]))
+    plain = collate_packed(PackedBatch(rows, 16), pad_token_id=0)
+    tensors = collate_packed(PackedBatch(rows, 16), pad_token_id=0, owner_align=4)
+    assert tensors["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 10, 11, 12, 0, 0, 0, 0, 0]]
+    assert tensors["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2, 0, 0, 1, 2, 3]]
+    # owner 1's block (5 tokens) padded to 8, owner 3's to 4; the tail (4, a multiple of 4) is owner 3's too
+    assert tensors["owners"].tolist() == [[1] * 8 + [3] * 8]
+    assert tensors["owner_spans"] == [(1, 0, 8), (3, 8, 16)]
+    assert tensors["cu_seqlens"].tolist() == [0, 3, 5, 8, 11, 12, 16]
+    # The same predictions as without the padding, at their new positions.
+    assert tensors["trained_labels"].tolist() == plain["trained_labels"].tolist() == [6, 7, 9, 11, 12]
+    assert tensors["trained_positions"].tolist() == [0, 1, 3, 8, 9]
+    assert tensors["trained_owners"].tolist() == [1, 1, 1, 3, 3]
+    with pytest.raises(ValueError, match="padded to 4"):
+        collate_packed(PackedBatch(rows, 10), pad_token_id=0, owner_align=4)
+
+
 def test_collate_packed_lays_samples_end_to_end_with_their_own_positions_and_targets():
     from oppu.training.packing import PackedBatch, collate_packed
 
