@@ -167,7 +167,9 @@ def train_users_batched(
         base_model.train()
         device = layers[0].lora_A.device
         # Each user's block of a pass padded to where the grouped GEMM reads it in place (span_lora).
-        owner_align = GROUP_ALIGN if packed and grouped_mm_available(device) else 1
+        # (A pass budget off that grid could not always hold a long sample's padded block.)
+        owner_align = (GROUP_ALIGN if packed and grouped_mm_available(device) and tokens_per_forward % GROUP_ALIGN == 0
+                       else 1)
         decoder, head = base_model.get_decoder(), base_model.get_output_embeddings()
         pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
 

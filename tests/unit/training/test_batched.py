@@ -311,3 +311,12 @@ def test_a_nan_slot_reaches_no_other_row_nor_other_slots_gradients(per_token):
     assert not torch.isfinite(poisoned[0][3]).any()
     for grads_clean, grads_poisoned in zip(clean[1:], poisoned[1:], strict=True):
         torch.testing.assert_close(grads_poisoned[[0, 2]], grads_clean[[0, 2]], rtol=0, atol=0)
+
+
+def test_a_pass_budget_off_the_alignment_grid_still_takes_a_sample_that_fills_it(base):
+    # Packed passes pad each user's block to 16 tokens where the budget is a multiple of 16; a budget
+    # of 41 could not hold a 40-token sample padded to 48, so that budget packs without the padding.
+    long_sample = {"input_ids": [3 + i % 40 for i in range(40)], "labels": [-100] * 30 + [5] * 10}
+    adapters = train_users_batched(base, None, [("u1", [long_sample] * 4)], LORA, HPARAMS, SEED,
+                                   max_active_users=1, tokens_per_forward=41)
+    assert set(adapters) == {"u1"} and all(torch.isfinite(t).all() for t in adapters["u1"].values())
