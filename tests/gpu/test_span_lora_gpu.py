@@ -70,3 +70,41 @@ def test_grouped_gemm_keeps_a_nan_slot_in_its_own_tokens_on_the_gpu():
     assert bad == list(range(start, end))
     others = [s for s in range(50) if s != 7]
     assert not torch.isnan(a.grad[others].float()).any() and not torch.isnan(b.grad[others].float()).any()
+
+
+def _in_place_runs(users: int = 50, absent: tuple[int, ...] = (3, 17, 40), seed: int = 1):
+    """As ``collate_packed(..., owner_align=16)`` lays a pass: each present user's block padded to 16, from token 0."""
+    rng, spans, start = random.Random(seed), [], 0
+    for user in range(users):
+        if user in absent:
+            continue
+        n = -(-rng.randint(5, 700) // 16) * 16
+        spans.append((user, start, start + n))
+        start += n
+    return spans, start
+
+
+def test_runs_laid_out_in_place_equal_the_padded_groups_with_absent_slots_as_empty_groups():
+    from oppu.models.span_lora import empty_groups_work
+
+    if not grouped_mm_available(torch.device("cuda")):
+        pytest.skip("grouped_mm is not native here")
+    spans, tokens = _in_place_runs()
+    plan = SpanPlan.build(spans, "cuda", n_slots=50)
+    assert plan.aligned.in_place and plan.aligned.slot_offsets is not None
+    print(f"empty groups in the grouped GEMM on this GPU: "
+          f"{'taken' if empty_groups_work(torch.device('cuda'), torch.bfloat16) else 'refused (slots gathered)'}")
+    results = []
+    for path in ("spans", "in place"):
+        x, a, b, scaling, base = _inputs(tokens)
+        if path == "in place":
+            out = grouped_update(base.clone(), x, a, b, scaling, plan.aligned)
+        else:
+            out = SpanLora.apply(base.clone(), x, a, b, scaling, plan)
+        weights = torch.linspace(-1, 1, out.numel(), device="cuda", dtype=out.dtype).reshape(out.shape)
+        (out.float() * weights).sum().backward()
+        results.append((out.detach(), x.grad, a.grad, b.grad))
+    for expected, got in zip(*results, strict=True):
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    absent = torch.tensor([3, 17, 40], device="cuda")
+    assert torch.count_nonzero(results[1][2][absent]) == 0 and torch.count_nonzero(results[1][3][absent]) == 0
