@@ -74,9 +74,14 @@ def app(s3_server, tmp_path_factory):
     data_dir = write_dataset(root / "data", TASK, lamp2m_users(USERS), meta={})
 
     os.environ["OPPU_ADMIN_TOKEN"] = ADMIN_TOKEN
-    port, metrics_port = free_port(), free_port()
+    metrics_port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              runtime_env={"env_vars": {"OPPU_ADMIN_TOKEN": ADMIN_TOKEN}})
+    # Chosen once Ray's own processes hold their ports: picked before ray.init, one of them took it
+    # first on a run of the whole suite (the proxy "Failed to bind to address '127.0.0.1:40049'").
+    port = free_port()
+    while port == metrics_port:
+        port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build({"model": str(base), "store": store_uri, "data": str(data_dir), "gpu_slots": "8",
                      "host_cache_adapters": "16", "max_batch_size": "8", "adapter_check_ttl_s": "0.5",
