@@ -105,9 +105,8 @@ class SpanPlan:
 
 def _aligned(spans: Sequence[tuple[int, int, int]], device: torch.device, n_slots: int | None = None) -> AlignedRuns:
     if _lie_in_place(spans):
-        host = {"slots": torch.tensor([slot for slot, _, _ in spans]),
-                "offsets": torch.tensor([end for _, _, end in spans], dtype=torch.int32)}
         slot_order = [slot for slot, _, _ in spans]
+        host = {"slots": torch.tensor(slot_order), "offsets": torch.tensor([end for _, _, end in spans], dtype=torch.int32)}
         if n_slots is not None and slot_order == sorted(set(slot_order)) and slot_order[-1] < n_slots:
             ends, offsets, running = {slot: end for slot, _, end in spans}, [], 0
             for slot in range(n_slots):  # an absent slot: an empty group where the previous run ended
