@@ -15,7 +15,8 @@ When ``evaluate`` has run, the run's record is added to ``--results`` (default
 ``bench/results/table1_real.json``, replacing an earlier record of the same task and seed) and,
 when ``$OUT`` is set, copied there. Shape: ``{"device", "command", "model", "tuning_seeds",
 "runs": [{"task", "seed", "command", "methods", "reference", "population_gap_closed", "device_seconds",
-"stage_seconds"}]}``.
+"stage_seconds", "decoding"}]}``; with ``--compare-decoding`` a run also holds ``other_decoding``: the
+same bases and adapters evaluated with the other ``eval.decoding`` in the same call.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ def main() -> int:
     parser.add_argument("--results", default="bench/results/table1_real.json")
     parser.add_argument("--config", default=None, help="run config (default oppu/configs/table1-real.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--compare-decoding", action="store_true",
+                        help="before evaluate, evaluate the same bases and adapters with the other "
+                             "eval.decoding (greedy / labels) and record its scores beside the run's "
+                             "(its seconds are recorded apart, not in device_seconds)")
     args = parser.parse_args()
 
     from oppu.config import load_config, to_dict
@@ -62,6 +67,7 @@ def main() -> int:
                       [f"task={task.name}", f"run_dir={out}", f"seed={args.seed}", f"model={args.model}",
                        *args.overrides])
     log = _timestamped_log()
+    compared = None
     times_path = out / "bench-stage-seconds.json"
     stage_seconds = json.loads(times_path.read_text()) if times_path.exists() else {}
     # A call cut off by its time limit (``timeout`` sends SIGTERM) still records the seconds its
@@ -75,6 +81,10 @@ def main() -> int:
         try:
             if stage == "data":
                 did_work = make_data(task.name, args, out, log)
+            elif stage == "evaluate" and args.compare_decoding:
+                compared = evaluate_other_decoding(cfg, log)
+                started = time.perf_counter()
+                run_stages(cfg, [stage], log)
             else:
                 run_stages(cfg, [stage], log)
         finally:
@@ -83,7 +93,7 @@ def main() -> int:
                 times_path.write_text(json.dumps(stage_seconds, indent=1))
                 log(f"[table1] {stage} took {time.perf_counter() - started:.0f}s")
     if "evaluate" in args.stages:
-        record(args, cfg, to_dict(cfg), stage_seconds, log)
+        record(args, cfg, to_dict(cfg), stage_seconds, log, compared)
     return 0
 
 
@@ -111,7 +121,25 @@ def make_data(task: str, args, out: Path, log) -> bool:
     return True
 
 
-def record(args, cfg, config: dict, stage_seconds: dict, log) -> None:
+def evaluate_other_decoding(cfg, log) -> dict:
+    """The evaluate stage with the other ``eval.decoding`` on the same bases and adapters: its
+    methods' scores, population gap shares and seconds (the run's own evaluation then overwrites
+    its files)."""
+    import dataclasses
+
+    from oppu.pipeline import run_stages
+
+    other = "greedy" if cfg.eval.decoding == "labels" else "labels"
+    started = time.perf_counter()
+    run_stages(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, decoding=other)), ["evaluate"], log)
+    seconds = time.perf_counter() - started
+    log(f"[table1] evaluate with decoding={other} (for comparison) took {seconds:.0f}s")
+    metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
+    return {"decoding": other, "methods": metrics["methods"],
+            "population_gap_closed": metrics.get("population_gap_closed"), "evaluate_seconds": round(seconds, 1)}
+
+
+def record(args, cfg, config: dict, stage_seconds: dict, log, compared: dict | None = None) -> None:
     import torch
 
     metrics = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())
@@ -128,7 +156,10 @@ def record(args, cfg, config: dict, stage_seconds: dict, log) -> None:
            "n_test_users": metrics["n_test_users"], "n_queries": metrics["n_queries"],
            "errors": metrics.get("errors", {}),
            "device_seconds": round(sum(stage_seconds.values()), 1),
-           "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()}, "config": config}
+           "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()}, "config": config,
+           "decoding": cfg.eval.decoding}
+    if compared is not None:
+        run["other_decoding"] = compared
     runs = [r for r in results.get("runs", []) if (r["task"], r["seed"]) != (run["task"], run["seed"])]
     results = {"device": device, "command": command, "model": args.model,
                "tuning_seeds": sorted(set(results.get("tuning_seeds", [])) | set(args.tuning_seeds)),

@@ -1,9 +1,11 @@
 """Batch inference over the test users' queries for every method, then LaMP scoring.
 
 A Ray Data actor pool answers users in batches: each ``QueryAnswerer`` loads the task-adapted
-bases once, builds every method's prompts through the task registry, and decodes greedily: a
-method without an adapter answers all the batch's users' queries in one generation, one with an
-adapter answers user by user with that user's adapter from the store plugged in. The driver scores
+bases once, builds every method's prompts through the task registry, and decodes greedily (or,
+with ``eval.decoding: labels``, scores each of the task's labels and takes the one its metric
+rewards most: ``oppu.tasks.decisions``): a method without an adapter answers all the batch's
+users' queries at once, one with an adapter answers user by user with that user's adapter from
+the store plugged in. The driver scores
 each method with the task's LaMP metrics and writes LaMP-format predictions, ``metrics.json`` and
 a Markdown table.
 
@@ -15,6 +17,7 @@ failed queries than ``eval.max_failed_queries`` (default 0) fail the stage (``St
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import tempfile
@@ -92,33 +95,49 @@ class QueryAnswerer:
 
     def _answer(self, users: list, method: Method) -> list[dict]:
         """``method``'s answers to the queries of ``users`` (one user where it has an adapter)."""
-        from oppu.models import generate_greedy
-
         model, tokenizer, fingerprint, prompt_format = self.bases[method.base_flavour(self.cfg)]
         prompts = [prompt for user in users for prompt in self._prompts(user, method)]
         queries = [(user, query) for user in users for query in user.queries]
         try:
             if method.adapter_variant:
                 (user,) = users
-                raws = self._generate_with_adapter(user, method, model, tokenizer, fingerprint, prompts)
+                raws, predictions = self._answer_with_adapter(user, method, model, tokenizer, fingerprint, prompts)
             else:
-                raws = generate_greedy(model, tokenizer, prompts, self.task.max_new_tokens,
-                                       batch_size=self.cfg.eval.generation_batch_size,
-                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
-                                       prompt_format=prompt_format)
+                raws, predictions = self._decode(model, tokenizer, prompts, prompt_format)
             error = ""
         except Exception as exc:  # a missing or corrupt adapter fails this user's method only
             log.warning("user(s) %s, method %s: no answers (%s: %s)", ", ".join(u.user_id for u in users),
                         method.name, type(exc).__name__, exc)
             raws, error = [""] * len(prompts), f"{type(exc).__name__}: {exc}"[:1000]
+            predictions = [""] * len(prompts)
         return [{"user_id": user.user_id, "method": method.name, "query_id": q.id,
-                 "prediction": self.task.parse_output(raw) if not error else "", "raw": raw,
-                 "error": error} for (user, q), raw in zip(queries, raws, strict=True)]
+                 "prediction": prediction, "raw": raw, "error": error}
+                for (user, q), raw, prediction in zip(queries, raws, predictions, strict=True)]
 
-    def _generate_with_adapter(self, user, method, model, tokenizer, fingerprint, prompts):
+    def _decode(self, model, tokenizer, prompts: list[str], prompt_format: str) -> tuple[list[str], list[str]]:
+        """(raw output, prediction) of each prompt: label scoring where configured and the task has
+        labels (the raw output is then the labels' normalised probabilities), else greedy decoding."""
+        from oppu.models import generate_greedy
+        from oppu.models.label_scoring import score_answers
+        from oppu.tasks.decisions import label_probabilities
+
+        settings = self.cfg.eval
+        if settings.decoding == "labels" and self.task.answers_by_label:
+            labels = self.task.labels
+            scores = score_answers(model, tokenizer, prompts, [" " + label for label in labels],
+                                   batch_size=settings.label_batch_size,
+                                   max_prompt_tokens=settings.max_prompt_tokens, prompt_format=prompt_format)
+            raws = [json.dumps(dict(zip(labels, label_probabilities(row).round(4).tolist(), strict=True)))
+                    for row in scores]
+            return raws, [self.task.decide(row) for row in scores]
+        raws = generate_greedy(model, tokenizer, prompts, self.task.max_new_tokens,
+                               batch_size=settings.generation_batch_size,
+                               max_prompt_tokens=settings.max_prompt_tokens, prompt_format=prompt_format)
+        return raws, [self.task.parse_output(raw) for raw in raws]
+
+    def _answer_with_adapter(self, user, method, model, tokenizer, fingerprint, prompts):
         from peft import PeftModel
 
-        from oppu.models import generate_greedy
         from oppu.models.peft_adapters import remove_adapter
         from oppu.store import AdapterKey, Manifest
         from oppu.store.manifest import MANIFEST_NAME
@@ -131,10 +150,7 @@ class QueryAnswerer:
                                                where=str(adapter_dir)).prompt_format
             peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
             try:
-                return generate_greedy(peft_model, tokenizer, prompts, self.task.max_new_tokens,
-                                       batch_size=self.cfg.eval.generation_batch_size,
-                                       max_prompt_tokens=self.cfg.eval.max_prompt_tokens,
-                                       prompt_format=prompt_format)
+                return self._decode(peft_model, tokenizer, prompts, prompt_format)
             finally:
                 remove_adapter(peft_model)
 

@@ -296,12 +296,22 @@ class EvalStage:
     num_gpus_per_actor: float = 0.0
     generation_batch_size: int = 16
     max_prompt_tokens: int = 1024
+    # greedy: every task's answer is generated greedily and parsed (the paper's way). labels: a
+    # task with a label set (LaMP-1, 2N, 2M, 3) scores each label as the whole answer and takes the
+    # one its metric rewards most (the likeliest for accuracy, the least expected absolute error
+    # for MAE: oppu.tasks.decisions); generation tasks are still generated greedily.
+    decoding: Literal["greedy", "labels"] = "greedy"
+    label_batch_size: int = 64  # labels: (query, label) rows per forward pass
     # queries (all methods together) that may fail to be answered (a missing or corrupt adapter, an
     # actor that could not start) before evaluate fails, after writing metrics.json; -1: any number.
     # 0 by default: a failed query would score as an empty answer. Also `oppu evaluate --max-failed-queries N`.
     max_failed_queries: int = 0
 
     def __post_init__(self) -> None:
+        if self.decoding not in ("greedy", "labels"):
+            raise ConfigError(f"eval.decoding must be 'greedy' or 'labels', got {self.decoding!r}")
+        if self.label_batch_size < 1:
+            raise ConfigError(f"eval.label_batch_size must be >= 1, got {self.label_batch_size}")
         if self.max_failed_queries < -1:
             raise ConfigError(f"eval.max_failed_queries must be >= 0 (-1: any number), got {self.max_failed_queries}")
 

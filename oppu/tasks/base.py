@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from oppu.errors import DataError
+from oppu.tasks.decisions import LabelDecision
 
 TaskKind = Literal["classification", "rating", "generation"]
 
@@ -91,6 +92,9 @@ class Task:
     output_parser: Callable[[str], str]
     scorer: Scorer
     profile_instruction: str  # Appendix I; "{history}" marks where the user history goes
+    # How the model's belief over ``labels`` becomes the answer its metric rewards most (label
+    # scoring, ``eval.decoding: labels``); None for generation tasks, which are decoded greedily.
+    label_decision: LabelDecision | None = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Task) and other.name == self.name
@@ -194,6 +198,20 @@ class Task:
     def parse_output(self, text: str) -> str:
         """The prediction LaMP scores, parsed leniently from a model's generation."""
         return self.output_parser(text)
+
+    @property
+    def answers_by_label(self) -> bool:
+        """True where an answer can be chosen by scoring each label (classification, rating)."""
+        return self.labels is not None and self.label_decision is not None
+
+    def decide(self, log_probs: Sequence[float]) -> str:
+        """The label the task's decision rule picks from the model's log-probability of each of
+        ``labels`` (in that order), e.g. the likeliest for accuracy, a median for MAE."""
+        if not self.answers_by_label:
+            raise ValueError(f"{self.name} has no label set to decide among")
+        if len(log_probs) != len(self.labels):
+            raise ValueError(f"{self.name}: {len(log_probs)} log-probabilities for {len(self.labels)} labels")
+        return self.label_decision(self.labels, log_probs)
 
     def score(self, golds: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
         """LaMP's evaluator for this task over position-aligned golds and predictions."""

@@ -11,6 +11,7 @@ from functools import partial
 
 from oppu.metrics.lamp import classification_scores, generation_scores, rating_scores
 from oppu.tasks.base import NextTokenHistory, SupervisedHistory, Task
+from oppu.tasks.decisions import LeastAbsoluteErrorLabel, MostLikelyLabel
 from oppu.tasks.labels import LAMP_1_LABELS, LAMP_2M_LABELS, LAMP_2N_LABELS, LAMP_3_LABELS
 from oppu.tasks.outputs import LabelParser, TextParser, parse_rating
 from oppu.tasks.queries import CitationQuery, MarkerQuery
@@ -55,6 +56,7 @@ LAMP_1 = Task(
     history_rule=NextTokenHistory("paper title: {title} abstract: {abstract}"),
     output_parser=LabelParser(LAMP_1_LABELS, aliases={"1": "[1]", "2": "[2]"}),
     scorer=partial(classification_scores, labels=LAMP_1_LABELS),
+    label_decision=MostLikelyLabel(),
     profile_instruction=_profile_instruction(
         "Write a summary, in English, of the research interests and topics of a researcher who has "
         "published the following papers. Only generate the summary, no other text."),
@@ -93,6 +95,7 @@ LAMP_2N = Task(
     history_rule=SupervisedHistory("category"),
     output_parser=LabelParser(LAMP_2N_LABELS),
     scorer=partial(classification_scores, labels=LAMP_2N_LABELS),
+    label_decision=MostLikelyLabel(),
     profile_instruction=_profile_instruction(
         "Look at the following past articles this journalist has written and determine the most "
         "popular category they write in. Answer in the following form: most popular category: "
@@ -124,6 +127,7 @@ LAMP_2M = Task(
     history_rule=SupervisedHistory("tag"),
     output_parser=LabelParser(LAMP_2M_LABELS),
     scorer=partial(classification_scores, labels=LAMP_2M_LABELS),
+    label_decision=MostLikelyLabel(),
     profile_instruction=_profile_instruction(
         "Look at the following past movies this user has watched and determine the most popular tag "
         "they labeled. Answer in the following form: most popular tag: <tag>."),
@@ -151,6 +155,7 @@ LAMP_3 = Task(
     history_rule=SupervisedHistory("score"),
     output_parser=parse_rating,
     scorer=rating_scores,
+    label_decision=LeastAbsoluteErrorLabel(),
     # Appendix I.4 as printed ends in an extraction error; this is its repaired form.
     profile_instruction=_profile_instruction(
         "Based on this user’s past reviews, what are the most common scores they give for positive "

@@ -29,10 +29,10 @@ CPU = ["tiny.hidden_size=64", "tiny.num_layers=2", "tiny.num_heads=4", "tiny.num
        "eval.users_per_batch=4", "profiles.writer=statistical", "profiles.num_gpus=0", "ray.num_cpus=2"]
 
 
-def run_table1(out: Path, results: Path, seed: int, stages: list[str]) -> str:
+def run_table1(out: Path, results: Path, seed: int, stages: list[str], *extra: str) -> str:
     argv = [sys.executable, str(ROOT / "bench" / "table1_real.py"), "--task", "LaMP-2M", "--seed", str(seed),
             "--users", "24", "--n-test", "4", "--model", "tiny", "--out", str(out), "--results", str(results),
-            "--stages", *stages]
+            "--stages", *stages, *extra]
     for override in CPU:
         argv += ["--set", override]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -57,6 +57,7 @@ def test_the_whole_table_is_evaluated_recorded_and_resumed(tmp_path):
         assert all(0.0 <= value <= 1.0 for value in scores.values()), (method, scores)
     assert run["n_test_users"] == 4 and run["n_queries"] == 20
     assert run["errors"] == {}
+    assert run["decoding"] == "labels" and "other_decoding" not in run  # the shipped config scores labels
     population, bayes = run["reference"]["population"], run["reference"]["bayes"]
     assert 0.0 < population["accuracy"] <= bayes["accuracy"] <= 1.0
     assert set(run["stage_seconds"]) == {"data", "base", "users", "evaluate"}
@@ -73,3 +74,12 @@ def test_the_whole_table_is_evaluated_recorded_and_resumed(tmp_path):
     assert "trained 0, skipped 4, failed 0" in log
     assert json.loads((out / "bench-stage-seconds.json").read_text())["data"] == pytest.approx(
         run["stage_seconds"]["data"], abs=0.05)
+
+    # Evaluated again with greedy decoding beside the labels, on the same bases and adapters; the
+    # comparison's seconds are its own, not the table's.
+    run_table1(out, results, 3, ["evaluate"], "--compare-decoding")
+    (again,) = json.loads(results.read_text())["runs"]
+    other = again["other_decoding"]
+    assert again["decoding"] == "labels" and other["decoding"] == "greedy"
+    assert sorted(other["methods"]) == sorted(TABLE1_METHODS) and other["evaluate_seconds"] > 0
+    assert again["device_seconds"] == pytest.approx(sum(again["stage_seconds"].values()), abs=0.2)

@@ -16,6 +16,7 @@ import numpy as np
 
 from oppu.data.synth.vocabulary import FILLER_NOUNS, PERSON_NAMES, PRODUCT_NOUNS, QUALITY_WORDS, VERBS
 from oppu.data.synth.world import SynthQuery, filler_phrase, one_of, pick
+from oppu.tasks.decisions import least_absolute_error_value
 
 RATINGS = (1, 2, 3, 4, 5)
 
@@ -58,10 +59,7 @@ def score_distribution(mean: float, noise_sd: float) -> np.ndarray:
 
 def mae_optimal_score(distribution: np.ndarray) -> int:
     """The score with the least expected absolute error (then squared error) under ``distribution``."""
-    ratings = np.array(RATINGS, dtype=float)
-    costs = [(float(distribution @ np.abs(ratings - r)), float(distribution @ (ratings - r) ** 2))
-             for r in RATINGS]
-    return RATINGS[min(range(len(RATINGS)), key=costs.__getitem__)]
+    return RATINGS[least_absolute_error_value(RATINGS, distribution)]
 
 
 class RatingBiasWorld:

@@ -63,3 +63,27 @@ def test_a_batch_answers_each_user_as_alone(run_cfg):
     assert together == alone
     assert all(not error for _, _, error in together.values())
     assert any(raw for _, raw, _ in together.values())  # the tiny model answered something
+
+
+def test_label_decoding_answers_the_likeliest_label_the_same_in_any_batch(run_cfg):
+    import dataclasses
+    import json
+
+    from oppu.evaluation.runner import QueryAnswerer
+    from oppu.tasks import get_task
+
+    cfg = dataclasses.replace(run_cfg, eval=dataclasses.replace(run_cfg.eval, decoding="labels", label_batch_size=7))
+    answerer = QueryAnswerer(cfg, ["non-personalized", "rag-k1"], random_items={})
+    users = _users()
+    together = _by_query(answerer(_batch(users)))
+    alone = {}
+    for user in users:
+        alone.update(_by_query(answerer(_batch([user]))))
+    labels = get_task("LaMP-2M").labels
+    assert len(together) == 12
+    for (_, _), (prediction, raw, error) in together.items():
+        probabilities = json.loads(raw)
+        assert not error and list(probabilities) == list(labels)
+        assert sum(probabilities.values()) == pytest.approx(1.0, abs=2e-3)
+        assert probabilities[prediction] == max(probabilities.values())
+    assert {key: p for key, (p, _, _) in together.items()} == {key: p for key, (p, _, _) in alone.items()}
