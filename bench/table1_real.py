@@ -157,7 +157,7 @@ def record(args, cfg, config: dict, stage_seconds: dict, log, compared: dict | N
            "errors": metrics.get("errors", {}),
            "device_seconds": round(sum(stage_seconds.values()), 1),
            "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()}, "config": config,
-           "decoding": cfg.eval.decoding}
+           "decoding": metrics.get("decoding", cfg.eval.decoding)}  # greedy for a task without labels
     if compared is not None:
         run["other_decoding"] = compared
     runs = [r for r in results.get("runs", []) if (r["task"], r["seed"]) != (run["task"], run["seed"])]

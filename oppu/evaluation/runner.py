@@ -122,7 +122,7 @@ class QueryAnswerer:
         from oppu.tasks.decisions import label_probabilities
 
         settings = self.cfg.eval
-        if settings.decoding == "labels" and self.task.answers_by_label:
+        if answer_decoding(self.cfg, self.task) == "labels":
             labels = self.task.labels
             scores = score_answers(model, tokenizer, prompts, [" " + label for label in labels],
                                    batch_size=settings.label_batch_size,
@@ -267,7 +267,8 @@ def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, failed:
         fsutil.write_json(fsutil.join(cfg.run_dir, "predictions", "raw", f"{method}.json"),
                           {i: raw_outputs[method].get(i, "") for i in ids})
     reference = load_reference(cfg.data_uri)
-    metrics = {"task": task.name, "methods": results, "reference": reference,
+    decoding = answer_decoding(cfg, task)
+    metrics = {"task": task.name, "methods": results, "reference": reference, "decoding": decoding,
                "n_test_users": n_users, "n_queries": len(ids),
                "oppu_gap_closed": gap_closed(task, results, reference),
                "population_gap_closed": population_gap_shares(task, results, reference),
@@ -275,12 +276,23 @@ def write_results(cfg: RunConfig, task, golds, predictions, raw_outputs, failed:
                "failed_queries": failed_queries_summary(failed),
                "predictions": {m: f"predictions/{m}.json" for m in predictions}}
     fsutil.write_json(fsutil.join(cfg.run_dir, "metrics.json"), metrics)
-    table = markdown_table(task, results, reference)
+    table = markdown_table(task, results, reference) + f"\nAnswers: {DECODING_NOTES[decoding]}.\n"
     fsutil.write_text(fsutil.join(cfg.run_dir, "metrics.md"), table)
     for method, count in metrics["errors"].items():
         log.warning("[evaluate] %s: %d queries failed, scored as empty answers (metrics.json failed_queries)",
                     method, count)
     return metrics
+
+
+DECODING_NOTES = {
+    "greedy": "greedy decoding, parsed (eval.decoding: greedy)",
+    "labels": "each label scored as the whole answer, the one the metric rewards most taken (eval.decoding: labels)",
+}
+
+
+def answer_decoding(cfg: RunConfig, task) -> str:
+    """How ``task``'s answers were decoded in this run: ``labels`` only where it has a label set."""
+    return "labels" if cfg.eval.decoding == "labels" and task.answers_by_label else "greedy"
 
 
 def load_reference(data_uri: str) -> dict:

@@ -87,3 +87,15 @@ def test_label_decoding_answers_the_likeliest_label_the_same_in_any_batch(run_cf
         assert sum(probabilities.values()) == pytest.approx(1.0, abs=2e-3)
         assert probabilities[prediction] == max(probabilities.values())
     assert {key: p for key, (p, _, _) in together.items()} == {key: p for key, (p, _, _) in alone.items()}
+
+
+def test_the_decoding_a_run_used_is_named_per_task(run_cfg):
+    import dataclasses
+
+    from oppu.evaluation.runner import answer_decoding
+    from oppu.tasks import get_task
+
+    labels = dataclasses.replace(run_cfg, eval=dataclasses.replace(run_cfg.eval, decoding="labels"))
+    assert answer_decoding(labels, get_task("LaMP-3")) == "labels"
+    assert answer_decoding(labels, get_task("LaMP-4")) == "greedy"  # a generation task has no labels
+    assert answer_decoding(run_cfg, get_task("LaMP-2M")) == "greedy"  # the library's default
