@@ -77,10 +77,16 @@ def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                position_ids=position_ids.to(device), logits_to_keep=keep).logits
                 log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts j + 1
-                for r, (p, a, ids, n) in enumerate(batch):
-                    targets = torch.tensor(ids[-n:], device=log_probs.device)
-                    picked = log_probs[r, keep - 1 - n:].gather(-1, targets[:, None])
-                    scores[p][a] = float(picked.sum())
+                # Row r's answer is its last n tokens, predicted by the last n of these columns.
+                targets = torch.zeros((len(batch), keep - 1), dtype=torch.long)
+                counted = torch.zeros((len(batch), keep - 1), dtype=torch.bool)
+                for r, (_, _, ids, n) in enumerate(batch):
+                    targets[r, keep - 1 - n:] = torch.tensor(ids[-n:], dtype=torch.long)
+                    counted[r, keep - 1 - n:] = True
+                picked = log_probs.gather(-1, targets.to(device)[..., None]).squeeze(-1)
+                sums = picked.masked_fill(~counted.to(device), 0.0).sum(-1).tolist()
+                for (p, a, _, _), total in zip(batch, sums, strict=True):
+                    scores[p][a] = total
     finally:
         model.train(was_training)
     return scores
