@@ -23,6 +23,20 @@ def _stop_ids(model, tokenizer) -> set[int]:
     return {i for i in stop if i is not None}
 
 
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int):
+    """``(input_ids, attention_mask)`` of ``rows`` padded on the left to the longest, so every row
+    ends in the last column (where decoding continues, or where a scored answer ends)."""
+    import torch
+
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[r, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
                     max_prompt_tokens: int | None = None, prompt_format: str = "plain") -> list[str]:
     """The greedy continuation of each prompt, up to ``max_new_tokens`` tokens, stopped at EOS.
@@ -51,12 +65,8 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 rows = order[start:start + batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, i in enumerate(rows):
-                    input_ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
-                    attention_mask[r, width - len(encoded[i]):] = 1
+                input_ids, attention_mask = left_padded([encoded[i] for i in rows], pad_id)
+                width = input_ids.shape[1]
                 generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                            generation_config=generation_config)
                 for r, i in enumerate(rows):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from oppu.models.generation import left_padded
 from oppu.models.samples import IGNORE_INDEX, encode_prompt, encode_samples
 
 _NO_LIMIT = 1 << 30  # encode_samples' max_length when nothing may be cut from the answer
@@ -66,13 +67,8 @@ def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
         with torch.inference_mode():
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
-                width = max(len(ids) for _, _, ids, _ in batch)
                 keep = max(n for *_, n in batch) + 1  # the answer's tokens are predicted from one column earlier
-                input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for r, (_, _, ids, _) in enumerate(batch):
-                    input_ids[r, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[r, width - len(ids):] = 1
+                input_ids, attention_mask = left_padded([ids for _, _, ids, _ in batch], pad_id)
                 position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
                 logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                position_ids=position_ids.to(device), logits_to_keep=keep).logits
