@@ -11,6 +11,7 @@ little on padding; results come back in input order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from oppu.models.samples import encode_prompt
 
@@ -21,6 +22,20 @@ def _stop_ids(model, tokenizer) -> set[int]:
     if configured is not None:  # chat models stop on extra ids too (Llama 3's <|eot_id|>)
         stop |= set(configured) if isinstance(configured, list | tuple) else {configured}
     return {i for i in stop if i is not None}
+
+
+@contextmanager
+def inference(model):
+    """The block runs ``model`` in eval mode without autograd; its training mode comes back after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def left_padded(rows: Sequence[Sequence[int]], pad_id: int):
@@ -45,7 +60,6 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     ``max_prompt_tokens`` tokens keeps its last ones (LaMP prompts end with the query). Works
     for plain and ``PeftModel`` models; the model is put in eval mode for the call.
     """
-    import torch
     from transformers import GenerationConfig
 
     if not prompts:
@@ -59,20 +73,15 @@ def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     outputs: list[str] = [""] * len(prompts)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                input_ids, attention_mask = left_padded([encoded[i] for i in rows], pad_id)
-                width = input_ids.shape[1]
-                generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                           generation_config=generation_config)
-                for r, i in enumerate(rows):
-                    continuation = generated[r, width:].tolist()
-                    end = next((k for k, t in enumerate(continuation) if t in stop_ids), len(continuation))
-                    outputs[i] = tokenizer.decode(continuation[:end], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            input_ids, attention_mask = left_padded([encoded[i] for i in rows], pad_id)
+            width = input_ids.shape[1]
+            generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                       generation_config=generation_config)
+            for r, i in enumerate(rows):
+                continuation = generated[r, width:].tolist()
+                end = next((k for k, t in enumerate(continuation) if t in stop_ids), len(continuation))
+                outputs[i] = tokenizer.decode(continuation[:end], skip_special_tokens=True)
     return outputs

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from oppu.models.generation import left_padded
+from oppu.models.generation import inference, left_padded
 from oppu.models.samples import IGNORE_INDEX, encode_prompt, encode_samples
 
 _NO_LIMIT = 1 << 30  # encode_samples' max_length when nothing may be cut from the answer
@@ -61,28 +61,23 @@ def score_answers(model, tokenizer, prompts: Sequence[str], answers: Sequence[st
     device = next(model.parameters()).device
     scores = [[0.0] * len(answers) for _ in prompts]
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(rows), batch_size):
-                batch = rows[start:start + batch_size]
-                keep = max(n for *_, n in batch) + 1  # the answer's tokens are predicted from one column earlier
-                input_ids, attention_mask = left_padded([ids for _, _, ids, _ in batch], pad_id)
-                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-                logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                               position_ids=position_ids.to(device), logits_to_keep=keep).logits
-                log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts j + 1
-                # Row r's answer is its last n tokens, predicted by the last n of these columns.
-                targets = torch.zeros((len(batch), keep - 1), dtype=torch.long)
-                counted = torch.zeros((len(batch), keep - 1), dtype=torch.bool)
-                for r, (_, _, ids, n) in enumerate(batch):
-                    targets[r, keep - 1 - n:] = torch.tensor(ids[-n:], dtype=torch.long)
-                    counted[r, keep - 1 - n:] = True
-                picked = log_probs.gather(-1, targets.to(device)[..., None]).squeeze(-1)
-                sums = picked.masked_fill(~counted.to(device), 0.0).sum(-1).tolist()
-                for (p, a, _, _), total in zip(batch, sums, strict=True):
-                    scores[p][a] = total
-    finally:
-        model.train(was_training)
+    with inference(model):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            keep = max(n for *_, n in batch) + 1  # the answer's tokens are predicted from one column earlier
+            input_ids, attention_mask = left_padded([ids for _, _, ids, _ in batch], pad_id)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                           position_ids=position_ids.to(device), logits_to_keep=keep).logits
+            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # column j predicts j + 1
+            # Row r's answer is its last n tokens, predicted by the last n of these columns.
+            targets = torch.zeros((len(batch), keep - 1), dtype=torch.long)
+            counted = torch.zeros((len(batch), keep - 1), dtype=torch.bool)
+            for r, (_, _, ids, n) in enumerate(batch):
+                targets[r, keep - 1 - n:] = torch.tensor(ids[-n:], dtype=torch.long)
+                counted[r, keep - 1 - n:] = True
+            picked = log_probs.gather(-1, targets.to(device)[..., None]).squeeze(-1)
+            sums = picked.masked_fill(~counted.to(device), 0.0).sum(-1).tolist()
+            for (p, a, _, _), total in zip(batch, sums, strict=True):
+                scores[p][a] = total
     return scores
