@@ -50,15 +50,20 @@ def _by_query(answers: dict) -> dict:
                                                        answers["raw"], answers["error"], strict=True)}
 
 
+def _together_and_alone(answerer, users) -> tuple[dict, dict]:
+    """The answers of one batch of all ``users``, and of a batch per user."""
+    alone = {}
+    for user in users:
+        alone.update(_by_query(answerer(_batch([user]))))
+    return _by_query(answerer(_batch(users))), alone
+
+
 def test_a_batch_answers_each_user_as_alone(run_cfg):
     from oppu.evaluation.runner import QueryAnswerer
 
     answerer = QueryAnswerer(run_cfg, ["non-personalized", "rag-k1"], random_items={})
     users = _users()
-    together = _by_query(answerer(_batch(users)))
-    alone = {}
-    for user in users:
-        alone.update(_by_query(answerer(_batch([user]))))
+    together, alone = _together_and_alone(answerer, users)
     assert len(together) == 2 * sum(len(u.queries) for u in users) == 12
     assert together == alone
     assert all(not error for _, _, error in together.values())
@@ -74,11 +79,7 @@ def test_label_decoding_answers_the_likeliest_label_the_same_in_any_batch(run_cf
 
     cfg = dataclasses.replace(run_cfg, eval=dataclasses.replace(run_cfg.eval, decoding="labels", label_batch_size=7))
     answerer = QueryAnswerer(cfg, ["non-personalized", "rag-k1"], random_items={})
-    users = _users()
-    together = _by_query(answerer(_batch(users)))
-    alone = {}
-    for user in users:
-        alone.update(_by_query(answerer(_batch([user]))))
+    together, alone = _together_and_alone(answerer, _users())
     labels = get_task("LaMP-2M").labels
     assert len(together) == 12
     for (_, _), (prediction, raw, error) in together.items():
